@@ -1,0 +1,488 @@
+"""
+OpenAI's CLIP (ViT image tower + text transformer) in one readable file.
+
+Parameter names equal the keys of OpenAI's released state dicts, so their weights load with
+`load_state_dict(strict=True)` and no renaming. Contents, top to bottom: the building blocks
+(LayerNorm, QuickGELU, Attention, ResidualAttentionBlock, Transformer), the two towers and CLIP,
+`build_model` (every size inferred from the tensors), checkpoint loading with checksums, the
+byte-level BPE tokenizer, and the image/text helpers used for zero-shot classification.
+
+References: Radford et al., "Learning Transferable Visual Models From Natural Language Supervision",
+and OpenAI's `clip/model.py`, `clip/clip.py`, `clip/simple_tokenizer.py`.
+"""
+
+import gzip
+import hashlib
+import html
+import importlib.util
+import os
+import urllib.request
+import warnings
+import zipfile
+from dataclasses import dataclass
+from functools import lru_cache
+
+import ftfy
+import regex as re
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision import transforms
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the input dtype (as OpenAI's, for fp16/bf16 safety)."""
+
+    def forward(self, x):
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                            self.eps).type_as(x)
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation CLIP was trained with."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    """Batch-first multi-head self-attention with nn.MultiheadAttention's parameter names."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        assert width % heads == 0
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))  # q, k, v stacked
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def in_proj(self, x):
+        """Fused q, k, v projection; lora.py overrides this to add its low-rank updates."""
+        return F.linear(x, self.in_proj_weight, self.in_proj_bias)
+
+    def forward(self, x, attn_mask=None):
+        B, T, C = x.shape
+        qkv = self.in_proj(x).view(B, T, 3, self.heads, C // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.out_proj(y)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN transformer block: x + Attn(LN1(x)), then x + MLP(LN2(x))."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.ln_1 = LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = LayerNorm(width)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("c_fc", nn.Linear(width, 4 * width))
+        self.mlp.add_module("gelu", QuickGELU())
+        self.mlp.add_module("c_proj", nn.Linear(4 * width, width))
+
+    def forward(self, x, attn_mask=None):
+        x = x + self.attn(self.ln_1(x), attn_mask)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class Transformer(nn.Module):
+    """A stack of residual attention blocks (shared by both towers)."""
+
+    def __init__(self, width, layers, heads):
+        super().__init__()
+        self.width = width
+        self.layers = layers
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(layers)])
+
+    def forward(self, x, attn_mask=None):
+        for block in self.resblocks:
+            x = block(x, attn_mask)
+        return x
+
+
+# -----------------------------------------------------------------------------
+# the two towers and CLIP
+
+
+@dataclass
+class CLIPConfig:
+    embed_dim: int = 512           # joint image-text embedding size
+    image_resolution: int = 224    # input image side in pixels
+    vision_layers: int = 12
+    vision_width: int = 768
+    vision_patch_size: int = 16
+    context_length: int = 77       # text tokens, start and end-of-text included
+    vocab_size: int = 49408        # BPE vocabulary incl. the two special tokens
+    transformer_width: int = 512   # text tower width
+    transformer_heads: int = 8
+    transformer_layers: int = 12
+
+
+class VisionTransformer(nn.Module):
+    """ViT image tower: patchify, prepend the class token, transformer, project the class token."""
+
+    def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim):
+        super().__init__()
+        self.input_resolution = input_resolution
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        scale = width ** -0.5
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        n_tokens = (input_resolution // patch_size) ** 2 + 1
+        self.positional_embedding = nn.Parameter(scale * torch.randn(n_tokens, width))
+        self.ln_pre = LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads)
+        self.ln_post = LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def forward(self, x):
+        x = self.conv1(x)  # (B, width, grid, grid)
+        x = x.flatten(2).transpose(1, 2)  # (B, grid*grid, width)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, width)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1+grid*grid, width)
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x[:, 0]) @ self.proj  # (B, output_dim)
+
+
+class CLIP(nn.Module):
+    """Image tower `.visual` and the text tower (top-level attributes, as in OpenAI's layout)."""
+
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        c = config
+        self.config = c
+        self.visual = VisionTransformer(c.image_resolution, c.vision_patch_size, c.vision_width,
+                                        c.vision_layers, c.vision_width // 64, c.embed_dim)
+        self.token_embedding = nn.Embedding(c.vocab_size, c.transformer_width)
+        self.positional_embedding = nn.Parameter(torch.empty(c.context_length, c.transformer_width))
+        self.transformer = Transformer(c.transformer_width, c.transformer_layers, c.transformer_heads)
+        self.ln_final = LayerNorm(c.transformer_width)
+        self.text_projection = nn.Parameter(torch.empty(c.transformer_width, c.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(4.6052))  # log(100)
+        # True = may attend (SDPA's boolean convention): token t sees tokens 0..t.
+        causal = torch.ones(c.context_length, c.context_length, dtype=torch.bool).tril()
+        self.register_buffer("causal_mask", causal, persistent=False)
+        self.initialize_parameters()
+
+    def initialize_parameters(self):
+        """OpenAI's initialisation, so that random models (tests, --smoke) are well-scaled."""
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        for tower in (self.transformer, self.visual.transformer):
+            proj_std = (tower.width ** -0.5) * ((2 * tower.layers) ** -0.5)
+            attn_std = tower.width ** -0.5
+            fc_std = (2 * tower.width) ** -0.5
+            for block in tower.resblocks:
+                nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+                nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+                nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+                nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.text_projection, std=self.transformer.width ** -0.5)
+
+    @property
+    def dtype(self):
+        return self.visual.conv1.weight.dtype
+
+    def encode_image(self, images):
+        """(B, 3, H, W) normalised images -> (B, embed_dim) unnormalised image features."""
+        return self.visual(images.to(self.dtype))
+
+    def encode_text(self, tokens):
+        """(B, context_length) token ids -> (B, embed_dim) unnormalised features at the end-of-text token."""
+        eot = tokens.argmax(dim=-1)  # end-of-text has the largest id
+        # Under the causal mask nothing after the end-of-text token reaches it, so we drop the padding:
+        # same features, and "a bad photo of a {}." runs on ~10 tokens instead of 77.
+        T = int(eot.max()) + 1
+        x = self.token_embedding(tokens[:, :T]) + self.positional_embedding[:T].to(self.dtype)  # (B, T, width)
+        x = self.transformer(x, self.causal_mask[:T, :T])
+        x = self.ln_final(x)
+        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection  # (B, embed_dim)
+
+    def forward(self, images, tokens):
+        image_features = F.normalize(self.encode_image(images), dim=-1)
+        text_features = F.normalize(self.encode_text(tokens), dim=-1)
+        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
+        return logits_per_image, logits_per_image.t()
+
+
+def build_model(state_dict) -> CLIP:
+    """Build a CLIP whose every size is read off OpenAI-layout tensors, then load them strictly (fp32)."""
+    sd = {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+    if "visual.proj" not in sd:
+        if any(k.startswith("visual.layer1.") for k in sd):
+            raise CheckpointError("this is a ResNet CLIP checkpoint; only ViT CLIP models are supported")
+        raise CheckpointError("not an OpenAI-layout ViT CLIP state dict (no 'visual.proj' key)")
+
+    def n_blocks(prefix):
+        return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+
+    try:
+        patch = sd["visual.conv1.weight"].shape[-1]
+        grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        config = CLIPConfig(
+            embed_dim=sd["text_projection"].shape[1],
+            image_resolution=patch * grid,
+            vision_layers=n_blocks("visual.transformer.resblocks."),
+            vision_width=sd["visual.conv1.weight"].shape[0],
+            vision_patch_size=patch,
+            context_length=sd["positional_embedding"].shape[0],
+            vocab_size=sd["token_embedding.weight"].shape[0],
+            transformer_width=sd["ln_final.weight"].shape[0],
+            transformer_heads=sd["ln_final.weight"].shape[0] // 64,
+            transformer_layers=n_blocks("transformer.resblocks."),
+        )
+    except KeyError as e:
+        raise CheckpointError(f"incomplete CLIP state dict: missing key {e}") from None
+    model = CLIP(config)
+    try:
+        model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"state dict does not match a ViT CLIP of the inferred sizes: {e}") from None
+    return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: download with checksum, TorchScript archive or plain state dict
+
+_BASE = "https://openaipublic.azureedge.net/clip/models"
+# The path segment of each URL is the file's SHA256, which we verify after download.
+_MODELS = {
+    "ViT-B/32": f"{_BASE}/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+    "ViT-B/16": f"{_BASE}/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+    "ViT-L/14": f"{_BASE}/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+    "ViT-L/14@336px": f"{_BASE}/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
+}
+_CACHE = os.path.expanduser("~/.cache/clip")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupt, or not an OpenAI-layout ViT CLIP."""
+
+
+def available_models():
+    """Names that `load` downloads from OpenAI."""
+    return list(_MODELS)
+
+
+def sha256sum(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url, root, sha256):
+    """Download `url` into `root` with a progress bar unless a verified copy is there; return the path."""
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, os.path.basename(url))
+    if os.path.isfile(path) and sha256sum(path) == sha256:
+        return path
+    tmp = path + ".part"
+    with urllib.request.urlopen(url) as source, open(tmp, "wb") as out:
+        total = int(source.headers.get("Content-Length", 0)) or None
+        with tqdm(total=total, unit="iB", unit_scale=True, unit_divisor=1024, desc=os.path.basename(url)) as bar:
+            for chunk in iter(lambda: source.read(1 << 16), b""):
+                out.write(chunk)
+                bar.update(len(chunk))
+    if sha256sum(tmp) != sha256:
+        os.remove(tmp)
+        raise CheckpointError(f"{url}: downloaded file does not match its SHA256 {sha256}")
+    os.replace(tmp, path)
+    return path
+
+
+def is_torchscript(path):
+    """TorchScript archives are zip files with compiled code beside the pickled tensors."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
+def read_state_dict(path):
+    """Tensors of a TorchScript archive (how OpenAI ships CLIP) or of a plain (possibly wrapped) state dict."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        if is_torchscript(path):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, but it is OpenAI's format
+                return torch.jit.load(path, map_location="cpu").state_dict()
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a TorchScript archive nor a torch state dict "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: holds a {type(sd).__name__}, not a state dict of tensors")
+    return sd
+
+
+def load(name_or_path, device="cpu", download_root=None) -> CLIP:
+    """Load a ViT CLIP by OpenAI name (downloaded, SHA256-verified) or from a checkpoint path; fp32, eval mode."""
+    if name_or_path in _MODELS:
+        url = _MODELS[name_or_path]
+        path = download(url, download_root or _CACHE, sha256=url.split("/")[-2])
+    elif os.path.isfile(name_or_path):
+        path = name_or_path
+    else:
+        raise CheckpointError(f"{name_or_path}: no such checkpoint file, nor a model name in {available_models()}")
+    state_dict = read_state_dict(path)  # its errors name the path already
+    try:
+        model = build_model(state_dict)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return model.to(device)
+
+
+# -----------------------------------------------------------------------------
+# tokenizer: byte-level BPE exactly as OpenAI's clip.tokenize
+
+_BPE_NAME = "bpe_simple_vocab_16e6.txt.gz"
+_BPE_URL = f"https://github.com/openai/CLIP/raw/main/clip/{_BPE_NAME}"
+_BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+
+
+def bpe_vocab_path(path=None):
+    """Find the BPE vocabulary: argument, $CLIP_BPE_PATH, ~/.cache/clip, open_clip or clip package, download."""
+    explicit = path or os.environ.get("CLIP_BPE_PATH")
+    if explicit:
+        if not os.path.isfile(explicit):
+            raise FileNotFoundError(f"{explicit}: BPE vocabulary file not found")
+        return explicit
+    candidates = [os.path.join(_CACHE, _BPE_NAME)]
+    for package in ("open_clip", "clip"):  # located without importing them
+        spec = importlib.util.find_spec(package)
+        if spec and spec.submodule_search_locations:
+            candidates.append(os.path.join(spec.submodule_search_locations[0], _BPE_NAME))
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return candidate
+    return download(_BPE_URL, _CACHE, _BPE_SHA256)
+
+
+def bytes_to_unicode():
+    """Map every byte to a printable unicode character, so BPE works on strings without spaces/controls."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def clean_text(text):
+    """OpenAI's cleaning: fix mojibake, unescape HTML (twice), collapse whitespace, lowercase."""
+    text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+class Tokenizer:
+    """Byte-level BPE with OpenAI's 49,152 merges and <|startoftext|>/<|endoftext|> tokens."""
+
+    pattern = re.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+                         re.IGNORECASE)
+
+    def __init__(self, bpe_path):
+        self.byte_encoder = bytes_to_unicode()
+        with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
+            merges = f.read().split("\n")[1:49152 - 256 - 2 + 1]
+        merges = [tuple(m.split()) for m in merges]
+        vocab = list(self.byte_encoder.values())
+        vocab += [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
+        vocab += ["<|startoftext|>", "<|endoftext|>"]
+        self.encoder = {token: i for i, token in enumerate(vocab)}
+        self.bpe_ranks = {m: i for i, m in enumerate(merges)}
+        self.cache = {"<|startoftext|>": "<|startoftext|>", "<|endoftext|>": "<|endoftext|>"}
+        self.sot, self.eot = self.encoder["<|startoftext|>"], self.encoder["<|endoftext|>"]
+
+    def bpe(self, token):
+        """Greedily merge the lowest-ranked adjacent pair until no known merge is left."""
+        if token in self.cache:
+            return self.cache[token]
+        word = tuple(token[:-1]) + (token[-1] + "</w>",)
+        while len(word) > 1:
+            pairs = set(zip(word, word[1:]))
+            best = min(pairs, key=lambda p: self.bpe_ranks.get(p, float("inf")))
+            if best not in self.bpe_ranks:
+                break
+            first, second = best
+            merged, i = [], 0
+            while i < len(word):
+                if i < len(word) - 1 and word[i] == first and word[i + 1] == second:
+                    merged.append(first + second)
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = tuple(merged)
+        self.cache[token] = " ".join(word)
+        return self.cache[token]
+
+    def encode(self, text):
+        ids = []
+        for token in re.findall(self.pattern, clean_text(text)):
+            token = "".join(self.byte_encoder[b] for b in token.encode("utf-8"))
+            ids.extend(self.encoder[t] for t in self.bpe(token).split(" "))
+        return ids
+
+
+@lru_cache()
+def get_tokenizer(bpe_path=None):
+    return Tokenizer(bpe_vocab_path(bpe_path))
+
+
+def tokenize(texts, context_length=77, truncate=False) -> torch.LongTensor:
+    """Strings -> (N, context_length) token ids: <sot> text <eot>, zero padded (OpenAI's clip.tokenize)."""
+    if isinstance(texts, str):
+        texts = [texts]
+    tokenizer = get_tokenizer()
+    result = torch.zeros(len(texts), context_length, dtype=torch.long)
+    for i, text in enumerate(texts):
+        ids = [tokenizer.sot] + tokenizer.encode(text) + [tokenizer.eot]
+        if len(ids) > context_length:
+            if not truncate:
+                raise ValueError(f"input {text!r} is {len(ids)} tokens, longer than context length {context_length}")
+            ids = ids[:context_length]
+            ids[-1] = tokenizer.eot
+        result[i, :len(ids)] = torch.tensor(ids)
+    return result
+
+
+# -----------------------------------------------------------------------------
+# zero-shot classification helpers
+
+PROMPT = "a bad photo of a {}."
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def image_transform(n_px):
+    """OpenAI's evaluation preprocessing: bicubic resize, centre crop, RGB, CLIP mean/std normalisation."""
+    return transforms.Compose([
+        transforms.Resize(n_px, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(n_px),
+        lambda image: image.convert("RGB"),
+        transforms.ToTensor(),
+        transforms.Normalize(CLIP_MEAN, CLIP_STD),
+    ])
+
+
+def class_text_features(model, class_names, template=PROMPT):
+    """L2-normalised text features g_c of `template.format(name)` for each class (grad mode is the caller's)."""
+    tokens = tokenize([template.format(name) for name in class_names],
+                      context_length=model.config.context_length)
+    tokens = tokens.to(model.positional_embedding.device)
+    return F.normalize(model.encode_text(tokens), dim=-1)
