@@ -1,0 +1,713 @@
+"""
+Evaluation of SIT-tuned CLIP: the lifelong metrics, accuracy on the seen classes, zero-shot transfer, and the
+paper's analyses over run folders written by train_online.py.
+
+Contents, top to bottom:
+  1. the four lifelong metrics A_auc, A_avg, A_last, F_last (released formulas, PAPER.md "Seen classes and evaluation")
+  2. top-1 accuracy among the seen classes (what train_online.py calls at every evaluation)
+  3. zero-shot transfer to other datasets, and rebuilding a tuned model from OUT/peft.pt
+  4. analyses of run folders: seed tables, the experiment grid, the gradient timeline (Figure 2), plots
+  5. the command line:
+
+    python evaluate.py zero-shot --peft-weights runs/x/peft.pt --datasets food101,eurosat --data-root data
+    python evaluate.py table runs/cifar100            # a folder of run folders, or run folders themselves
+    python evaluate.py grid --dataset cifar100        # the commands that reproduce the paper's comparison
+    python evaluate.py plot runs/x runs/y             # anytime accuracy and per-class accuracy (needs matplotlib)
+    python evaluate.py plot-grad runs/x               # gradient timeline of a --grad-analysis run (needs matplotlib)
+
+All accuracies are fractions in code and files, percentages in printed tables.
+"""
+
+import argparse
+import json
+import math
+import os
+import shlex
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import adapter
+import clip_model
+import lora
+import stream
+
+
+class EvaluationError(ValueError):
+    """A user-facing problem with evaluate.py's inputs: a run folder, a results/grad/peft file, a dataset name."""
+
+
+# -----------------------------------------------------------------------------
+# 1. lifelong metrics (released formulas; inputs and outputs are fractions)
+
+
+def _mean(values):
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def a_auc(anytime_accs):
+    """A_auc: mean of the anytime accuracies (the released code's plain mean over evaluation points, not an area)."""
+    return _mean(anytime_accs)
+
+
+def a_avg(task_accs):
+    """A_avg: mean of the task-end accuracies."""
+    return _mean(task_accs)
+
+
+def a_last(task_accs):
+    """A_last: accuracy at the end of the last task."""
+    return task_accs[-1] if task_accs else None
+
+
+def f_last(class_acc):
+    """F_last: mean over classes of (best task-end accuracy before the last task - last accuracy), over the classes
+    whose best earlier accuracy is above 0. `class_acc[t][c]` is None while class c is unseen."""
+    if len(class_acc) < 2:
+        return None  # nothing to forget before the first task end
+    *earlier, last = class_acc
+    if any(len(row) != len(last) for row in earlier):
+        raise ValueError("class_acc rows have different numbers of classes")
+    drops = []
+    for c, last_acc in enumerate(last):
+        before = [row[c] for row in earlier if row[c] is not None]
+        if not before or max(before) <= 0:
+            continue  # the released code's filter: unseen (0 there) or never learned
+        if last_acc is None:
+            raise ValueError(f"class {c} has an accuracy before the last task end but none at it")
+        drops.append(max(before) - last_acc)
+    return _mean(drops)  # None when no class qualifies (the released code would give NaN)
+
+
+def lifelong_metrics(anytime_accs, task_accs, class_acc):
+    """The four numbers the paper reports for a run: A_auc, A_avg, A_last, F_last (fractions, None if undefined)."""
+    return {"A_auc": a_auc(anytime_accs), "A_avg": a_avg(task_accs),
+            "A_last": a_last(task_accs), "F_last": f_last(class_acc)}
+
+
+# -----------------------------------------------------------------------------
+# 2. accuracy on the seen classes (anytime and task-end evaluation)
+
+
+def top1_on_seen(image_features, labels, text_features, seen_classes):
+    """Top-1 accuracy on the test images of the seen classes, predicting among the seen classes only.
+
+    image_features (N, D) and text_features (C_all, D) are L2-normalised; row c of text_features is class c.
+    Test images of unseen classes are ignored. Returns (accuracy, {class: accuracy}) for the seen classes that
+    have test images; everything stays on the features' device until one transfer at the end."""
+    if len(seen_classes) == 0:
+        raise ValueError("top1_on_seen needs at least one seen class")
+    seen = torch.as_tensor(list(seen_classes), dtype=torch.long, device=image_features.device)  # (S,)
+    labels = labels.to(image_features.device)
+    keep = torch.isin(labels, seen)  # (N,) images of seen classes
+    logits = image_features[keep].float() @ text_features[seen].float().t()  # (n, S)
+    predicted = seen[logits.argmax(dim=1)]  # class ids, never an unseen class
+    y = labels[keep]
+    n_classes = text_features.shape[0]
+    total = torch.bincount(y, minlength=n_classes)[seen]  # (S,)
+    correct = torch.bincount(y[predicted == y], minlength=n_classes)[seen]  # (S,)
+    total, correct = torch.stack([total, correct]).tolist()  # the one device -> host transfer
+    if sum(total) == 0:
+        raise ValueError("no test images of the seen classes to evaluate on")
+    per_class = {c: k / n for c, n, k in zip(seen.tolist(), total, correct) if n > 0}
+    return sum(correct) / sum(total), per_class
+
+
+# -----------------------------------------------------------------------------
+# 3. zero-shot transfer (PAPER.md: Food101, Caltech101, EuroSAT, Flowers102, Oxford-IIIT Pet; all classes of each)
+
+ZERO_SHOT_DATASETS = ("food101", "caltech101", "eurosat", "flowers102", "oxford_pets")
+ZERO_SHOT_CHOICES = ZERO_SHOT_DATASETS + ("imagefolder",)
+
+# Readable class names: CLIP's prompt names (openai/CLIP data/prompts.md) where torchvision's are not readable.
+# Caltech101: torchvision's folder names, except these; the rest only need "_" -> " ".
+CALTECH101_RENAMES = {
+    "Faces": "off-center face", "Faces_easy": "centered face", "Leopards": "leopard", "Motorbikes": "motorbike",
+    "airplanes": "airplane", "car_side": "side of a car", "cougar_body": "body of a cougar cat",
+    "cougar_face": "face of a cougar cat", "crocodile_head": "head of a crocodile",
+    "flamingo_head": "head of a flamingo", "snoopy": "snoopy (cartoon beagle)", "yin_yang": "yin and yang symbol",
+}
+EUROSAT_NAMES = {
+    "AnnualCrop": "annual crop land", "Forest": "forest", "HerbaceousVegetation": "brushland or shrubland",
+    "Highway": "highway or road", "Industrial": "industrial buildings or commercial buildings",
+    "Pasture": "pasture land", "PermanentCrop": "permanent crop land",
+    "Residential": "residential buildings or homes or apartments", "River": "river", "SeaLake": "lake or sea",
+}
+# Flowers102 in label order (older torchvision has no names at all).
+FLOWERS102_NAMES = [
+    "pink primrose", "hard-leaved pocket orchid", "canterbury bells", "sweet pea", "english marigold",
+    "tiger lily", "moon orchid", "bird of paradise", "monkshood", "globe thistle", "snapdragon", "colt's foot",
+    "king protea", "spear thistle", "yellow iris", "globe flower", "purple coneflower", "peruvian lily",
+    "balloon flower", "giant white arum lily", "fire lily", "pincushion flower", "fritillary", "red ginger",
+    "grape hyacinth", "corn poppy", "prince of wales feathers", "stemless gentian", "artichoke", "sweet william",
+    "carnation", "garden phlox", "love in the mist", "mexican aster", "alpine sea holly", "ruby-lipped cattleya",
+    "cape flower", "great masterwort", "siam tulip", "lenten rose", "barbeton daisy", "daffodil", "sword lily",
+    "poinsettia", "bolero deep blue", "wallflower", "marigold", "buttercup", "oxeye daisy", "common dandelion",
+    "petunia", "wild pansy", "primula", "sunflower", "pelargonium", "bishop of llandaff", "gaura", "geranium",
+    "orange dahlia", "pink and yellow dahlia", "cautleya spicata", "japanese anemone", "black-eyed susan",
+    "silverbush", "californian poppy", "osteospermum", "spring crocus", "bearded iris", "windflower", "tree poppy",
+    "gazania", "azalea", "water lily", "rose", "thorn apple", "morning glory", "passion flower", "lotus",
+    "toad lily", "anthurium", "frangipani", "clematis", "hibiscus", "columbine", "desert-rose", "tree mallow",
+    "magnolia", "cyclamen", "watercress", "canna lily", "hippeastrum", "bee balm", "air plant", "foxglove",
+    "bougainvillea", "camellia", "mallow", "mexican petunia", "bromelia", "blanket flower", "trumpet creeper",
+    "blackberry lily",
+]
+
+
+class Transformed(Dataset):
+    """(PIL image, label) items of `dataset` with `transform` applied to the image."""
+
+    def __init__(self, dataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        image, label = self.dataset[i]
+        return self.transform(image), label
+
+
+def check_zero_shot_names(names):
+    """Reject unknown zero-shot dataset names before any work starts."""
+    unknown = [n for n in names if n not in ZERO_SHOT_CHOICES]
+    if unknown or not names:
+        raise EvaluationError(f"unknown zero-shot dataset(s) {unknown or names}; "
+                              f"expected a comma-separated list from {', '.join(ZERO_SHOT_CHOICES)}")
+
+
+def zero_shot_dataset(name, data_root, transform):
+    """The evaluation images of a zero-shot dataset (downloaded by torchvision into data_root) and readable class names."""
+    tv = torchvision.datasets
+    if name == "food101":
+        ds = tv.Food101(data_root, split="test", transform=transform, download=True)
+        return ds, [c.replace("_", " ") for c in ds.classes]
+    if name == "caltech101":
+        # torchvision defines no test split: all images, as in the released code. Unlike it we keep
+        # Faces_easy ("centered face"), as CLIP's own evaluation does.
+        ds = tv.Caltech101(data_root, target_type="category", transform=transform, download=True)
+        return ds, [CALTECH101_RENAMES.get(c, c.replace("_", " ")) for c in ds.categories]
+    if name == "eurosat":
+        ds = tv.EuroSAT(data_root, transform=transform, download=True)  # no split either: all images
+        return ds, [EUROSAT_NAMES[c] for c in ds.classes]
+    if name == "flowers102":
+        return tv.Flowers102(data_root, split="test", transform=transform, download=True), list(FLOWERS102_NAMES)
+    if name == "oxford_pets":
+        ds = tv.OxfordIIITPet(data_root, split="test", target_types="category", transform=transform, download=True)
+        return ds, list(ds.classes)  # already readable ("American Pit Bull Terrier")
+    if name == "imagefolder":
+        ds = stream.load_dataset("imagefolder", data_root, train=False)  # DATA_ROOT/test/<class>/*
+        return Transformed(ds, transform), list(ds.classes)
+    raise EvaluationError(f"unknown zero-shot dataset {name!r}")
+
+
+@torch.inference_mode()
+def zero_shot_accuracy(model, dataset, class_names, prompt, device, batch_size=256, workers=2, desc=None):
+    """Top-1 accuracy of the zero-shot classifier over all `class_names` (one text feature per class, computed once)."""
+    device = torch.device(device)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        pin_memory=device.type == "cuda")
+    correct, seen = torch.zeros((), dtype=torch.long, device=device), 0
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        text = clip_model.class_text_features(model, class_names, prompt).float()  # (C, D)
+        for images, labels in tqdm(loader, desc=desc, leave=False):
+            image = F.normalize(model.encode_image(images.to(device, non_blocking=True)).float(), dim=-1)  # (B, D)
+            correct += ((image @ text.t()).argmax(dim=1) == labels.to(device)).sum()
+            seen += len(labels)
+    if seen == 0:
+        raise EvaluationError(f"{desc or 'zero-shot dataset'}: no images to evaluate")
+    return correct.item() / seen
+
+
+def zero_shot_transfer(model, datasets, data_root, prompt, device, batch_size=256, workers=2):
+    """Zero-shot transfer check (PAPER.md): top-1 over all classes of each dataset with the run's prompt -> {name: acc}.
+
+    `model` must already be on `device`; OpenAI's evaluation preprocessing at the model's resolution."""
+    check_zero_shot_names(datasets)
+    transform = clip_model.image_transform(model.visual.input_resolution)
+    was_training = model.training
+    model.eval()
+    accs = {}
+    for name in datasets:
+        try:
+            ds, class_names = zero_shot_dataset(name, data_root, transform)
+        except (RuntimeError, OSError) as e:  # torchvision: missing/corrupt files, failed download
+            raise EvaluationError(f"{name}: could not load it under {data_root}: {e}") from None
+        accs[name] = zero_shot_accuracy(model, ds, class_names, prompt, device, batch_size, workers, desc=name)
+    model.train(was_training)
+    return accs
+
+
+def zero_shot_markdown(accs):
+    """Markdown table of zero-shot accuracies in percent, with their mean."""
+    lines = ["| dataset | top-1 (%) |", "|---|---:|"]
+    lines += [f"| {name} | {100 * acc:.2f} |" for name, acc in accs.items()]
+    if len(accs) > 1:
+        lines.append(f"| mean | {100 * _mean(accs.values()):.2f} |")
+    return "\n".join(lines)
+
+
+def write_json(path, obj):
+    """Write JSON atomically (a crash never leaves a half-written file)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def write_zero_shot(out_dir, accs, model, prompt, peft_weights=None):
+    """OUT/zero_shot.json: {"model", "peft_weights", "prompt", "accuracy": {dataset: fraction}}; returns its path."""
+    path = os.path.join(out_dir, "zero_shot.json")
+    write_json(path, {"model": model, "peft_weights": peft_weights, "prompt": prompt, "accuracy": accs})
+    return path
+
+
+PEFT_FILE_KEYS = ("model", "peft", "encoder", "peft_args", "state_dict", "prompt")
+
+
+def read_peft_file(path):
+    """The dict saved by train_online.py in OUT/peft.pt, checked for the keys needed to rebuild the model."""
+    if not os.path.isfile(path):
+        raise EvaluationError(f"{path}: no such PEFT weights file (train_online.py writes OUT/peft.pt)")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a corrupt file; all mean the same to the user
+        raise EvaluationError(f"{path}: not a readable peft.pt ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    if not isinstance(saved, dict):
+        raise EvaluationError(f"{path}: holds a {type(saved).__name__}, expected the dict train_online.py saves")
+    missing = [k for k in PEFT_FILE_KEYS if k not in saved]
+    if missing:
+        raise EvaluationError(f"{path}: missing key(s) {missing}; expected {list(PEFT_FILE_KEYS)}")
+    if saved["peft"] not in ("lora", "adapter"):
+        raise EvaluationError(f"{path}: peft is {saved['peft']!r}, expected 'lora' or 'adapter'")
+    return saved
+
+
+def load_peft_model(path, device="cpu"):
+    """Rebuild a tuned model from OUT/peft.pt: load its CLIP, apply its LoRA/adapter, load the weights -> (model, prompt)."""
+    saved = read_peft_file(path)
+    model = clip_model.load(saved["model"], device="cpu")  # raises CheckpointError with the path
+    apply, load_weights = {"lora": (lora.apply_lora, lora.load_lora_state_dict),
+                           "adapter": (adapter.apply_adapter, adapter.load_adapter_state_dict)}[saved["peft"]]
+    try:
+        apply(model, encoder=saved["encoder"], **saved["peft_args"])
+        load_weights(model, saved["state_dict"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise EvaluationError(f"{path}: its {saved['peft']} weights do not fit {saved['model']} "
+                              f"({type(e).__name__}: {e})") from None
+    return model.to(device).eval(), saved["prompt"]
+
+
+# -----------------------------------------------------------------------------
+# 4. analyses of run folders: seed tables, experiment grid, gradient timeline, plots
+
+METRICS = ("A_auc", "A_avg", "A_last", "F_last")
+GROUP_KEYS = ("dataset", "peft", "encoder", "visible_classes", "scenario")
+# Settings that should agree within a table row; the table warns when they do not.
+MUST_AGREE = ("model", "n_tasks", "n", "m", "batch_size", "online_iter", "lr", "eval_period", "memory_size")
+
+
+def read_json(path, what):
+    """Parse a JSON file, with one clear error line when it is missing or malformed."""
+    if not os.path.isfile(path):
+        raise EvaluationError(f"{path}: no such file ({what})")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EvaluationError(f"{path}: malformed JSON ({e})") from None
+
+
+def read_results(run_dir):
+    """OUT/results.json of one run, checked for the keys the analyses read."""
+    if not os.path.isdir(run_dir):
+        raise EvaluationError(f"{run_dir}: no such run folder")
+    path = os.path.join(run_dir, "results.json")
+    results = read_json(path, "train_online.py writes it in every run folder")
+    needed = ("config", "status", "seen_classes", "anytime", "task_end_samples", "class_acc") + METRICS
+    missing = [k for k in needed if k not in results] if isinstance(results, dict) else list(needed)
+    if missing:
+        raise EvaluationError(f"{path}: missing key(s) {missing}")
+    return results
+
+
+def find_run_dirs(paths):
+    """Run folders among `paths`: a folder with results.json is a run; any other folder is searched below."""
+    runs = []
+    for path in paths:
+        if not os.path.isdir(path):
+            raise EvaluationError(f"{path}: no such run folder")
+        if os.path.isfile(os.path.join(path, "results.json")):
+            runs.append(path)
+            continue
+        found = sorted(root for root, _, files in os.walk(path) if "results.json" in files)
+        if not found:
+            raise EvaluationError(f"{path}: no results.json in it or below it (not a train_online.py run folder)")
+        runs += found
+    return runs
+
+
+def group_runs(results):
+    """Runs grouped by configuration (dataset, PEFT, tower, visible classes, scenario), in order of first appearance."""
+    groups = {}
+    for r in results:
+        groups.setdefault(tuple(r["config"].get(k) for k in GROUP_KEYS), []).append(r)
+    return groups
+
+
+def mean_std(values):
+    """'mean ± std' in percent of the fractions that are not None. We use the sample std (ddof=1), as is usual
+    for a handful of seeds, and 0 for a single seed; '(n=k)' marks a metric that only k runs define."""
+    present = [100 * v for v in values if v is not None]
+    if not present:
+        return "–"
+    std = statistics.stdev(present) if len(present) > 1 else 0.0
+    cell = f"{statistics.fmean(present):.2f} ± {std:.2f}"
+    return cell if len(present) == len(values) else f"{cell} (n={len(present)})"
+
+
+def seed_table(groups):
+    """Markdown table: one row per configuration, A_auc, A_avg, A_last, F_last as mean ± std over seeds (%)."""
+    lines = ["| dataset | PEFT | tower | visible | scenario | seeds | A_auc | A_avg | A_last | F_last |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for (dataset, peft, encoder, visible, scenario), runs in groups.items():
+        if peft == "none":
+            encoder = visible = "–"  # zero-shot CLIP trains no tower and has no loss
+        cells = [mean_std([r[m] for r in runs]) for m in METRICS]
+        lines.append(f"| {dataset} | {peft} | {encoder} | {visible} | {scenario} | {len(runs)} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def group_warnings(groups):
+    """Lines that warn about rows mixing runs of different settings or repeating a seed."""
+    warnings = []
+    for key, runs in groups.items():
+        name = "/".join(str(k) for k in key)
+        mixed = [k for k in MUST_AGREE if len({json.dumps(r["config"].get(k)) for r in runs}) > 1]
+        if mixed:
+            warnings.append(f"warning: row {name} mixes runs with different {', '.join(mixed)}")
+        seeds = [r["config"].get("seed") for r in runs]
+        if len(set(seeds)) < len(seeds):
+            warnings.append(f"warning: row {name} has repeated seeds {sorted(seeds)}")
+    return warnings
+
+
+PEFTS = ("lora", "adapter")
+ENCODERS = ("image", "text", "both")
+VISIBLE_CLASSES = ("batch", "all")
+SEEDS = (1, 2, 3, 4, 5)
+
+
+def grid_commands(dataset, data_root=None, seeds=SEEDS, zero_shot_eval=False):
+    """train_online.py commands of the paper's comparison: {LoRA, adapter} x {image, text, both} x {batch (SIT),
+    all}, plus zero-shot CLIP (--peft none), each for every seed, each with its own --out folder."""
+    configs = [(p, e, v) for p in PEFTS for e in ENCODERS for v in VISIBLE_CLASSES] + [("none", None, None)]
+    commands = []
+    for peft, encoder, visible in configs:
+        name = "zero-shot" if peft == "none" else f"{peft}-{encoder}-{visible}"
+        for seed in seeds:
+            args = ["python", "train_online.py", "--dataset", dataset]
+            args += ["--data-root", data_root] if data_root else []
+            args += ["--peft", peft]
+            args += ["--encoder", encoder, "--visible-classes", visible] if peft != "none" else []
+            args += ["--seed", str(seed), "--out", f"runs/{dataset}/{name}/seed{seed}"]
+            args += ["--zero-shot-eval"] if zero_shot_eval else []
+            commands.append(shlex.join(args))
+    return commands
+
+
+GRAD_KEYS = ("step", "task", "classes", "in_batch", "pos", "neg")
+
+
+def read_grad(path):
+    """The records of OUT/grad.jsonl (one per gradient step), checked line by line."""
+    if not os.path.isfile(path):
+        raise EvaluationError(f"{path}: no such file (train_online.py --grad-analysis writes it)")
+    records = []
+    with open(path) as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EvaluationError(f"{path}:{i}: malformed JSON ({e})") from None
+            if not isinstance(r, dict) or any(k not in r for k in GRAD_KEYS):
+                raise EvaluationError(f"{path}:{i}: expected an object with keys {list(GRAD_KEYS)}")
+            if not len(r["classes"]) == len(r["in_batch"]) == len(r["pos"]) == len(r["neg"]):
+                raise EvaluationError(f"{path}:{i}: classes, in_batch, pos and neg differ in length")
+            records.append(r)
+    if not records:
+        raise EvaluationError(f"{path}: no gradient steps recorded")
+    return records
+
+
+def gradient_summary(records):
+    """Figure 2 in numbers: mean norms of the positive and negative gradient parts on the text features of visible
+    classes present in the batch and absent from it (absent ones exist only under --visible-classes all)."""
+    parts = {True: ([], []), False: ([], [])}
+    for r in records:
+        for present, pos, neg in zip(r["in_batch"], r["pos"], r["neg"]):
+            parts[bool(present)][0].append(pos)
+            parts[bool(present)][1].append(neg)
+    return {("present" if present else "absent"): {"entries": len(pos), "pos": _mean(pos), "neg": _mean(neg)}
+            for present, (pos, neg) in parts.items()}
+
+
+def gradient_summary_markdown(summary):
+    """Markdown table of gradient_summary."""
+    def number(x):
+        return "–" if x is None else f"{x:.4g}"
+    lines = ["| visible classes | entries | mean positive part | mean negative part |", "|---|---:|---:|---:|"]
+    for key, label in (("present", "in the batch"), ("absent", "absent from the batch")):
+        s = summary[key]
+        lines.append(f"| {label} | {s['entries']} | {number(s['pos'])} | {number(s['neg'])} |")
+    return "\n".join(lines)
+
+
+def matplotlib_figure():
+    """matplotlib's Figure class (object API: no pyplot state, no backend switch); only the plots need it."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise EvaluationError("plotting needs matplotlib, an optional extra: pip install matplotlib") from None
+    return Figure
+
+
+def run_label(results):
+    """Short readable name of a run: 'lora image batch seed 1', 'zero-shot seed 1'."""
+    c = results["config"]
+    name = "zero-shot" if c.get("peft") == "none" else f"{c.get('peft')} {c.get('encoder')} {c.get('visible_classes')}"
+    return f"{name} seed {c.get('seed')}"
+
+
+def class_order(results, extra=()):
+    """Class ids in order of first appearance in the stream (results.json), then any others in the given order."""
+    order = list(results["seen_classes"])
+    known = set(order)
+    return order + [c for c in dict.fromkeys(extra) if c not in known]
+
+
+def class_ticks(ax, classes, names, most=40):
+    """Label the class rows of a heatmap with class names, unless there are too many to read."""
+    if len(classes) > most or not names:
+        ax.set_yticks([])
+    else:
+        ax.set_yticks(range(len(classes)), [names[c] for c in classes], fontsize="small")
+
+
+def plot_grad(records, results, out_png):
+    """Gradient timeline (Figure 2): classes (order of first appearance) x gradient steps, positive and negative
+    parts of dL/dg_c in two panels; a strip marks disjoint and blurry classes; empty cells: class not visible."""
+    Figure = matplotlib_figure()
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    visible = dict.fromkeys(c for r in records for c in r["classes"])  # every class ever in the loss, in order
+    classes = [c for c in class_order(results, extra=visible) if c in visible]
+    row = {c: i for i, c in enumerate(classes)}
+    pos = [[math.nan] * len(records) for _ in classes]  # (classes, steps)
+    neg = [[math.nan] * len(records) for _ in classes]
+    for j, r in enumerate(records):
+        for c, p, n in zip(r["classes"], r["pos"], r["neg"]):
+            pos[row[c]][j], neg[row[c]][j] = p, n
+    disjoint = {c for task in results.get("disjoint_classes", []) for c in task}
+    blurry = {c for task in results.get("blurry_classes", []) for c in task}
+    kinds = [[0 if c in disjoint else 1 if c in blurry else 2] for c in classes]  # (classes, 1)
+    kind_colors = ["tab:blue", "tab:orange", "lightgrey"]
+    task_starts = [j for j in range(1, len(records)) if records[j]["task"] != records[j - 1]["task"]]
+
+    names = results.get("class_names", [])
+    fig = Figure(figsize=(12, 2 + 2 * max(2.0, 0.04 * len(classes))), layout="constrained")
+    grid = fig.add_gridspec(2, 2, width_ratios=[1, 60])
+    for k, (matrix, part) in enumerate(((pos, "positive part (samples of c)"), (neg, "negative part (other samples)"))):
+        strip = fig.add_subplot(grid[k, 0])
+        strip.imshow(kinds, aspect="auto", interpolation="nearest", cmap=ListedColormap(kind_colors), vmin=0, vmax=2)
+        strip.set_xticks([])
+        class_ticks(strip, classes, names)
+        ax = fig.add_subplot(grid[k, 1], sharey=strip)
+        image = ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap="viridis")
+        for j in task_starts:
+            ax.axvline(j - 0.5, color="red", lw=0.8, ls="--")
+        ax.tick_params(axis="y", left=False, labelleft=False)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_title(f"|dL/dg_c|, {part}")
+        fig.colorbar(image, ax=ax, label="L2 norm")
+    ax.set_xlabel("gradient step (dashed: task boundary; empty cell: class not in the loss)")
+    fig.legend(handles=[Patch(color=kind_colors[0], label="disjoint class"),
+                        Patch(color=kind_colors[1], label="blurry class")], loc="outside lower left", ncols=2)
+    fig.suptitle(f"Gradient on the text features, classes in order of first appearance: {run_label(results)}")
+    fig.savefig(out_png, dpi=100)
+
+
+def plot_runs(runs, out_png):
+    """Anytime accuracy of each run (task ends marked) and, per run, the per-class accuracy at each task end."""
+    Figure = matplotlib_figure()
+    n_cols = min(len(runs), 4)
+    n_rows = math.ceil(len(runs) / n_cols)
+    fig = Figure(figsize=(4 * n_cols + 2, 4 + 3.5 * n_rows), layout="constrained")
+    grid = fig.add_gridspec(1 + n_rows, n_cols)
+    curves = fig.add_subplot(grid[0, :])
+    heatmaps = []
+    for i, r in enumerate(runs):
+        samples = [a["samples"] for a in r["anytime"]]
+        (line,) = curves.plot(samples, [100 * a["acc"] for a in r["anytime"]], marker=".", label=run_label(r))
+        for s in r["task_end_samples"]:
+            curves.axvline(s, color=line.get_color(), lw=0.8, ls=":")
+        ax = fig.add_subplot(grid[1 + i // n_cols, i % n_cols])
+        classes = class_order(r)
+        matrix = [[math.nan if accs[c] is None else 100 * accs[c] for accs in r["class_acc"]] for c in classes]
+        if classes and r["class_acc"]:  # (classes, task ends)
+            image = ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=100)
+            heatmaps.append(ax)
+        else:
+            ax.text(0.5, 0.5, "no task end yet", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xticks(range(len(r["class_acc"])), [f"T{t + 1}" for t in range(len(r["class_acc"]))])
+        class_ticks(ax, classes, r.get("class_names", []))
+        ax.set_xlabel("task end")
+        ax.set_ylabel("classes, in seen order")
+        ax.set_title(run_label(r), fontsize="medium")
+    curves.set_xlabel("samples seen (dotted: task ends)")
+    curves.set_ylabel("anytime accuracy on seen classes (%)")
+    curves.legend(fontsize="small")
+    if heatmaps:
+        fig.colorbar(image, ax=heatmaps, label="per-class accuracy (%)")
+    fig.savefig(out_png, dpi=100)
+
+
+# -----------------------------------------------------------------------------
+# 5. command line
+
+
+def resolve_device(name):
+    """auto -> cuda when available, else cpu; a clear error for cuda without a GPU."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise EvaluationError("--device cuda, but torch sees no CUDA GPU; use --device cpu or auto")
+    return name
+
+
+def cmd_zero_shot(args):
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    check_zero_shot_names(datasets)
+    device = resolve_device(args.device)
+    if args.peft_weights:
+        name = read_peft_file(args.peft_weights)["model"]
+        model, prompt = load_peft_model(args.peft_weights, device)
+        out = args.out or os.path.dirname(os.path.abspath(args.peft_weights))
+    else:
+        model, prompt, name = clip_model.load(args.model, device), clip_model.PROMPT, args.model
+        slug = os.path.splitext(os.path.basename(args.model))[0] if os.path.isfile(args.model) else args.model
+        out = args.out or os.path.join("runs", "zero-shot", slug.replace("/", "-").replace("@", "-"))
+    accs = zero_shot_transfer(model, datasets, args.data_root, prompt, device, args.batch_size, args.workers)
+    print(zero_shot_markdown(accs))
+    print(f"wrote {write_zero_shot(out, accs, name, prompt, args.peft_weights)}")
+
+
+def cmd_table(args):
+    results = []
+    for run in find_run_dirs(args.run_dirs):
+        r = read_results(run)
+        if r["status"] != "finished" and not args.unfinished:
+            print(f"skipping {run} (status {r['status']}; --unfinished includes it)", file=sys.stderr)
+            continue
+        results.append(r)
+    if not results:
+        raise EvaluationError("no finished runs to tabulate (--unfinished includes the others)")
+    groups = group_runs(results)
+    for warning in group_warnings(groups):
+        print(warning, file=sys.stderr)
+    print(seed_table(groups))
+
+
+def cmd_grid(args):
+    for command in grid_commands(args.dataset, args.data_root, zero_shot_eval=args.zero_shot_eval):
+        print(command)
+
+
+def cmd_plot(args):
+    runs = find_run_dirs(args.run_dirs)
+    results = [read_results(run) for run in runs]
+    out = args.out or (os.path.join(runs[0], "plot.png") if len(runs) == 1 else "plot.png")
+    plot_runs(results, out)
+    print(f"wrote {out}")
+
+
+def cmd_plot_grad(args):
+    if not os.path.isdir(args.run_dir):
+        raise EvaluationError(f"{args.run_dir}: no such run folder")
+    records = read_grad(os.path.join(args.run_dir, "grad.jsonl"))
+    results = read_results(args.run_dir)
+    print(gradient_summary_markdown(gradient_summary(records)))
+    out = args.out or os.path.join(args.run_dir, "grad.png")
+    plot_grad(records, results, out)
+    print(f"wrote {out}")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Evaluate SIT-tuned CLIP runs: zero-shot transfer, tables, plots.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("zero-shot", help="zero-shot top-1 accuracy on other datasets, all classes of each")
+    weights = p.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--peft-weights", help="OUT/peft.pt of a run (rebuilds the tuned model and its prompt)")
+    weights.add_argument("--model", help=f"plain CLIP: one of {clip_model.available_models()} or a checkpoint path")
+    p.add_argument("--datasets", default=",".join(ZERO_SHOT_DATASETS),
+                   help=f"comma-separated, from {', '.join(ZERO_SHOT_CHOICES)} (default: the five of the paper)")
+    p.add_argument("--data-root", default="data", help="torchvision download folder; imagefolder reads ROOT/test/")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", help="folder for zero_shot.json (default: next to --peft-weights, "
+                                 "or runs/zero-shot/<model> for --model)")
+    p.set_defaults(func=cmd_zero_shot)
+
+    p = commands.add_parser("table", help="Markdown table of A_auc, A_avg, A_last, F_last: mean ± std over seeds")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, or folders to search for them")
+    p.add_argument("--unfinished", action="store_true", help="include interrupted or failed runs")
+    p.set_defaults(func=cmd_table)
+
+    p = commands.add_parser("grid", help="print the train_online.py commands of the paper's comparison")
+    p.add_argument("--dataset", default="cifar100")
+    p.add_argument("--data-root", help="passed on to train_online.py")
+    p.add_argument("--zero-shot-eval", action="store_true", help="add --zero-shot-eval to every command")
+    p.set_defaults(func=cmd_grid)
+
+    p = commands.add_parser("plot", help="PNG of anytime accuracy curves and per-class accuracy at task ends")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, or folders to search for them")
+    p.add_argument("--out", help="PNG path (default: RUN_DIR/plot.png for one run, ./plot.png for several)")
+    p.set_defaults(func=cmd_plot)
+
+    p = commands.add_parser("plot-grad", help="PNG of the gradient timeline (Figure 2) of a --grad-analysis run")
+    p.add_argument("run_dir", metavar="OUT", help="run folder with grad.jsonl and results.json")
+    p.add_argument("--out", help="PNG path (default: OUT/grad.png)")
+    p.set_defaults(func=cmd_plot_grad)
+    return parser
+
+
+def main(argv=None):
+    """Run one command; bad input gives one error line on stderr and exit status 1, never a traceback."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (EvaluationError, clip_model.CheckpointError, stream.DataError) as e:
+        print(f"evaluate.py {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"evaluate.py {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""evaluate.py: the lifelong metrics on hand-computed values, seen-class accuracy, zero-shot transfer, and the
+analysis commands (table, grid, plot, plot-grad) on small hand-made run folders."""
+
+import json
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import clip_model
+import evaluate
+from evaluate import a_auc, a_avg, a_last, f_last, lifelong_metrics, top1_on_seen
+
+TINY = clip_model.CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
+                             vision_patch_size=8, transformer_width=64, transformer_heads=1, transformer_layers=2)
+
+
+# -----------------------------------------------------------------------------
+# metrics (released formulas)
+
+
+def test_a_auc_is_the_mean_of_the_anytime_accuracies():
+    assert a_auc([0.2, 0.4, 0.9]) == pytest.approx(0.5)
+
+
+def test_a_avg_is_the_mean_of_the_task_end_accuracies():
+    assert a_avg([0.8, 0.6, 0.4]) == pytest.approx(0.6)
+
+
+def test_a_last_is_the_last_task_end_accuracy():
+    assert a_last([0.8, 0.6, 0.4]) == 0.4
+
+
+def test_f_last_averages_best_earlier_minus_last_over_classes_seen_before_the_last_task():
+    class_acc = [[0.9, None, None],
+                 [0.5, 0.8, None],
+                 [0.3, 0.6, 0.7]]  # class 2 first appears in the last task: excluded
+    assert f_last(class_acc) == pytest.approx(((0.9 - 0.3) + (0.8 - 0.6)) / 2)
+
+
+def test_f_last_uses_the_best_earlier_accuracy_not_the_previous_one():
+    assert f_last([[0.9], [0.5], [0.4]]) == pytest.approx(0.5)
+
+
+def test_f_last_skips_classes_whose_earlier_accuracy_was_never_above_zero():
+    assert f_last([[0.0, 0.5], [0.0, 0.4], [0.9, 0.1]]) == pytest.approx(0.4)
+
+
+def test_f_last_is_negative_when_classes_improve():
+    assert f_last([[0.5], [0.7]]) == pytest.approx(-0.2)
+
+
+def test_f_last_is_undefined_with_a_single_task():
+    assert f_last([[0.5, 0.7]]) is None
+
+
+def test_lifelong_metrics_reports_the_four_numbers():
+    metrics = lifelong_metrics([0.2, 0.4], [0.6, 0.4], [[0.6, None], [0.2, 0.6]])
+    assert metrics == pytest.approx({"A_auc": 0.3, "A_avg": 0.5, "A_last": 0.4, "F_last": 0.4})
+
+
+# -----------------------------------------------------------------------------
+# top-1 among the seen classes
+
+
+def unit(*v):
+    return F.normalize(torch.tensor(v, dtype=torch.float32), dim=-1)
+
+
+TEXT = torch.eye(3)  # class c's text feature is e_c
+
+
+def test_top1_on_seen_counts_correct_predictions_per_class():
+    images = torch.stack([unit(1, 0.1, 0), unit(1, 0, 0.2),      # class 0, both right
+                          unit(0.1, 1, 0), unit(0.5, 0.1, 0)])   # class 1: right, then predicted 0
+    acc, per_class = top1_on_seen(images, torch.tensor([0, 0, 1, 1]), TEXT, [0, 1])
+    assert (acc, per_class) == (pytest.approx(0.75), {0: 1.0, 1: 0.5})
+
+
+def test_an_unseen_class_is_never_predicted():
+    images = torch.stack([unit(0.3, 0, 1), unit(0, 0.3, 1)])  # nearest text: class 2, which is unseen
+    acc, _ = top1_on_seen(images, torch.tensor([0, 1]), TEXT, [0, 1])
+    assert acc == 1.0
+
+
+def test_test_images_of_unseen_classes_are_not_evaluated():
+    images = torch.stack([unit(1, 0, 0), unit(0, 0, 1)])
+    acc, per_class = top1_on_seen(images, torch.tensor([0, 2]), TEXT, [0, 1])
+    assert (acc, per_class) == (1.0, {0: 1.0})
+
+
+def test_per_class_accuracy_only_for_seen_classes_with_test_images():
+    _, per_class = top1_on_seen(torch.stack([unit(1, 0, 0)]), torch.tensor([0]), TEXT, [0, 1, 2])
+    assert set(per_class) == {0}
+
+
+# -----------------------------------------------------------------------------
+# hand-made run folders
+
+
+def write_run(path, peft="lora", encoder="image", visible="batch", seed=1, metrics=(0.5, 0.5, 0.5, 0.1),
+              status="finished", dataset="cifar100"):
+    """A results.json as train_online.py writes it: 4 classes, 2 tasks (classes 0, 1 disjoint; 2, 3 blurry)."""
+    path.mkdir(parents=True)
+    results = {
+        "config": {"dataset": dataset, "data_root": "data", "model": "ViT-B/16", "peft": peft, "encoder": encoder,
+                   "visible_classes": visible, "scenario": "si-blurry", "n_tasks": 2, "n": 50, "m": 10,
+                   "seed": seed, "batch_size": 4, "online_iter": 1, "lr": 5e-4, "eval_period": 8, "memory_size": 0},
+        "status": status, "class_names": ["apple", "bus", "cat", "dog"],
+        "seen_classes": [2, 0, 1, 3], "disjoint_classes": [[0], [1]], "blurry_classes": [[2], [3]],
+        "anytime": [{"samples": 8, "acc": 0.5}, {"samples": 16, "acc": 0.4}, {"samples": 24, "acc": 0.45}],
+        "task_end_samples": [12, 24], "task_acc": [0.6, 0.45],
+        "class_acc": [[0.7, None, 0.5, None], [0.2, 0.6, 0.4, 0.6]],
+    }
+    results.update(zip(evaluate.METRICS, metrics))
+    (path / "results.json").write_text(json.dumps(results))
+    return path
+
+
+def run_cli(capsys, *argv):
+    code = evaluate.main(list(map(str, argv)))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def table_row(out, prefix):
+    (row,) = [line for line in out.splitlines() if line.startswith(prefix)]
+    return row
+
+
+def test_table_reports_mean_and_sample_std_over_seeds_in_percent(tmp_path, capsys):
+    for seed, metrics in [(1, (0.5, 0.1, 0.4, 0.05)), (2, (0.6, 0.2, 0.4, 0.10)), (3, (0.7, 0.3, 0.4, 0.15))]:
+        write_run(tmp_path / f"seed{seed}", seed=seed, metrics=metrics)
+    code, out, _ = run_cli(capsys, "table", *sorted(tmp_path.iterdir()))
+    assert code == 0
+    assert table_row(out, "| cifar100 | lora |") == (
+        "| cifar100 | lora | image | batch | si-blurry | 3 | 60.00 ± 10.00 | 20.00 ± 10.00 | 40.00 ± 0.00 "
+        "| 10.00 ± 5.00 |")
+
+
+def test_table_gives_std_zero_for_a_single_seed(tmp_path, capsys):
+    write_run(tmp_path / "run", metrics=(0.25, 0.5, 0.125, 0.0625))
+    _, out, _ = run_cli(capsys, "table", tmp_path / "run")
+    assert "| 1 | 25.00 ± 0.00 | 50.00 ± 0.00 | 12.50 ± 0.00 | 6.25 ± 0.00 |" in out
+
+
+def test_table_groups_runs_by_configuration(tmp_path, capsys):
+    write_run(tmp_path / "a1", visible="batch", seed=1)
+    write_run(tmp_path / "a2", visible="batch", seed=2)
+    write_run(tmp_path / "b1", visible="all", seed=1)
+    _, out, _ = run_cli(capsys, "table", tmp_path)  # a parent folder is searched for run folders
+    seeds = {row.split(" | ")[3]: row.split(" | ")[5] for row in out.splitlines()[2:]}
+    assert seeds == {"batch": "2", "all": "1"}
+
+
+def test_table_marks_a_metric_defined_by_only_some_seeds(tmp_path, capsys):
+    write_run(tmp_path / "s1", seed=1, metrics=(0.5, 0.5, 0.5, 0.2))
+    write_run(tmp_path / "s2", seed=2, metrics=(0.5, 0.5, 0.5, None))
+    _, out, _ = run_cli(capsys, "table", tmp_path)
+    assert out.splitlines()[2].endswith("| 20.00 ± 0.00 (n=1) |")
+
+
+def test_table_leaves_out_towers_and_visible_classes_for_zero_shot_clip(tmp_path, capsys):
+    write_run(tmp_path / "zs", peft="none", encoder="both", visible="batch")
+    _, out, _ = run_cli(capsys, "table", tmp_path / "zs")
+    assert out.splitlines()[2].startswith("| cifar100 | none | – | – | si-blurry | 1 |")
+
+
+def test_table_skips_unfinished_runs(tmp_path, capsys):
+    write_run(tmp_path / "done", seed=1)
+    write_run(tmp_path / "stopped", seed=2, status="interrupted")
+    _, out, err = run_cli(capsys, "table", tmp_path)
+    assert table_row(out, "| cifar100").split(" | ")[5] == "1" and "stopped" in err
+
+
+@pytest.mark.parametrize("case", ["missing folder", "no results.json", "malformed JSON", "missing keys"])
+def test_table_bad_input_is_one_clear_line(tmp_path, capsys, case):
+    run = tmp_path / "run"
+    if case != "missing folder":
+        run.mkdir()
+    if case == "malformed JSON":
+        (run / "results.json").write_text('{"config": ')
+    if case == "missing keys":
+        (run / "results.json").write_text('{"config": {}}')
+    code, out, err = run_cli(capsys, "table", run)
+    assert (code, out, len(err.splitlines())) == (1, "", 1) and str(run) in err
+
+
+# -----------------------------------------------------------------------------
+# grid
+
+
+def test_grid_prints_every_configuration_for_five_seeds(capsys):
+    _, out, _ = run_cli(capsys, "grid", "--dataset", "cifar100")
+    assert len(out.splitlines()) == (2 * 3 * 2 + 1) * 5
+
+
+def test_grid_commands_write_to_distinct_folders(capsys):
+    _, out, _ = run_cli(capsys, "grid", "--dataset", "cifar100")
+    outs = [line.split("--out ")[1].split()[0] for line in out.splitlines()]
+    assert len(set(outs)) == len(outs)
+
+
+def test_grid_includes_the_zero_shot_baseline_for_each_seed(capsys):
+    _, out, _ = run_cli(capsys, "grid", "--dataset", "cifar100")
+    assert sum("--peft none" in line for line in out.splitlines()) == 5
+
+
+def test_grid_passes_the_data_root_on(capsys):
+    _, out, _ = run_cli(capsys, "grid", "--dataset", "imagenet-r", "--data-root", "/data/my images")
+    assert all("--data-root '/data/my images'" in line for line in out.splitlines())
+
+
+# -----------------------------------------------------------------------------
+# gradient analysis
+
+
+def write_grad(run, visible):
+    """grad.jsonl of 4 steps over 2 tasks: under 'all', seen classes absent from the batch get a negative part only."""
+    steps = [(0, [2, 0], [2, 0]), (0, [2, 0], [0]), (1, [2, 0, 1], [1]), (1, [2, 0, 1, 3], [1, 3])]
+    with open(run / "grad.jsonl", "w") as f:
+        for step, (task, seen, in_batch) in enumerate(steps):
+            classes = seen if visible == "all" else [c for c in seen if c in in_batch]
+            present = [c in in_batch for c in classes]
+            f.write(json.dumps({"step": step, "samples": 4 * (step + 1), "task": task, "classes": classes,
+                                "in_batch": present, "pos": [0.5 if p else 0.0 for p in present],
+                                "neg": [0.25] * len(classes)}) + "\n")
+
+
+def test_gradient_summary_shows_negative_only_gradient_on_absent_classes(tmp_path):
+    run = write_run(tmp_path / "run", visible="all")
+    write_grad(run, "all")
+    absent = evaluate.gradient_summary(evaluate.read_grad(run / "grad.jsonl"))["absent"]
+    assert (absent["entries"], absent["pos"], absent["neg"]) == (5, 0.0, 0.25)  # steps 2, 3, 4 leave out 1, 2, 2 classes
+
+
+def test_gradient_summary_has_no_absent_classes_under_sit(tmp_path):
+    run = write_run(tmp_path / "run", visible="batch")
+    write_grad(run, "batch")
+    assert evaluate.gradient_summary(evaluate.read_grad(run / "grad.jsonl"))["absent"]["entries"] == 0
+
+
+def test_malformed_grad_line_is_named(tmp_path, capsys):
+    run = write_run(tmp_path / "run")
+    (run / "grad.jsonl").write_text('{"step": 0}\n')
+    code, _, err = run_cli(capsys, "plot-grad", run)
+    assert code == 1 and "grad.jsonl:1" in err
+
+
+# -----------------------------------------------------------------------------
+# plots (matplotlib is optional)
+
+
+def test_plot_writes_a_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    runs = [write_run(tmp_path / f"seed{s}", seed=s) for s in (1, 2)]
+    code, _, _ = run_cli(capsys, "plot", *runs, "--out", tmp_path / "plot.png")
+    assert code == 0 and Image.open(tmp_path / "plot.png").format == "PNG"
+
+
+def test_plot_grad_writes_a_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    run = write_run(tmp_path / "run", visible="all")
+    write_grad(run, "all")
+    code, _, _ = run_cli(capsys, "plot-grad", run)
+    assert code == 0 and Image.open(run / "grad.png").format == "PNG"
+
+
+def test_plots_without_matplotlib_say_how_to_install_it(tmp_path, capsys, monkeypatch):
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.colors", "matplotlib.patches"):
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import matplotlib...` fail
+    run = write_run(tmp_path / "run")
+    code, _, err = run_cli(capsys, "plot", run)
+    assert (code, "pip install matplotlib" in err, (run / "plot.png").exists()) == (1, True, False)
+
+
+# -----------------------------------------------------------------------------
+# zero-shot transfer and peft.pt
+
+
+def tiny_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "tiny.pt"
+    torch.save(clip_model.CLIP(TINY).state_dict(), path)
+    return str(path)
+
+
+def image_folder(root, classes=("red apple", "blue sky", "green leaf"), per_class=3):
+    """ROOT/{train,test}/<class>/*.png of random colours."""
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "test"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = torch.randint(0, 256, (40, 48, 3), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_zero_shot_transfer_equals_per_image_classification(tmp_path):
+    import stream
+    root = image_folder(tmp_path / "images")
+    model = clip_model.load(tiny_checkpoint(tmp_path))
+    accs = evaluate.zero_shot_transfer(model, ["imagefolder"], str(root), "a photo of {}.", "cpu",
+                                       batch_size=4, workers=0)
+    test = stream.load_dataset("imagefolder", str(root), train=False)
+    transform = clip_model.image_transform(TINY.image_resolution)
+    with torch.no_grad():
+        text = clip_model.class_text_features(model, test.classes, "a photo of {}.")
+        correct = [(F.normalize(model.encode_image(transform(img)[None]), dim=-1) @ text.t()).argmax().item() == y
+                   for img, y in test]
+    assert accs == {"imagefolder": pytest.approx(sum(correct) / len(correct))}
+
+
+def test_unknown_zero_shot_dataset_fails_before_any_work():
+    with pytest.raises(evaluate.EvaluationError, match="imagenet"):
+        evaluate.zero_shot_transfer(None, ["food101", "imagenet"], "data", "{}", "cpu")
+
+
+def test_zero_shot_cli_writes_zero_shot_json(tmp_path, capsys):
+    root = image_folder(tmp_path / "images")
+    code, out, _ = run_cli(capsys, "zero-shot", "--model", tiny_checkpoint(tmp_path), "--datasets", "imagefolder",
+                           "--data-root", root, "--device", "cpu", "--workers", 0, "--out", tmp_path / "zs")
+    saved = json.loads((tmp_path / "zs" / "zero_shot.json").read_text())
+    assert code == 0 and f"| imagefolder | {100 * saved['accuracy']['imagefolder']:.2f} |" in out
+
+
+@pytest.mark.parametrize("peft", ["lora", "adapter"])
+def test_load_peft_model_rebuilds_the_tuned_model(tmp_path, peft):
+    import adapter
+    import lora
+    checkpoint = tiny_checkpoint(tmp_path)
+    model = clip_model.load(checkpoint)
+    if peft == "lora":
+        peft_args = {"r": 2, "alpha": 1.0, "targets": ("q", "v", "out")}
+        lora.apply_lora(model, encoder="both", **peft_args)
+    else:
+        peft_args = {"bottleneck": 8, "scale": 0.1, "dropout": 0.1}
+        adapter.apply_adapter(model, encoder="both", **peft_args)
+    with torch.no_grad():  # move away from the zero-initialised start, so a lost weight would show
+        for name, p in model.named_parameters():
+            if peft in name:
+                p.normal_(std=0.1)
+    state_dict = lora.lora_state_dict(model) if peft == "lora" else adapter.adapter_state_dict(model)
+    torch.save({"model": checkpoint, "peft": peft, "encoder": "both", "peft_args": peft_args,
+                "state_dict": state_dict, "prompt": "a photo of {}.", "dataset": "imagefolder",
+                "class_names": ["a", "b"]}, tmp_path / "peft.pt")
+    rebuilt, prompt = evaluate.load_peft_model(str(tmp_path / "peft.pt"))
+    images = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        assert prompt == "a photo of {}."
+        torch.testing.assert_close(rebuilt.encode_image(images), model.encode_image(images))
+        torch.testing.assert_close(clip_model.class_text_features(rebuilt, ["cat"]),
+                                   clip_model.class_text_features(model, ["cat"]))
+
+
+@pytest.mark.parametrize("content", [None, b"not a torch file", "wrong dict"])
+def test_missing_or_corrupt_peft_file_is_one_clear_line(tmp_path, capsys, content):
+    path = tmp_path / "peft.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content == "wrong dict":
+        torch.save({"model": "ViT-B/16"}, path)
+    code, out, err = run_cli(capsys, "zero-shot", "--peft-weights", path, "--datasets", "imagefolder")
+    assert (code, len(err.splitlines())) == (1, 1) and str(path) in err
