@@ -598,6 +598,7 @@ def resolve_device(name):
 
 
 def cmd_zero_shot(args):
+    """zero-shot: accuracy table of plain or tuned CLIP on other datasets, saved as zero_shot.json."""
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     check_zero_shot_names(datasets)
     device = resolve_device(args.device)
@@ -615,6 +616,7 @@ def cmd_zero_shot(args):
 
 
 def cmd_table(args):
+    """table: mean ± std over seeds of the finished runs found under the given folders."""
     results = []
     for run in find_run_dirs(args.run_dirs):
         r = read_results(run)
@@ -631,25 +633,32 @@ def cmd_table(args):
 
 
 def cmd_grid(args):
+    """grid: one train_online.py command per line."""
     for command in grid_commands(args.dataset, args.data_root, zero_shot_eval=args.zero_shot_eval):
         print(command)
 
 
 def cmd_plot(args):
+    """plot: accuracy curves and per-class heatmaps of the runs found under the given folders."""
+    matplotlib_figure()  # fail before reading anything when the optional extra is missing
     runs = find_run_dirs(args.run_dirs)
     results = [read_results(run) for run in runs]
     out = args.out or (os.path.join(runs[0], "plot.png") if len(runs) == 1 else "plot.png")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     plot_runs(results, out)
     print(f"wrote {out}")
 
 
 def cmd_plot_grad(args):
+    """plot-grad: the gradient summary table and the timeline PNG of a --grad-analysis run."""
+    matplotlib_figure()
     if not os.path.isdir(args.run_dir):
         raise EvaluationError(f"{args.run_dir}: no such run folder")
     records = read_grad(os.path.join(args.run_dir, "grad.jsonl"))
     results = read_results(args.run_dir)
     print(gradient_summary_markdown(gradient_summary(records)))
     out = args.out or os.path.join(args.run_dir, "grad.png")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     plot_grad(records, results, out)
     print(f"wrote {out}")
 
@@ -678,7 +687,7 @@ def build_parser():
     p.set_defaults(func=cmd_table)
 
     p = commands.add_parser("grid", help="print the train_online.py commands of the paper's comparison")
-    p.add_argument("--dataset", default="cifar100")
+    p.add_argument("--dataset", default="cifar100", choices=stream.DATASETS)
     p.add_argument("--data-root", help="passed on to train_online.py")
     p.add_argument("--zero-shot-eval", action="store_true", help="add --zero-shot-eval to every command")
     p.set_defaults(func=cmd_grid)
