@@ -1,0 +1,571 @@
+"""The data side of online lifelong learning: the Si-Blurry stream, the datasets, and the batches the learner sees.
+
+Top to bottom:
+  1. the Si-Blurry sampler, index for index as the released sampler (KHU-AGI/Si-Blurry, Debatrix/LifeLong-CLIP),
+  2. datasets by name: `targets`, human-readable `classes`, and (PIL RGB image, int label) items,
+  3. batches: the augmented stream (AutoAugment per sample in DataLoader workers), the training transform batched
+     on the device, evaluation batches and OpenAI's evaluation transform, the seen-class test set.
+"""
+import hashlib
+import os
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.utils import download_and_extract_archive
+from torchvision.transforms import AutoAugment, AutoAugmentPolicy, InterpolationMode
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. The Si-Blurry stream
+
+SCENARIOS = {
+    "si-blurry": dict(stochastic=True, n=50, m=10),
+    "i-blurry": dict(stochastic=False, n=50, m=10),
+    "disjoint": dict(stochastic=False, n=100, m=0),
+}
+
+
+class StreamSplit(NamedTuple):
+    """A stream and the class split it was drawn from, all per task."""
+    tasks: list             # dataset indices in stream order
+    disjoint_classes: list  # classes whose samples occur in this task only
+    blurry_classes: list    # blurry classes owned by this task (M% of all blurry samples are dealt to any task)
+    blurred: list           # dataset indices this task received from the shuffled pool of blurred samples
+
+
+def si_blurry_split(targets, num_classes, n_tasks=5, n=50, m=10, seed=1, stochastic=True) -> StreamSplit:
+    """Si-Blurry stream (stochastic) or i-Blurry-like stream: N% of classes disjoint, M% of blurry samples blurred."""
+    targets = _check_stream_arguments(targets, num_classes, n_tasks, n, m)
+    g = torch.Generator().manual_seed(seed)  # the only source of randomness, drawn in the released sampler's order
+    n_disjoint = num_classes * n // 100 // n_tasks * n_tasks
+    n_blurry = (num_classes - n_disjoint) // n_tasks * n_tasks  # quirk: classes left over by the rounding are dropped
+    order = torch.randperm(num_classes, generator=g).tolist()
+    disjoint, blurry = order[:n_disjoint], order[n_disjoint:n_disjoint + n_blurry]
+    if stochastic:
+        disjoint_classes = _cut(disjoint, _random_sizes(n_disjoint, n_tasks, g))
+        blurry_classes = _cut(blurry, _random_sizes(n_blurry, n_tasks, g))
+    else:
+        disjoint_classes = _cut(disjoint, [n_disjoint // n_tasks] * n_tasks)
+        blurry_classes = _cut(blurry, [n_blurry // n_tasks] * n_tasks)
+    disjoint_indices, blurry_indices = _indices_by_task(targets, disjoint_classes, blurry_classes)
+
+    if stochastic:
+        shares = _random_sizes(sum(map(len, blurry_indices)) * m // 100, n_tasks, g)
+        if sum(shares) > 0:
+            blurry_indices, pool = _pool(blurry_indices, shares, g)
+            blurred = _deal(pool, shares)  # quirk: a task with fewer than its share shortens the pool, starving later ones
+        else:
+            blurred = [[] for _ in range(n_tasks)]
+    else:
+        blurry_indices, pool = _pool(blurry_indices, [len(b) * m // 100 for b in blurry_indices], g)
+        blurred = _deal(pool, [len(pool) // n_tasks] * n_tasks)  # quirk: the last len(pool) % n_tasks are dropped
+
+    tasks = []
+    for t in range(n_tasks):
+        task = disjoint_indices[t] + blurry_indices[t] + blurred[t]
+        tasks.append([task[i] for i in torch.randperm(len(task), generator=g).tolist()])
+    return StreamSplit(tasks, disjoint_classes, blurry_classes, blurred)
+
+
+def si_blurry_tasks(targets, num_classes, n_tasks=5, n=50, m=10, seed=1, stochastic=True) -> list[list[int]]:
+    """Per task, the dataset indices of the Si-Blurry stream in stream order (see `si_blurry_split`)."""
+    return si_blurry_split(targets, num_classes, n_tasks, n, m, seed, stochastic).tasks
+
+
+def _check_stream_arguments(targets, num_classes, n_tasks, n, m) -> list[int]:
+    """The targets as a list of ints, after a ValueError for any argument the sampler cannot use."""
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if not isinstance(n_tasks, int) or n_tasks < 1:
+        raise ValueError(f"n_tasks must be a positive integer, got {n_tasks!r}")
+    if n_tasks > num_classes:
+        raise ValueError(f"n_tasks={n_tasks} exceeds num_classes={num_classes}: every class would be dropped")
+    for name, value in (("n", n), ("m", m)):
+        if not isinstance(value, int) or not 0 <= value <= 100:
+            raise ValueError(f"{name} is a percentage, an integer in 0..100; got {value!r}")
+    targets = targets.tolist() if isinstance(targets, torch.Tensor) else [int(y) for y in targets]
+    if not targets:
+        raise ValueError("targets is empty: a stream needs at least one sample")
+    bad = next((i for i, y in enumerate(targets) if not 0 <= y < num_classes), None)
+    if bad is not None:
+        raise ValueError(f"targets[{bad}] = {targets[bad]} is outside 0..{num_classes - 1} (num_classes={num_classes})")
+    return targets
+
+
+def _random_sizes(total: int, n_tasks: int, g: torch.Generator) -> list[int]:
+    """Sizes of n_tasks consecutive parts of `total`, cut at sorted random points (no draw when total is 0)."""
+    if total == 0:
+        return [0] * n_tasks
+    cuts = [0] + torch.randint(0, total, (n_tasks - 1,), generator=g).sort().values.tolist() + [total]
+    return [b - a for a, b in zip(cuts, cuts[1:])]
+
+
+def _cut(items: list, sizes: list[int]) -> list[list]:
+    """Consecutive groups of items with the given sizes."""
+    starts = [sum(sizes[:t]) for t in range(len(sizes))]
+    return [items[s:s + size] for s, size in zip(starts, sizes)]
+
+
+def _indices_by_task(targets, disjoint_classes, blurry_classes) -> tuple[list[list[int]], list[list[int]]]:
+    """Per task, the dataset indices of its disjoint classes and of its blurry classes, in dataset order."""
+    disjoint_owner = {c: t for t, classes in enumerate(disjoint_classes) for c in classes}
+    blurry_owner = {c: t for t, classes in enumerate(blurry_classes) for c in classes}
+    disjoint_indices = [[] for _ in disjoint_classes]
+    blurry_indices = [[] for _ in blurry_classes]
+    for i, y in enumerate(targets):
+        if y in disjoint_owner:
+            disjoint_indices[disjoint_owner[y]].append(i)
+        elif y in blurry_owner:
+            blurry_indices[blurry_owner[y]].append(i)
+    return disjoint_indices, blurry_indices
+
+
+def _pool(blurry_indices, taken: list[int], g: torch.Generator) -> tuple[list[list[int]], list[int]]:
+    """Each task's remaining blurry indices, and the shuffled pool made of the first taken[t] of each task."""
+    kept, pool = [], []
+    for indices, k in zip(blurry_indices, taken):
+        pool += indices[:k]  # quirk: the blurred samples are the first k of the task's list, in dataset order
+        kept.append(indices[k:])
+    return kept, [pool[i] for i in torch.randperm(len(pool), generator=g).tolist()]
+
+
+def _deal(pool: list[int], shares: list[int]) -> list[list[int]]:
+    """The pool dealt back in task order, shares[t] indices to task t, while it lasts."""
+    return _cut(pool, shares)
+
+
+def describe_stream(split: StreamSplit, targets, classes) -> str:
+    """A one-screen summary of a stream: per task, its classes, its samples, and the samples blurred in and out."""
+    targets = targets.tolist() if isinstance(targets, torch.Tensor) else list(targets)
+    owner = {c: t for per_task in (split.disjoint_classes, split.blurry_classes)
+             for t, cs in enumerate(per_task) for c in cs}
+    blurred_in, blurred_out = [0] * len(split.tasks), [0] * len(split.tasks)
+    for t, task in enumerate(split.tasks):
+        for i in task:
+            home = owner[targets[i]]
+            if home != t:
+                blurred_in[t] += 1
+                blurred_out[home] += 1
+    n_disjoint = sum(map(len, split.disjoint_classes))
+    n_blurry = sum(map(len, split.blurry_classes))
+
+    def names(cs):
+        return f" ({', '.join(classes[c] for c in cs[:3])}{', ...' if len(cs) > 3 else ''})" if cs else ""
+
+    lines = [f"stream: {len(split.tasks)} tasks, {sum(map(len, split.tasks))} samples, {n_disjoint} disjoint and "
+             f"{n_blurry} blurry classes ({len(classes) - n_disjoint - n_blurry} dropped by rounding), "
+             f"{sum(map(len, split.blurred))} samples dealt from the blur pool"]
+    for t, task in enumerate(split.tasks):
+        d, b = split.disjoint_classes[t], split.blurry_classes[t]
+        lines.append(f"task {t}: {len(task)} samples | disjoint {len(d)}{names(d)} | blurry {len(b)}{names(b)}"
+                     f" | blurred in {blurred_in[t]}, out {blurred_out[t]}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. Datasets
+
+DATASETS = ("cifar100", "tinyimagenet", "imagenet-r", "imagefolder")
+
+
+class DataError(ValueError):
+    """A problem with the user's data: a missing, empty or inconsistent folder, or an unreadable file."""
+
+
+def load_dataset(name: str, root: str, train: bool, download: bool = True) -> Dataset:
+    """The train or test split of a dataset by name, with targets, readable class names and (image, label) items."""
+    loaders = {"cifar100": _cifar100, "tinyimagenet": _tinyimagenet, "imagenet-r": _imagenet_r,
+               "imagefolder": _imagefolder}
+    if name not in loaders:
+        raise DataError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}")
+    return loaders[name](os.path.expanduser(root), train, download)
+
+
+def _seed_of(*parts) -> int:
+    """A 63-bit seed that is a fixed function of some integers (Python's hash() promises no such thing)."""
+    digest = hashlib.blake2b(repr(tuple(int(p) for p in parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class SyntheticDataset(Dataset):
+    """Generated images, cheap and deterministic: each class has a colour, each image adds its own uniform noise."""
+
+    def __init__(self, num_classes: int, per_class: int, image_size: int = 32, seed: int = 0, train: bool = True):
+        for name, value in (("num_classes", num_classes), ("per_class", per_class), ("image_size", image_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.targets = [i % num_classes for i in range(num_classes * per_class)]
+        self.classes = [f"class {c}" for c in range(num_classes)]
+        g = torch.Generator().manual_seed(seed)
+        self.colours = torch.randint(0, 192, (num_classes, 3, 1, 1), dtype=torch.uint8, generator=g)  # +63 noise fits
+        self.image_size, self.seed, self.train = image_size, seed, train
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} is outside 0..{len(self) - 1}")
+        g = torch.Generator().manual_seed(_seed_of(self.seed, self.train, i))  # made on demand: building is free
+        noise = torch.randint(0, 64, (3, self.image_size, self.image_size), dtype=torch.uint8, generator=g)
+        return TF.to_pil_image(self.colours[self.targets[i]] + noise), self.targets[i]
+
+
+class ImageFiles(Dataset):
+    """Images on disk: paths and labels, each image read by PIL and converted to RGB when indexed."""
+
+    def __init__(self, paths: list[str], targets: list[int], classes: list[str]):
+        self.paths, self.targets, self.classes = paths, targets, classes
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        path = self.paths[i]
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB"), self.targets[i]
+        except OSError as err:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+            raise DataError(f"cannot read image {path}: {err}") from err
+
+
+def _readable(name: str) -> str:
+    """A class name fit for a prompt: underscores become spaces."""
+    return name.replace("_", " ")
+
+
+def _image_files(folder: str) -> list[str]:
+    """The image files under a folder in torchvision ImageFolder's order (sorted walk), so indices match its datasets."""
+    if not os.path.isdir(folder):
+        raise DataError(f"missing folder {folder}")
+    return [os.path.join(directory, name)
+            for directory, _, names in sorted(os.walk(folder, followlinks=True))
+            for name in sorted(names) if name.lower().endswith(IMG_EXTENSIONS)]
+
+
+def _read_lines(path: str) -> list[str]:
+    """The non-empty lines of a text file, or a DataError naming it."""
+    try:
+        with open(path) as f:
+            return [line.rstrip("\n") for line in f if line.strip()]
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err}") from err
+
+
+def _fetch(root: str, folder: str, url: str, md5: str, download: bool) -> str:
+    """root/folder, downloading and unpacking the official archive first if it is missing (tqdm bar, md5 check)."""
+    path = os.path.join(root, folder)
+    if os.path.isdir(path):
+        return path
+    if not download:
+        raise DataError(f"{path} not found; pass download=True to fetch {url}")
+    try:
+        download_and_extract_archive(url, root, md5=md5)
+    except (OSError, RuntimeError) as err:  # network failure, or a corrupted download (md5 mismatch)
+        raise DataError(f"could not download {url} into {root}: {err}") from err
+    return path
+
+
+def _cifar100(root: str, train: bool, download: bool) -> Dataset:
+    """CIFAR-100 through torchvision, which downloads it (tqdm bar) and checks the md5 the source publishes."""
+    if not download and not os.path.isdir(os.path.join(root, "cifar-100-python")):
+        raise DataError(f"CIFAR-100 not found in {root}; pass download=True to fetch it")
+    try:
+        dataset = torchvision.datasets.CIFAR100(root, train=train, download=download)
+    except (OSError, RuntimeError) as err:  # network failure, or a corrupted archive
+        raise DataError(f"cannot load CIFAR-100 from {root}: {err}") from err
+    dataset.classes = [_readable(c) for c in dataset.classes]
+    return dataset
+
+
+TINYIMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+TINYIMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"  # Stanford publishes none; this is the one other loaders check
+
+
+def _tinyimagenet(root: str, train: bool, download: bool) -> Dataset:
+    """Tiny-ImageNet-200: train folders; the val folder, labelled by its annotations, is the test split."""
+    folder = _fetch(root, "tiny-imagenet-200", TINYIMAGENET_URL, TINYIMAGENET_MD5, download)
+    wnids = [line.strip() for line in _read_lines(os.path.join(folder, "wnids.txt"))]
+    label = {wnid: k for k, wnid in enumerate(wnids)}  # labels in wnids.txt order, as the released loader, not sorted
+    words = dict(line.split("\t", 1) for line in _read_lines(os.path.join(folder, "words.txt")))
+    missing = [w for w in wnids if w not in words]
+    if missing:
+        raise DataError(f"{os.path.join(folder, 'words.txt')} has no name for {', '.join(missing[:5])}")
+    classes = [_readable(words[w].split(",")[0].strip()) for w in wnids]  # the first synonym, e.g. "Egyptian cat"
+    if train:
+        paths, targets = [], []
+        for wnid in sorted(wnids):  # ImageFolder's order: class folders sorted by name
+            files = _image_files(os.path.join(folder, "train", wnid))
+            paths += files
+            targets += [label[wnid]] * len(files)
+        return ImageFiles(paths, targets, classes)
+    annotations_path = os.path.join(folder, "val", "val_annotations.txt")
+    annotations = dict(line.split("\t")[:2] for line in _read_lines(annotations_path))
+    paths = _image_files(os.path.join(folder, "val", "images"))
+    unlabelled = [p for p in paths if annotations.get(os.path.basename(p)) not in label]
+    if unlabelled:
+        raise DataError(f"{annotations_path} gives no known class for {unlabelled[0]}")
+    return ImageFiles(paths, [label[annotations[os.path.basename(p)]] for p in paths], classes)
+
+
+IMAGENET_R_URL = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"
+IMAGENET_R_MD5 = "a61312130a589d0ca1a8fca1f2bd3337"  # Berkeley publishes none; this is the one other loaders check
+IMAGENET_R_CLASSES = (  # the names of its 200 ImageNet classes, in the order of their sorted WordNet ids
+    "goldfish", "great white shark", "hammerhead", "stingray", "hen", "ostrich", "goldfinch", "junco", "bald eagle",
+    "vulture", "newt", "axolotl", "tree frog", "iguana", "African chameleon", "cobra", "scorpion", "tarantula",
+    "centipede", "peacock", "lorikeet", "hummingbird", "toucan", "duck", "goose", "black swan", "koala", "jellyfish",
+    "snail", "lobster", "hermit crab", "flamingo", "american egret", "pelican", "king penguin", "grey whale",
+    "killer whale", "sea lion", "chihuahua", "shih tzu", "afghan hound", "basset hound", "beagle", "bloodhound",
+    "italian greyhound", "whippet", "weimaraner", "yorkshire terrier", "boston terrier", "scottish terrier",
+    "west highland white terrier", "golden retriever", "labrador retriever", "cocker spaniels", "collie",
+    "border collie", "rottweiler", "german shepherd dog", "boxer", "french bulldog", "saint bernard", "husky",
+    "dalmatian", "pug", "pomeranian", "chow chow", "pembroke welsh corgi", "toy poodle", "standard poodle",
+    "timber wolf", "hyena", "red fox", "tabby cat", "leopard", "snow leopard", "lion", "tiger", "cheetah",
+    "polar bear", "meerkat", "ladybug", "fly", "bee", "ant", "grasshopper", "cockroach", "mantis", "dragonfly",
+    "monarch butterfly", "starfish", "wood rabbit", "porcupine", "fox squirrel", "beaver", "guinea pig", "zebra",
+    "pig", "hippopotamus", "bison", "gazelle", "llama", "skunk", "badger", "orangutan", "gorilla", "chimpanzee",
+    "gibbon", "baboon", "panda", "eel", "clown fish", "puffer fish", "accordion", "ambulance", "assault rifle",
+    "backpack", "barn", "wheelbarrow", "basketball", "bathtub", "lighthouse", "beer glass", "binoculars",
+    "birdhouse", "bow tie", "broom", "bucket", "cauldron", "candle", "cannon", "canoe", "carousel", "castle",
+    "mobile phone", "cowboy hat", "electric guitar", "fire engine", "flute", "gasmask", "grand piano", "guillotine",
+    "hammer", "harmonica", "harp", "hatchet", "jeep", "joystick", "lab coat", "lawn mower", "lipstick", "mailbox",
+    "missile", "mitten", "parachute", "pickup truck", "pirate ship", "revolver", "rugby ball", "sandal", "saxophone",
+    "school bus", "schooner", "shield", "soccer ball", "space shuttle", "spider web", "steam locomotive", "scarf",
+    "submarine", "tank", "tennis ball", "tractor", "trombone", "vase", "violin", "military aircraft", "wine bottle",
+    "ice cream", "bagel", "pretzel", "cheeseburger", "hotdog", "cabbage", "broccoli", "cucumber", "bell pepper",
+    "mushroom", "Granny Smith", "strawberry", "lemon", "pineapple", "banana", "pomegranate", "pizza", "burrito",
+    "espresso", "volcano", "baseball player", "scuba diver", "acorn",
+)
+
+
+def _imagenet_r(root: str, train: bool, download: bool) -> Dataset:
+    """ImageNet-R: 200 class folders, split 80/20 by a generator seeded 0, the same split whatever the run seed."""
+    folder = _fetch(root, "imagenet-r", IMAGENET_R_URL, IMAGENET_R_MD5, download)
+    wnids = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    if len(wnids) != len(IMAGENET_R_CLASSES):
+        raise DataError(f"{folder} has {len(wnids)} class folders; ImageNet-R has {len(IMAGENET_R_CLASSES)}")
+    paths, labels = [], []
+    for k, wnid in enumerate(wnids):
+        files = _image_files(os.path.join(folder, wnid))
+        paths += files
+        labels += [k] * len(files)
+    order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(0))
+    n_train = int(len(paths) * 0.8)
+    keep = sorted((order[:n_train] if train else order[n_train:]).tolist())
+    return ImageFiles([paths[i] for i in keep], [labels[i] for i in keep], list(IMAGENET_R_CLASSES))
+
+
+def _imagefolder(root: str, train: bool, download: bool) -> Dataset:
+    """A user's own data: ROOT/train/<class>/* and ROOT/test/<class>/*, classes sorted by folder name."""
+    if not os.path.isdir(root):
+        raise DataError(f"dataset root {root} does not exist")
+    classes = {}
+    for split in ("train", "test"):
+        folder = os.path.join(root, split)
+        if not os.path.isdir(folder):
+            raise DataError(f"{folder} is missing; imagefolder expects ROOT/train/<class>/ and ROOT/test/<class>/")
+        classes[split] = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+        if not classes[split]:
+            raise DataError(f"{folder} has no class folders")
+    if classes["train"] != classes["test"]:
+        only_train = sorted(set(classes["train"]) - set(classes["test"]))
+        only_test = sorted(set(classes["test"]) - set(classes["train"]))
+        raise DataError(f"the class folders of {os.path.join(root, 'train')} and {os.path.join(root, 'test')} differ: "
+                        f"only in train {only_train}, only in test {only_test}")
+    paths, targets = [], []
+    for k, name in enumerate(classes["train"]):
+        class_folder = os.path.join(root, "train" if train else "test", name)
+        files = _image_files(class_folder)
+        if not files:
+            raise DataError(f"{class_folder} has no images (expected files ending in {', '.join(IMG_EXTENSIONS)})")
+        paths += files
+        targets += [k] * len(files)
+    return ImageFiles(paths, targets, [_readable(c) for c in classes["train"]])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. Batches
+
+POLICIES = {"cifar10": AutoAugmentPolicy.CIFAR10, "imagenet": AutoAugmentPolicy.IMAGENET}
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class StreamBatch(NamedTuple):
+    """One batch of the stream, with online_iter independently augmented copies of its images."""
+    task: int              # the task of every sample in the batch
+    images: torch.Tensor   # (online_iter, B, 3, H, W) uint8, each copy with its own AutoAugment draw per sample
+    labels: torch.Tensor   # (B,) int64
+    indices: torch.Tensor  # (B,) int64 dataset indices
+
+
+def stream_batches(dataset, tasks, batch_size=64, online_iter=3, policy="cifar10", workers=2, seed=1, size=None):
+    """The online stream as an iterable of StreamBatch: tasks in order, batches never cross a task boundary."""
+    for name, value in (("batch_size", batch_size), ("online_iter", online_iter)):
+        _check_int(name, value, minimum=1)
+    _check_int("workers", workers, minimum=0)
+    if size is not None:
+        _check_int("size", size, minimum=1)
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
+    stream = [(t, i) for t, task in enumerate(tasks) for i in task]
+    if any(not 0 <= i < len(dataset) for _, i in stream):
+        raise ValueError(f"tasks hold indices outside the dataset's 0..{len(dataset) - 1}")
+    batches, start = [], 0
+    for task in tasks:
+        batches += [list(range(start + b, start + min(b + batch_size, len(task))))
+                    for b in range(0, len(task), batch_size)]  # the last batch of a task may be short
+        start += len(task)
+    items = _AugmentedStream(dataset, stream, online_iter, POLICIES[policy], seed, size)
+    return DataLoader(items, batch_sampler=batches, num_workers=workers, collate_fn=_collate_stream,
+                      pin_memory=torch.cuda.is_available(),
+                      generator=torch.Generator())  # the loader draws a seed from it; the caller's RNG stays untouched
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    """A ValueError naming the argument unless it is an integer of at least `minimum`."""
+    if not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _fit(image: Image.Image, size) -> Image.Image:
+    """Shorter side resized to size (bicubic) and centre-cropped, so any image can be batched; None keeps it native."""
+    if size is None or image.size == (size, size):
+        return image
+    return TF.center_crop(TF.resize(image, size, InterpolationMode.BICUBIC), size)
+
+
+class _AugmentedStream(Dataset):
+    """Stream position -> (task, online_iter AutoAugmented copies (online_iter, 3, H, W) uint8, label, index)."""
+
+    def __init__(self, dataset, stream, online_iter, policy, seed, size):
+        self.dataset, self.stream, self.online_iter, self.seed, self.size = dataset, stream, online_iter, seed, size
+        self.autoaugment = AutoAugment(policy)
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def __getitem__(self, position: int):
+        task, index = self.stream[position]
+        image, label = self.dataset[index]
+        # released code: Resize(256) + RandomCrop(224) before augmenting; we fit to `size`, the random crop comes later
+        image = _fit(image, self.size)
+        copies = [TF.pil_to_tensor(self.augment(image, position, it)) for it in range(self.online_iter)]
+        return task, torch.stack(copies), label, index
+
+    def augment(self, image: Image.Image, position: int, iteration: int) -> Image.Image:
+        """AutoAugment drawn per sample (the released code draws one per batch), a function of seed, position, step."""
+        with torch.random.fork_rng(devices=[]):  # AutoAugment draws from the global RNG: fork it, leave it untouched
+            torch.default_generator.manual_seed(_seed_of(self.seed, position, iteration))
+            return self.autoaugment(image)
+
+
+def _same_size(images) -> None:
+    """A DataError unless all images have one size, which variable-size datasets get from `size`."""
+    sizes = sorted({tuple(image.shape[-2:]) for image in images})
+    if len(sizes) > 1:
+        raise DataError(f"images of different sizes {sizes[:3]} in one batch; pass size= to resize them in the workers")
+
+
+def _collate_stream(items) -> StreamBatch:
+    """Samples stacked into a StreamBatch; per-sample copies (online_iter, 3, H, W) -> (online_iter, B, 3, H, W)."""
+    tasks, copies, labels, indices = zip(*items)
+    assert len(set(tasks)) == 1, "a batch crossed a task boundary"
+    _same_size(copies)
+    return StreamBatch(tasks[0], torch.stack(copies, dim=1), torch.tensor(labels), torch.tensor(indices))
+
+
+def _normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float, CLIP-normalised."""
+    mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+def _check_images(images: torch.Tensor) -> None:
+    """A ValueError unless images is a uint8 batch (N, 3, H, W)."""
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        what = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a uint8 tensor (N, 3, H, W), got {what}")
+
+
+class BatchAugment:
+    """The training transform after AutoAugment, batched on the device: resize, padded random crop, flip, normalise."""
+
+    def __init__(self, n_px: int, seed: int, padding: int = 4):
+        self.n_px, self.seed, self.padding = n_px, seed, padding
+        self.generator = None  # made on the device of the first batch, seeded with the run seed
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> float (N, 3, n_px, n_px), with one random crop and flip per sample."""
+        _check_images(images)
+        if self.generator is None:
+            self.generator = torch.Generator(images.device).manual_seed(self.seed)
+        images = TF.resize(images, [self.n_px, self.n_px], InterpolationMode.BILINEAR, antialias=True)
+        return _normalise(self.crop_and_flip(images))
+
+    def crop_and_flip(self, images: torch.Tensor) -> torch.Tensor:
+        """A random crop of the zero-padded images (black border, as the released transform) and a random h-flip."""
+        n, c, h, w = images.shape
+        p, device = self.padding, images.device
+        padded = F.pad(images, (p, p, p, p))  # (N, 3, H+2p, W+2p)
+        top = torch.randint(0, 2 * p + 1, (n,), generator=self.generator, device=device)
+        left = torch.randint(0, 2 * p + 1, (n,), generator=self.generator, device=device)
+        flip = torch.rand(n, generator=self.generator, device=device) < 0.5
+        rows = top[:, None] + torch.arange(h, device=device)  # (N, H) rows of the padded image
+        cols = left[:, None] + torch.arange(w, device=device)  # (N, W)
+        cols = torch.where(flip[:, None], cols.flip(1), cols)  # reading columns backwards is the horizontal flip
+        sample = torch.arange(n, device=device).view(n, 1, 1, 1)
+        channel = torch.arange(c, device=device).view(1, c, 1, 1)
+        return padded[sample, channel, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]  # (N, 3, H, W)
+
+
+class _EvalItems(Dataset):
+    """Position k -> (uint8 (3, H, W) image of dataset[indices[k]], label)."""
+
+    def __init__(self, dataset, indices, size):
+        self.dataset, self.indices, self.size = dataset, indices, size
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int):
+        image, label = self.dataset[self.indices[k]]
+        return TF.pil_to_tensor(_fit(image, self.size)), label
+
+
+def _collate_eval(items):
+    """(uint8 images (B, 3, H, W), labels (B,))."""
+    images, labels = zip(*items)
+    _same_size(images)
+    return torch.stack(images), torch.tensor(labels)
+
+
+def eval_batches(dataset, indices, batch_size=512, workers=2, size=None):
+    """Test samples in index order as an iterable of (uint8 images (B, 3, H, W), labels (B,)), for `eval_transform`."""
+    _check_int("batch_size", batch_size, minimum=1)
+    _check_int("workers", workers, minimum=0)
+    if size is not None:
+        _check_int("size", size, minimum=1)
+    indices = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
+    return DataLoader(_EvalItems(dataset, indices, size), batch_size=batch_size, num_workers=workers,
+                      collate_fn=_collate_eval, pin_memory=torch.cuda.is_available(), generator=torch.Generator())
+
+
+def eval_transform(images: torch.Tensor, n_px: int) -> torch.Tensor:
+    """OpenAI CLIP's test preprocessing, batched: bicubic resize of the shorter side to n_px, centre crop, normalise."""
+    _check_images(images)
+    images = TF.resize(images, n_px, InterpolationMode.BICUBIC, antialias=True)  # on uint8: rounded and clamped, as PIL
+    return _normalise(TF.center_crop(images, n_px))
+
+
+def seen_test_indices(test_targets, seen_classes) -> torch.Tensor:
+    """The test indices whose labels are among the seen classes, in index order: the anytime-evaluation test set."""
+    targets = torch.as_tensor(test_targets, dtype=torch.long)
+    seen = torch.as_tensor(sorted(seen_classes), dtype=torch.long)
+    return torch.isin(targets, seen).nonzero().flatten()
