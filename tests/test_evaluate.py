@@ -327,8 +327,8 @@ def test_zero_shot_cli_writes_zero_shot_json(tmp_path, capsys):
     assert code == 0 and f"| imagefolder | {100 * saved['accuracy']['imagefolder']:.2f} |" in out
 
 
-@pytest.mark.parametrize("peft", ["lora", "adapter"])
-def test_load_peft_model_rebuilds_the_tuned_model(tmp_path, peft):
+def save_peft(tmp_path, peft):
+    """A tiny CLIP with LoRA/adapter weights moved off their zero start, saved as train_online.py saves peft.pt."""
     import adapter
     import lora
     checkpoint = tiny_checkpoint(tmp_path)
@@ -339,22 +339,50 @@ def test_load_peft_model_rebuilds_the_tuned_model(tmp_path, peft):
     else:
         peft_args = {"bottleneck": 8, "scale": 0.1, "dropout": 0.1}
         adapter.apply_adapter(model, encoder="both", **peft_args)
-    with torch.no_grad():  # move away from the zero-initialised start, so a lost weight would show
+    with torch.no_grad():  # so that a weight lost on the way would show
         for name, p in model.named_parameters():
             if peft in name:
                 p.normal_(std=0.1)
     state_dict = lora.lora_state_dict(model) if peft == "lora" else adapter.adapter_state_dict(model)
+    path = tmp_path / "run" / "peft.pt"
+    path.parent.mkdir()
     torch.save({"model": checkpoint, "peft": peft, "encoder": "both", "peft_args": peft_args,
                 "state_dict": state_dict, "prompt": "a photo of {}.", "dataset": "imagefolder",
-                "class_names": ["a", "b"]}, tmp_path / "peft.pt")
-    rebuilt, prompt = evaluate.load_peft_model(str(tmp_path / "peft.pt"))
+                "class_names": ["a", "b"]}, path)
+    return model.eval(), path
+
+
+@pytest.mark.parametrize("peft", ["lora", "adapter"])
+def test_load_peft_model_rebuilds_the_tuned_model(tmp_path, peft):
+    model, path = save_peft(tmp_path, peft)
+    rebuilt, _ = evaluate.load_peft_model(str(path))
     images = torch.randn(2, 3, 32, 32)
-    model.eval()
     with torch.no_grad():
-        assert prompt == "a photo of {}."
         torch.testing.assert_close(rebuilt.encode_image(images), model.encode_image(images))
         torch.testing.assert_close(clip_model.class_text_features(rebuilt, ["cat"]),
                                    clip_model.class_text_features(model, ["cat"]))
+
+
+def test_load_peft_model_returns_the_runs_prompt(tmp_path):
+    _, path = save_peft(tmp_path, "lora")
+    assert evaluate.load_peft_model(str(path))[1] == "a photo of {}."
+
+
+def test_zero_shot_cli_writes_zero_shot_json_next_to_the_weights(tmp_path, capsys):
+    _, path = save_peft(tmp_path, "lora")
+    root = image_folder(tmp_path / "images")
+    code, _, _ = run_cli(capsys, "zero-shot", "--peft-weights", path, "--datasets", "imagefolder",
+                         "--data-root", root, "--device", "cpu", "--workers", 0)
+    assert code == 0 and json.loads((path.parent / "zero_shot.json").read_text())["prompt"] == "a photo of {}."
+
+
+def test_peft_weights_that_do_not_fit_their_settings_are_one_clear_line(tmp_path, capsys):
+    _, path = save_peft(tmp_path, "lora")
+    saved = torch.load(path, weights_only=True)
+    saved["peft_args"]["r"] = 3  # the saved tensors have rank 2
+    torch.save(saved, path)
+    code, _, err = run_cli(capsys, "zero-shot", "--peft-weights", path, "--datasets", "imagefolder")
+    assert (code, len(err.splitlines())) == (1, 1) and str(path) in err
 
 
 @pytest.mark.parametrize("content", [None, b"not a torch file", "wrong dict"])
