@@ -58,7 +58,7 @@ def si_blurry_split(targets, num_classes, n_tasks=5, n=50, m=10, seed=1, stochas
         shares = _random_sizes(sum(map(len, blurry_indices)) * m // 100, n_tasks, g)
         if sum(shares) > 0:
             blurry_indices, pool = _pool(blurry_indices, shares, g)
-            blurred = _deal(pool, shares)  # quirk: a task with fewer than its share shortens the pool, starving later ones
+            blurred = _deal(pool, shares)  # quirk: a task short of its share shortens the pool, starving later tasks
         else:
             blurred = [[] for _ in range(n_tasks)]
     else:
@@ -240,7 +240,7 @@ def _readable(name: str) -> str:
 
 
 def _image_files(folder: str) -> list[str]:
-    """The image files under a folder in torchvision ImageFolder's order (sorted walk), so indices match its datasets."""
+    """The image files under a folder in torchvision ImageFolder's order (sorted walk), so indices match it."""
     if not os.path.isdir(folder):
         raise DataError(f"missing folder {folder}")
     return [os.path.join(directory, name)
