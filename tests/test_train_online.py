@@ -1,0 +1,222 @@
+"""The online trainer: the SIT property of the loss, end-to-end runs that write their results, clean errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import clip_model
+import train_online
+from train_online import symmetric_loss, text_gradient_parts
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = clip_model.CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
+                             vision_patch_size=8, transformer_width=64, transformer_heads=1, transformer_layers=2)
+
+
+# -----------------------------------------------------------------------------
+# the loss
+
+
+def features(seed=0, B=6, C=5, D=8):
+    g = torch.Generator().manual_seed(seed)
+    f = F.normalize(torch.randn(B, D, generator=g), dim=-1)
+    text = F.normalize(torch.randn(C, D, generator=g), dim=-1)
+    return f, text
+
+
+def text_gradient(visible_mode):
+    """dL/dg for the text features of 5 seen classes, with a batch holding classes 0, 2 and 3 only."""
+    f, text = features()
+    text.requires_grad_(True)
+    labels = torch.tensor([0, 2, 2, 3, 0, 3])
+    seen = torch.tensor([3, 0, 4, 2, 1])  # order of first appearance
+    visible = train_online.visible_classes(labels, seen, visible_mode)
+    symmetric_loss(f, text[visible], labels, visible, logit_scale=torch.tensor(100.0)).backward()
+    return text.grad
+
+
+def test_sit_gives_absent_seen_classes_exactly_zero_gradient():
+    grad = text_gradient("batch")
+    assert torch.all(grad[[1, 4]] == 0)  # seen classes 1 and 4 are absent from the batch
+    assert torch.all(grad[[0, 2, 3]].norm(dim=-1) > 0)
+
+
+def test_all_seen_classes_loss_pushes_absent_classes():
+    grad = text_gradient("all")
+    assert torch.all(grad[[1, 4]].norm(dim=-1) > 0)
+
+
+def test_loss_is_cross_entropy_over_visible_classes():
+    f, text = features()
+    labels = torch.tensor([4, 1, 1, 4, 4, 1])
+    visible = torch.tensor([1, 4])
+    logits = 100 * f @ text[visible].t()
+    expected = F.cross_entropy(logits, torch.tensor([1, 0, 0, 1, 1, 0]))
+    loss = symmetric_loss(f, text[visible], labels, visible, torch.tensor(100.0))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_gradient_parts_sum_to_the_autograd_gradient():
+    f, text = features()
+    labels = torch.tensor([0, 2, 2, 3, 0, 3])
+    visible = torch.tensor([3, 0, 4, 2, 1])
+    g = text[visible].clone().requires_grad_(True)
+    symmetric_loss(f, g, labels, visible, torch.tensor(100.0)).backward()
+    positive, negative = text_gradient_parts(f, g, labels, visible, torch.tensor(100.0))
+    torch.testing.assert_close(positive + negative, g.grad)
+    absent = ~torch.isin(visible, labels)
+    assert torch.all(positive[absent] == 0) and torch.all(negative[absent].norm(dim=-1) > 0)
+
+
+# -----------------------------------------------------------------------------
+# end-to-end runs on a generated image folder and a tiny checkpoint
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """ROOT/{train,test}/<class>/*.png for 4 classes, and a tiny random CLIP checkpoint in OpenAI's layout."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    colours = rng.integers(0, 256, (4, 3))
+    for split, n in (("train", 24), ("test", 5)):
+        for c, name in enumerate(["red_fox", "blue whale", "cat", "dog"]):
+            folder = root / "images" / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(colours[c] + rng.normal(0, 40, (24, 24, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    torch.manual_seed(0)
+    torch.save(clip_model.CLIP(TINY).state_dict(), root / "tiny.pt")
+    return root
+
+
+def run_args(data, out, *extra):
+    return ["--dataset", "imagefolder", "--data-root", str(data / "images"), "--model", str(data / "tiny.pt"),
+            "--n-tasks", "2", "--batch-size", "8", "--eval-period", "20", "--workers", "0", "--device", "cpu",
+            "--out", str(out), "--quiet", *extra]
+
+
+def read(out, name="results.json"):
+    with open(os.path.join(out, name)) as f:
+        return json.load(f)
+
+
+def test_end_to_end_run_writes_all_outputs(data, tmp_path):
+    assert train_online.main(run_args(data, tmp_path / "run")) == 0
+    results = read(tmp_path / "run")
+    assert results["status"] == "finished"
+    assert len(results["task_acc"]) == 2 and len(results["anytime"]) == 96 // 20
+    assert all(0 <= results[k] <= 1 for k in ("A_auc", "A_avg", "A_last"))
+    assert sorted(results["seen_classes"]) == [0, 1, 2, 3]
+    assert results["class_names"] == ["blue whale", "cat", "dog", "red fox"]
+    assert results["config"]["visible_classes"] == "batch"
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert [e["event"] for e in log].count("task_end") == 2
+    peft = torch.load(tmp_path / "run" / "peft.pt", weights_only=True)
+    assert peft["peft"] == "lora" and all("lora" in k for k in peft["state_dict"])
+
+
+def test_same_seed_gives_identical_metrics(data, tmp_path):
+    for name in ("a", "b"):
+        assert train_online.main(run_args(data, tmp_path / name, "--seed", "3")) == 0
+    a, b = read(tmp_path / "a"), read(tmp_path / "b")
+    assert a["anytime"] == b["anytime"] and a["class_acc"] == b["class_acc"]
+
+
+def test_feature_caches_do_not_change_the_numbers(data, tmp_path):
+    for encoder in ("image", "text"):  # the other tower is frozen, so its features are cached
+        runs = []
+        for cache in ("", "--no-cache"):
+            out = tmp_path / f"{encoder}{cache}"
+            assert train_online.main(run_args(data, out, "--encoder", encoder, *([cache] if cache else []))) == 0
+            runs.append(read(out))
+        assert runs[0]["anytime"] == runs[1]["anytime"] and runs[0]["class_acc"] == runs[1]["class_acc"]
+
+
+def test_zero_shot_baseline_encodes_each_test_image_once(data, tmp_path, monkeypatch):
+    encoded = []
+    original = train_online.TestImages.encode
+    monkeypatch.setattr(train_online.TestImages, "encode",
+                        lambda self, indices: encoded.extend(indices.tolist()) or original(self, indices))
+    assert train_online.main(run_args(data, tmp_path / "zs", "--peft", "none")) == 0
+    assert sorted(encoded) == list(range(20))
+    assert not os.path.exists(tmp_path / "zs" / "peft.pt")
+
+
+def test_interrupt_keeps_results_measured_so_far(data, tmp_path, monkeypatch):
+    original, calls = train_online.evaluate_seen, []
+
+    def interrupt_on_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(train_online, "evaluate_seen", interrupt_on_third)
+    assert train_online.main(run_args(data, tmp_path / "int")) == 130
+    results = read(tmp_path / "int")
+    assert results["status"] == "interrupted"
+    assert len(results["anytime"]) + len(results["task_acc"]) == 2
+    assert len(open(tmp_path / "int" / "log.jsonl").readlines()) == 2
+
+
+def test_non_finite_loss_stops_with_a_clear_message(data, tmp_path, monkeypatch, capsys):
+    original = train_online.symmetric_loss
+    monkeypatch.setattr(train_online, "symmetric_loss", lambda *a, **k: original(*a, **k) * float("nan"))
+    assert train_online.main(run_args(data, tmp_path / "nan")) == 1
+    assert "non-finite" in capsys.readouterr().err
+    assert read(tmp_path / "nan")["status"] == "failed"
+
+
+def test_grad_analysis_records_only_batch_classes_under_sit(data, tmp_path):
+    for mode in ("batch", "all"):
+        out = tmp_path / mode
+        assert train_online.main(run_args(data, out, "--grad-analysis", "--visible-classes", mode)) == 0
+        records = [json.loads(line) for line in open(out / "grad.jsonl")]
+        assert len(records) == 3 * 12  # online_iter steps on each of the 12 batches
+        absent = [(p, n) for r in records for p, n, b in zip(r["pos"], r["neg"], r["in_batch"]) if not b]
+        if mode == "batch":
+            assert absent == []
+        else:
+            assert absent and all(p == 0 and n > 0 for p, n in absent)
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "train_online.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("case", ["unknown dataset", "missing checkpoint", "corrupt checkpoint", "n > 100",
+                                  "m < 0", "zero tasks", "empty data root", "cuda without gpu"])
+def test_bad_input_exits_cleanly(data, tmp_path, case):
+    args = run_args(data, tmp_path / "bad")
+    (tmp_path / "bad.pt").write_bytes(os.urandom(1000))
+    (tmp_path / "empty").mkdir()
+    edits = {"unknown dataset": ("--dataset", "mnist"), "missing checkpoint": ("--model", str(tmp_path / "no.pt")),
+             "corrupt checkpoint": ("--model", str(tmp_path / "bad.pt")), "n > 100": ("--n", "150"),
+             "m < 0": ("--m", "-1"),
+             "zero tasks": ("--n-tasks", "0"), "empty data root": ("--data-root", str(tmp_path / "empty")),
+             "cuda without gpu": ("--device", "cuda")}
+    if case == "cuda without gpu" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    flag, value = edits[case]
+    args = args + [flag, value]  # argparse keeps the last value given
+    result = cli(*args)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(("error:", "usage:", "train_online.py: error:"))
+    assert not os.path.exists(tmp_path / "bad")  # nothing started
+
+
+def test_smoke_run_finishes(tmp_path):
+    result = cli("--smoke", "--workers", "0", "--device", "cpu", "--quiet", "--out", str(tmp_path / "smoke"))
+    assert result.returncode == 0, result.stderr
+    assert "meaningless" in result.stdout
+    assert read(tmp_path / "smoke")["status"] == "finished"

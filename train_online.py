@@ -1,0 +1,540 @@
+"""
+Online lifelong tuning of CLIP with Symmetric Image-Text (SIT) tuning, on a Si-Blurry stream.
+
+    python train_online.py --dataset cifar100                 # SIT-LoRA on both towers, released defaults
+    python train_online.py --dataset cifar100 --visible-classes all   # the asymmetric baseline
+    python train_online.py --smoke                            # tiny random CLIP, synthetic stream, < 1 min on CPU
+
+One plain loop, top to bottom: the loss (symmetric_loss), the feature caches that frozen towers allow,
+the anytime / task-end evaluation, the results that are written as they are measured, and `train`.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import adapter
+import clip_model
+import evaluate
+import lora
+import stream
+
+# -----------------------------------------------------------------------------
+# the loss
+
+
+def visible_classes(labels, seen, mode):
+    """The classes the softmax runs over: SIT's C_B (distinct labels in the batch) or every seen class."""
+    if mode == "batch":
+        return torch.unique(labels)  # sorted
+    return seen
+
+
+def symmetric_loss(image_features, text_features, labels, visible, logit_scale, double_softmax=False):
+    """L = mean_i CE(s * <f_i, g_c> over c in `visible`, y_i); SIT when `visible` = C_B (PAPER.md, the loss).
+
+    image_features (B, D) and text_features (len(visible), D) are L2-normalised; row j of text_features
+    belongs to class visible[j]; every label must be in `visible`.
+    """
+    logits = logit_scale * image_features @ text_features.t()  # (B, V)
+    targets = torch.searchsorted(visible, labels) if is_sorted(visible) else position_in(visible, labels)
+    if double_softmax:  # the released code's quirk: its model returns probabilities and CE softmaxes again
+        logits = logits.softmax(dim=-1)
+    return F.cross_entropy(logits.float(), targets)
+
+
+def is_sorted(classes):
+    return bool((classes[1:] > classes[:-1]).all()) if len(classes) > 1 else True
+
+
+def position_in(classes, labels):
+    """Index of each label within `classes` (an arbitrary order, e.g. the order classes were seen)."""
+    lookup = torch.full((int(classes.max()) + 1,), -1, dtype=torch.long, device=classes.device)
+    lookup[classes] = torch.arange(len(classes), device=classes.device)
+    return lookup[labels]
+
+
+def text_gradient_parts(image_features, text_features, labels, visible, logit_scale):
+    """The positive and negative parts of dL/dg_c, each (V, D), for the visible classes (PAPER.md, gradient view).
+
+    dL/dg_c = (s/|B|) sum_i (p_ic - [y_i = c]) f_i: the positive part sums over the samples of class c, the
+    negative part over all other samples. Closed form for the cross-entropy on logits.
+    """
+    f = image_features.detach().float()
+    p = (logit_scale * f @ text_features.detach().float().t()).softmax(dim=-1)  # (B, V)
+    y = (labels[:, None] == visible[None, :]).float()  # (B, V) one-hot over the visible classes
+    scale = float(logit_scale) / len(labels)
+    return scale * (y * (p - 1)).t() @ f, scale * ((1 - y) * p).t() @ f
+
+
+# -----------------------------------------------------------------------------
+# features, with the caches that frozen towers allow
+
+
+class TextFeatures:
+    """Normalised text features g_c by class id; computed once per class when the text tower is frozen."""
+
+    def __init__(self, model, class_names, prompt, trainable, cache=True):
+        self.model = model
+        self.trainable = trainable
+        self.use_cache = cache and not trainable
+        device = model.positional_embedding.device
+        self.tokens = clip_model.tokenize([prompt.format(name) for name in class_names],
+                                          context_length=model.config.context_length).to(device)
+        self.cache = torch.zeros(len(class_names), model.config.embed_dim, device=device)
+        self.cached = torch.zeros(len(class_names), dtype=torch.bool, device=device)
+
+    def __call__(self, classes):
+        """(len(classes), D) features; with grad when the text tower trains."""
+        if not self.use_cache:
+            with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+                return F.normalize(self.model.encode_text(self.tokens[classes]), dim=-1)
+        missing = classes[~self.cached[classes]]
+        if len(missing):  # a class seen for the first time: encode it once, for training and evaluation alike
+            with torch.no_grad():
+                self.cache[missing] = F.normalize(self.model.encode_text(self.tokens[missing]), dim=-1).float()
+            self.cached[missing] = True
+        return self.cache[classes]
+
+
+class TestImages:
+    """The test split as one uint8 tensor on the device, and its image features (cached if the tower is frozen)."""
+
+    def __init__(self, model, dataset, size, trainable, batch_size, workers, device, cache=True):
+        self.model = model
+        self.use_cache = cache and not trainable
+        self.batch_size = batch_size
+        self.n_px = model.visual.input_resolution
+        batches = list(stream.eval_batches(dataset, range(len(dataset)), batch_size, workers, size=size))
+        self.images = torch.cat([images for images, _ in batches]).to(device)  # (N, 3, H, W) uint8
+        self.labels = torch.cat([labels for _, labels in batches]).to(device)
+        self.cache = torch.zeros(len(self.labels), model.config.embed_dim, device=device)
+        self.cached = torch.zeros(len(self.labels), dtype=torch.bool, device=device)
+
+    @torch.inference_mode()
+    def encode(self, indices):
+        return torch.cat([F.normalize(self.model.encode_image(
+            stream.eval_transform(self.images[chunk], self.n_px)), dim=-1).float()
+            for chunk in indices.split(self.batch_size)])
+
+    def features(self, indices):
+        """(len(indices), D) normalised image features of these test samples."""
+        if not self.use_cache:
+            return self.encode(indices)
+        missing = indices[~self.cached[indices]]
+        if len(missing):  # the frozen image tower encodes each test image once in the whole run
+            self.cache[missing] = self.encode(missing)
+            self.cached[missing] = True
+        return self.cache[indices]
+
+
+def evaluate_seen(test, text_features, seen, num_classes, amp):
+    """Top-1 accuracy on the test images of the seen classes, predicting among the seen classes only."""
+    indices = torch.nonzero(torch.isin(test.labels, seen)).squeeze(1)
+    with torch.inference_mode(), amp():
+        g_seen = text_features(seen).float()
+        g = g_seen.new_zeros(num_classes, g_seen.shape[1])  # rows indexed by class id; unseen rows never win
+        g[seen] = g_seen
+        f = test.features(indices)
+    return evaluate.top1_on_seen(f, test.labels[indices], g, seen.tolist())
+
+
+# -----------------------------------------------------------------------------
+# results that survive: written atomically as they are measured
+
+
+class Results:
+    """results.json (rewritten after every evaluation) and log.jsonl (appended as it happens)."""
+
+    def __init__(self, out, config, class_names, split):
+        os.makedirs(out, exist_ok=True)
+        self.out = out
+        self.data = {"config": config, "status": "running", "class_names": list(class_names),
+                     "seen_classes": [], "disjoint_classes": split["disjoint"], "blurry_classes": split["blurry"],
+                     "anytime": [], "task_end_samples": [], "task_acc": [], "class_acc": [],
+                     "A_auc": None, "A_avg": None, "A_last": None, "F_last": None}
+        open(os.path.join(out, "log.jsonl"), "w").close()
+        self.write()
+
+    def log(self, record):
+        with open(os.path.join(self.out, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def anytime(self, samples, acc, seen):
+        self.data["anytime"].append({"samples": samples, "acc": acc})
+        self.log({"event": "anytime", "samples": samples, "acc": acc, "n_seen": len(seen)})
+        self.write(seen)
+
+    def task_end(self, task, samples, acc, per_class, seen):
+        row = [per_class.get(c) for c in range(len(self.data["class_names"]))]
+        self.data["task_end_samples"].append(samples)
+        self.data["task_acc"].append(acc)
+        self.data["class_acc"].append(row)
+        self.log({"event": "task_end", "task": task, "samples": samples, "acc": acc, "n_seen": len(seen),
+                  "class_acc": {str(c): a for c, a in per_class.items()}})
+        self.write(seen)
+
+    def write(self, seen=None, status=None):
+        d = self.data
+        if seen is not None:
+            d["seen_classes"] = list(seen)
+        if status is not None:
+            d["status"] = status
+        d.update(evaluate.lifelong_metrics([a["acc"] for a in d["anytime"]], d["task_acc"], d["class_acc"]))
+        evaluate.write_json(os.path.join(self.out, "results.json"), d)
+
+
+def save_peft(path, model, args, prompt, class_names):
+    """OUT/peft.pt: the trained LoRA/adapter tensors and everything needed to rebuild the tuned model."""
+    state_dict = lora.lora_state_dict(model) if args.peft == "lora" else adapter.adapter_state_dict(model)
+    peft_args = peft_arguments(args)
+    tmp = path + ".tmp"
+    torch.save({"model": args.model, "peft": args.peft, "encoder": args.encoder, "peft_args": peft_args,
+                "state_dict": {k: v.cpu() for k, v in state_dict.items()}, "prompt": prompt,
+                "dataset": args.dataset, "class_names": list(class_names)}, tmp)
+    os.replace(tmp, path)
+
+
+def peft_arguments(args):
+    if args.peft == "lora":
+        return {"r": args.lora_r, "alpha": args.lora_alpha}
+    return {"bottleneck": args.adapter_bottleneck, "scale": args.adapter_scale, "dropout": args.adapter_dropout}
+
+
+# -----------------------------------------------------------------------------
+# replay memory (optional; SIT itself uses none)
+
+
+class ReservoirMemory:
+    """Reservoir sampling over the stream, as the released code's optional replay memory."""
+
+    def __init__(self, size, seed):
+        self.size = size
+        self.indices = []
+        self.n_streamed = 0
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def add(self, indices):
+        for index in indices:
+            self.n_streamed += 1
+            if len(self.indices) < self.size:
+                self.indices.append(index)
+            else:
+                j = int(torch.randint(self.n_streamed, (1,), generator=self.generator))
+                if j < self.size:
+                    self.indices[j] = index
+
+    def sample(self, k):
+        picks = torch.randperm(len(self.indices), generator=self.generator)[:k]
+        return [self.indices[i] for i in picks.tolist()]
+
+
+# -----------------------------------------------------------------------------
+# the online loop
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def make_optimizer(model, args):
+    """AdamW over the PEFT parameters, re-created at every task start as in the released code."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def apply_peft(model, args):
+    """LoRA or adapters on the chosen tower(s); everything else frozen. --peft none: nothing trains."""
+    if args.peft == "lora":
+        lora.apply_lora(model, encoder=args.encoder, r=args.lora_r, alpha=args.lora_alpha)
+    elif args.peft == "adapter":
+        adapter.apply_adapter(model, encoder=args.encoder, bottleneck=args.adapter_bottleneck,
+                              scale=args.adapter_scale, dropout=args.adapter_dropout)
+    else:
+        model.requires_grad_(False)
+    return model
+
+
+def train(args, model, train_set, test_set, split, results, device):
+    """The online protocol: each batch is seen once, new classes become seen (and trainable) on arrival,
+    `online_iter` steps per batch with fresh augmentation, anytime and task-end evaluation."""
+    num_classes = len(train_set.classes)
+    tunes_text = args.peft != "none" and args.encoder in ("text", "both")
+    tunes_image = args.peft != "none" and args.encoder in ("image", "both")
+    n_px = model.visual.input_resolution
+    amp = autocast_context(device, args.precision)
+    text_features = TextFeatures(model, train_set.classes, args.prompt, tunes_text, cache=not args.no_cache)
+    test = TestImages(model, test_set, args.image_size, tunes_image, args.eval_batch_size, args.workers, device,
+                      cache=not args.no_cache)
+    augment = stream.BatchAugment(n_px, seed=args.seed)
+    memory = ReservoirMemory(args.memory_size, args.seed) if args.memory_size > 0 else None
+    logit_scale = model.logit_scale.exp().detach()
+    policy = "cifar10" if args.dataset in ("cifar100", "smoke") else "imagenet"
+    batches = stream.stream_batches(train_set, split.tasks, args.batch_size, args.online_iter, policy,
+                                    args.workers, args.seed, size=args.image_size)
+
+    seen = torch.zeros(0, dtype=torch.long, device=device)  # class ids in order of first appearance
+    is_seen = torch.zeros(num_classes, dtype=torch.bool)
+    samples, next_eval, step, task = 0, args.eval_period, 0, -1
+    optimizer = None
+    running_loss = torch.zeros((), device=device)
+    grad_log = open(os.path.join(args.out, "grad.jsonl"), "w") if args.grad_analysis else None
+    bar = tqdm(total=sum(map(len, split.tasks)), unit="img", dynamic_ncols=True, disable=args.quiet)
+    last_acc = None
+
+    task_ends = torch.tensor([len(t) for t in split.tasks]).cumsum(0).tolist()
+    n_task_ends, n_batches = 0, 0
+    for batch in batches:
+        if batch.task != task:  # a new task: the released code re-creates the optimizer here
+            task = batch.task
+            if args.peft != "none":
+                optimizer = make_optimizer(model, args)
+        labels = batch.labels.to(device, non_blocking=True)
+        new = [c for c in dict.fromkeys(batch.labels.tolist()) if not is_seen[c]]
+        if new:  # a class becomes seen on first arrival and is trainable in that same batch
+            is_seen[new] = True
+            seen = torch.cat([seen, torch.tensor(new, device=device)])
+        if memory is not None:
+            memory.add(batch.indices.tolist())
+
+        if args.peft != "none":
+            model.train()
+            for it in range(args.online_iter):
+                images, y = batch.images[it].to(device, non_blocking=True), labels
+                if memory is not None and len(memory.indices) > 0:
+                    images, y = with_memory_batch(images, y, memory, train_set, policy, args, step, device)
+                visible = visible_classes(y, seen, "all" if memory is not None else args.visible_classes)
+                with amp():
+                    x = augment(images)
+                    with torch.set_grad_enabled(tunes_image):
+                        f = F.normalize(model.encode_image(x), dim=-1)
+                    g = text_features(visible)
+                    loss = symmetric_loss(f, g, y, visible, logit_scale, args.double_softmax)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if grad_log is not None:
+                    log_gradient_parts(grad_log, f, g, y, visible, logit_scale, step, samples, task)
+                # a running mean on the device: no host sync per step, and a NaN in it stays there
+                running_loss = loss.detach() if step == 0 else 0.9 * running_loss + 0.1 * loss.detach()
+                step += 1
+            model.eval()
+        samples += len(labels)
+        n_batches += 1
+        bar.update(len(labels))
+
+        if samples > next_eval:  # anytime evaluation, as released: when the counter passes the next point
+            next_eval += args.eval_period
+            check_finite(running_loss, samples)
+            last_acc, _ = evaluate_seen(test, text_features, seen, num_classes, amp)
+            results.anytime(samples, last_acc, seen.tolist())
+        while n_task_ends < len(task_ends) and task_ends[n_task_ends] <= samples:  # (empty tasks end together)
+            check_finite(running_loss, samples)
+            last_acc, per_class = evaluate_seen(test, text_features, seen, num_classes, amp)
+            results.task_end(n_task_ends, samples, last_acc, per_class, seen.tolist())
+            n_task_ends += 1
+            if args.peft != "none":
+                save_peft(os.path.join(args.out, "peft.pt"), model, args, args.prompt, train_set.classes)
+        if n_batches % args.log_every == 0:
+            check_finite(running_loss, samples)
+            bar.set_postfix(loss=f"{running_loss.item():.3f}", seen=len(seen),
+                            acc="-" if last_acc is None else f"{last_acc:.3f}", refresh=False)
+    bar.close()
+    if grad_log is not None:
+        grad_log.close()
+    return model
+
+
+def with_memory_batch(images, labels, memory, train_set, policy, args, step, device):
+    """Stream batch + a memory batch of half its size, freshly augmented (the released replay)."""
+    picks = memory.sample(max(1, args.batch_size // 2))
+    (mem,) = stream.stream_batches(train_set, [picks], len(picks), 1, policy, workers=0,
+                                   seed=args.seed * 1_000_003 + step, size=args.image_size)
+    images = torch.cat([images, mem.images[0].to(device)])
+    return images, torch.cat([labels, mem.labels.to(device)])
+
+
+def log_gradient_parts(log, f, g, labels, visible, logit_scale, step, samples, task):
+    """One line of OUT/grad.jsonl: per visible class, the positive and negative gradient on its text feature."""
+    positive, negative = text_gradient_parts(f, g, labels, visible, logit_scale)
+    in_batch = torch.isin(visible, labels)
+    log.write(json.dumps({"step": step, "samples": samples, "task": task, "classes": visible.tolist(),
+                          "in_batch": in_batch.tolist(), "pos": positive.norm(dim=-1).tolist(),
+                          "neg": negative.norm(dim=-1).tolist()}) + "\n")
+
+
+def check_finite(running_loss, samples):
+    if not torch.isfinite(running_loss):
+        raise NonFiniteLoss(f"the loss became non-finite (NaN or inf) before sample {samples}; "
+                            "try a lower --lr or --precision fp32")
+
+
+def autocast_context(device, precision):
+    """bf16 autocast on CUDA by default (--precision auto), plain fp32 elsewhere."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+# -----------------------------------------------------------------------------
+# command line: everything is checked before any work starts
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="cifar100", choices=stream.DATASETS)
+    p.add_argument("--data-root", default="data", help="where datasets are (or get downloaded)")
+    p.add_argument("--model", default="ViT-B/16", help=f"one of {clip_model.available_models()} or a checkpoint path")
+    p.add_argument("--peft", default="lora", choices=("lora", "adapter", "none"), help="none = zero-shot CLIP")
+    p.add_argument("--encoder", default="both", choices=("image", "text", "both"), help="tower(s) to tune")
+    p.add_argument("--visible-classes", default="batch", choices=("batch", "all"),
+                   help="softmax over the classes in the batch (SIT) or over all seen classes")
+    p.add_argument("--scenario", default="si-blurry", choices=tuple(stream.SCENARIOS))
+    p.add_argument("--n-tasks", type=int, default=5)
+    p.add_argument("--n", type=int, default=None, help="%% of classes that are disjoint (overrides --scenario)")
+    p.add_argument("--m", type=int, default=None, help="%% of blurry samples that are blurred (overrides --scenario)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--online-iter", type=int, default=3, help="gradient steps per incoming batch")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--weight-decay", type=float, default=1e-5)
+    p.add_argument("--eval-period", type=int, default=1000, help="anytime evaluation every this many samples")
+    p.add_argument("--eval-batch-size", type=int, default=256)
+    p.add_argument("--memory-size", type=int, default=0, help="reservoir replay memory (0 = none, as SIT)")
+    p.add_argument("--prompt", default=clip_model.PROMPT)
+    p.add_argument("--lora-r", type=int, default=4)
+    p.add_argument("--lora-alpha", type=float, default=1.0)
+    p.add_argument("--adapter-bottleneck", type=int, default=64)
+    p.add_argument("--adapter-scale", type=float, default=0.1)
+    p.add_argument("--adapter-dropout", type=float, default=0.1)
+    p.add_argument("--no-cache", action="store_true",
+                   help="recompute frozen-tower features every time (the released recipe; same numbers, slower)")
+    p.add_argument("--double-softmax", action="store_true", help="the released code's loss on probabilities")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto = bf16 on CUDA")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
+    p.add_argument("--out", default=None, help="output folder (default: a readable name under runs/)")
+    p.add_argument("--log-every", type=int, default=10, help="batches between progress-bar updates")
+    p.add_argument("--grad-analysis", action="store_true", help="record the text-feature gradients (Figure 2)")
+    p.add_argument("--zero-shot-eval", action="store_true", help="zero-shot transfer after training")
+    p.add_argument("--smoke", action="store_true", help="tiny random CLIP + synthetic stream: checks an install")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    scenario = stream.SCENARIOS[args.scenario]
+    args.n = scenario["n"] if args.n is None else args.n
+    args.m = scenario["m"] if args.m is None else args.m
+    args.stochastic = scenario["stochastic"]
+    return args
+
+
+def check_args(args):
+    """User errors that argparse cannot see, named before any work starts."""
+    for name in ("n", "m"):
+        if not 0 <= getattr(args, name) <= 100:
+            raise ValueError(f"--{name} must be a percentage in 0..100, got {getattr(args, name)}")
+    for name in ("n_tasks", "batch_size", "online_iter", "eval_period", "eval_batch_size", "log_every", "lora_r"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("memory_size", "workers"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but no CUDA GPU is available (use --device cpu)")
+
+
+def default_out(args):
+    name = f"{args.dataset}-{args.scenario}-{args.peft}"
+    if args.peft != "none":
+        name += f"-{args.encoder}-{args.visible_classes}"
+    base = os.path.join("runs", f"{name}-seed{args.seed}")
+    out, k = base, 1
+    while os.path.exists(out):  # never overwrite an earlier run's results
+        k += 1
+        out = f"{base}-{k}"
+    return out
+
+
+def smoke_setup(args):
+    """--smoke: a tiny random CLIP in OpenAI's layout and a small synthetic stream (accuracies are meaningless)."""
+    torch.manual_seed(0)
+    config = clip_model.CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
+                                   vision_patch_size=8, transformer_width=64, transformer_heads=1,
+                                   transformer_layers=2)
+    model = clip_model.CLIP(config).eval()
+    train_set = stream.SyntheticDataset(num_classes=10, per_class=30, image_size=32, seed=0, train=True)
+    test_set = stream.SyntheticDataset(num_classes=10, per_class=10, image_size=32, seed=0, train=False)
+    args.model, args.dataset = "smoke (tiny random CLIP)", "smoke"
+    args.batch_size, args.eval_period, args.n_tasks = 16, 60, min(args.n_tasks, 3)
+    return model, train_set, test_set
+
+
+def setup(args):
+    """Model, data and stream, or a clear error before any training starts."""
+    check_args(args)
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    if args.smoke:
+        model, train_set, test_set = smoke_setup(args)
+    else:
+        model = clip_model.load(args.model)
+        train_set = stream.load_dataset(args.dataset, args.data_root, train=True)
+        test_set = stream.load_dataset(args.dataset, args.data_root, train=False)
+    if list(train_set.classes) != list(test_set.classes):
+        raise stream.DataError(f"{args.data_root}: train and test splits have different classes")
+    fixed_size = args.dataset in ("cifar100", "tinyimagenet", "smoke")
+    args.image_size = None if fixed_size else model.visual.input_resolution  # variable-size images get fitted
+    split = stream.si_blurry_split(train_set.targets, len(train_set.classes), args.n_tasks, args.n, args.m,
+                                   args.seed, args.stochastic)
+    torch.manual_seed(args.seed)  # LoRA's random A (and adapter dropout) follow the run seed
+    model = apply_peft(model, args).to(device)
+    args.out = args.out or default_out(args)
+    return model, train_set, test_set, split, device
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        model, train_set, test_set, split, device = setup(args)
+    except (clip_model.CheckpointError, stream.DataError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(stream.describe_stream(split, train_set.targets, train_set.classes))
+    if args.smoke:
+        print("--smoke: a tiny random CLIP on synthetic images; its accuracies are meaningless.")
+    config = {k: v for k, v in vars(args).items()}
+    results = Results(args.out, config, train_set.classes,
+                      {"disjoint": split.disjoint_classes, "blurry": split.blurry_classes})
+    print(f"writing results to {args.out}")
+    start = time.time()
+    try:
+        train(args, model, train_set, test_set, split, results, device)
+    except KeyboardInterrupt:
+        results.write(status="interrupted")
+        print(f"\ninterrupted: results so far are in {args.out}", file=sys.stderr)
+        return 130
+    except NonFiniteLoss as e:
+        results.write(status="failed")
+        print(f"error: {e}; results so far are in {args.out}", file=sys.stderr)
+        return 1
+    except BaseException:
+        results.write(status="failed")
+        raise
+    results.data["config"]["wall_time_s"] = round(time.time() - start, 1)
+    if args.zero_shot_eval:
+        accs = evaluate.zero_shot_transfer(model, evaluate.ZERO_SHOT_DATASETS, args.data_root, args.prompt,
+                                           device, workers=args.workers)
+        evaluate.write_zero_shot(args.out, accs, args.model, args.prompt)
+        print(evaluate.zero_shot_markdown(accs))
+    results.write(status="finished")
+    d = results.data
+    print(" ".join(f"{k} {100 * d[k]:.2f}" if d[k] is not None else f"{k} -" for k in evaluate.METRICS))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
