@@ -1,0 +1,213 @@
+"""
+LoRA (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models") for the towers of clip_model.CLIP.
+
+A frozen linear map y = W x + b is tuned as
+
+    y = W x + b + (alpha / r) * B A x,    A: (r, in) random,  B: (out, r) zero,
+
+so only A and B train, and at initialisation B A = 0: the tuned model starts exactly at zero-shot CLIP.
+`apply_lora` puts this on the q, k, v rows of each block's fused attention input projection (`in_proj_weight`),
+on its output projection (`out_proj`), and optionally on the MLP, in the image tower, the text tower or both.
+Every original parameter keeps its object and its OpenAI state-dict name; the new ones are named `*lora_A`,
+`*lora_B`. `merge_lora` folds B A into W for inference, explicitly (no merging on `.eval()`, unlike loralib).
+
+Contents, top to bottom: LoRALinear (out_proj, MLP), LoRAAttention (q/k/v of in_proj), apply_lora, merge_lora,
+lora_state_dict / load_lora_state_dict, count_trainable.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import clip_model
+
+ENCODERS = ("image", "text", "both")
+TARGETS = ("q", "k", "v", "out")
+
+# -----------------------------------------------------------------------------
+# LoRA modules
+
+
+def init_lora_(A, B):
+    """A as loralib (kaiming-uniform, nn.Linear's default), B = 0, so that B A = 0 at the start."""
+    # The released code draws both matrices of the q/k/v update at random (xavier), so its tuned model does not
+    # start at zero-shot CLIP; we keep B = 0 everywhere so that step 0 is zero-shot CLIP exactly.
+    nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+    nn.init.zeros_(B)
+
+
+class LoRALinear(nn.Linear):
+    """A frozen nn.Linear plus a trainable low-rank path: y = W x + b + (alpha/r) B A dropout(x)."""
+
+    def __init__(self, linear: nn.Linear, r, alpha, dropout=0.0):
+        nn.Module.__init__(self)  # adopt linear's weight and bias (same objects, same names) instead of new ones
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.lora_A = nn.Parameter(self.weight.new_empty(r, self.in_features))
+        self.lora_B = nn.Parameter(self.weight.new_empty(self.out_features, r))
+        init_lora_(self.lora_A, self.lora_B)
+        self.scaling = alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return y
+        # Two thin matmuls, x -> A x -> B A x: the (out, in) matrix B A is never built during training, and the
+        # scaling multiplies the r-wide A x, not the full-width output.
+        return y + F.linear(self.scaling * F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
+
+    @torch.no_grad()
+    def merge(self):
+        """W <- W + (alpha/r) B A, then switch the low-rank path off."""
+        if not self.merged:
+            self.weight += (self.lora_B @ self.lora_A * self.scaling).to(self.weight.dtype)
+            self.merged = True
+
+
+class LoRAAttention(clip_model.Attention):
+    """clip_model.Attention whose fused projection gets a low-rank update on its q, k and/or v rows."""
+
+    def __init__(self, attn: clip_model.Attention, slots, r, alpha, dropout=0.0):
+        nn.Module.__init__(self)  # adopt attn's parameters and out_proj (same objects, same names)
+        self.heads = attn.heads
+        self.in_proj_weight, self.in_proj_bias, self.out_proj = attn.in_proj_weight, attn.in_proj_bias, attn.out_proj
+        width = self.in_proj_weight.shape[1]
+        # As in the released code: ONE rank-r update of the fused projection, i.e. q, k and v share A and each
+        # targeted slot has its own rows of B (4 r width parameters for q, k, v, not 3 x 2 r width).
+        self.lora_A = nn.Parameter(self.in_proj_weight.new_empty(r, width))
+        self.lora_B = nn.Parameter(self.in_proj_weight.new_empty(len(slots) * width, r))  # targeted slots stacked
+        init_lora_(self.lora_A, self.lora_B)
+        self.register_buffer("lora_slots", torch.tensor(slots, device=self.lora_A.device), persistent=False)
+        self.scaling = alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    def in_proj(self, x):
+        """[q, k, v] = W_qkv x + b_qkv, plus (alpha/r) B A x on the targeted slots."""
+        qkv = super().in_proj(x)  # (B, T, 3*width)
+        if self.merged:
+            return qkv
+        delta = F.linear(self.scaling * F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)  # (B, T, n*width)
+        delta = delta.unflatten(-1, (len(self.lora_slots), -1))  # (B, T, n, width)
+        # Add slot i of delta to slot lora_slots[i] (0 = q, 1 = k, 2 = v) of qkv.
+        qkv = qkv.unflatten(-1, (3, -1)).index_add(-2, self.lora_slots, delta)  # (B, T, 3, width)
+        return qkv.flatten(-2)
+
+    @torch.no_grad()
+    def merge(self):
+        """W_qkv[slot] <- W_qkv[slot] + (alpha/r) B[slot] A for each targeted slot, then switch the path off."""
+        if not self.merged:
+            width = self.in_proj_weight.shape[1]
+            delta = (self.lora_B @ self.lora_A * self.scaling).to(self.in_proj_weight.dtype)  # (n*width, width)
+            self.in_proj_weight.view(3, width, width).index_add_(0, self.lora_slots, delta.view(-1, width, width))
+            self.merged = True
+
+
+# -----------------------------------------------------------------------------
+# applying, merging, saving
+
+
+def towers(model, encoder):
+    """The transformer of the image tower, of the text tower, or both."""
+    return {"image": [model.visual.transformer], "text": [model.transformer],
+            "both": [model.visual.transformer, model.transformer]}[encoder]
+
+
+def lora_modules(model):
+    """Every LoRA module in the model."""
+    return [m for m in model.modules() if isinstance(m, (LoRALinear, LoRAAttention))]
+
+
+def check_lora_args(model, encoder, r, alpha, targets, dropout, mlp):
+    """Raise a ValueError (TypeError for a wrong model) naming the first bad argument."""
+    if not isinstance(model, clip_model.CLIP):
+        raise TypeError(f"model is a {type(model).__name__}; expected a clip_model.CLIP")
+    if encoder not in ENCODERS:
+        raise ValueError(f"encoder={encoder!r}; expected one of {ENCODERS}")
+    if isinstance(targets, str):
+        raise ValueError(f"targets={targets!r}; expected a tuple of names from {TARGETS}, e.g. ('q', 'v')")
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise ValueError(f"targets: unknown {unknown}; expected names from {TARGETS}")
+    if not targets and not mlp:
+        raise ValueError("targets=() and mlp=False: LoRA would adapt nothing")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r={r!r}; expected an integer rank >= 1")
+    if not alpha > 0:
+        raise ValueError(f"alpha={alpha!r}; expected a number > 0 (the update is scaled by alpha/r)")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout={dropout!r}; expected a probability in [0, 1)")
+    if lora_modules(model):
+        raise ValueError("model already has LoRA modules; apply_lora once per model")
+
+
+def apply_lora(model, encoder="both", r=4, alpha=1.0, targets=("q", "k", "v", "out"), dropout=0.0, mlp=False):
+    """Add LoRA to every block of the chosen tower(s) and freeze everything else (in place; returns model)."""
+    check_lora_args(model, encoder, r, alpha, targets, dropout, mlp)
+    model.requires_grad_(False)  # every CLIP weight, logit_scale included, stays frozen
+    slots = [i for i, name in enumerate(("q", "k", "v")) if name in targets]
+    for tower in towers(model, encoder):
+        for block in tower.resblocks:
+            if slots:
+                block.attn = LoRAAttention(block.attn, slots, r, alpha, dropout)
+            if "out" in targets:
+                block.attn.out_proj = LoRALinear(block.attn.out_proj, r, alpha, dropout)
+            if mlp:
+                block.mlp.c_fc = LoRALinear(block.mlp.c_fc, r, alpha, dropout)
+                block.mlp.c_proj = LoRALinear(block.mlp.c_proj, r, alpha, dropout)
+    return model
+
+
+def merge_lora(model):
+    """Fold every update into its frozen weight, W <- W + (alpha/r) B A, for inference (outputs unchanged)."""
+    # Explicit, never on .eval(): loralib merges on eval() and unmerges on train(), so a checkpoint saved in
+    # eval mode holds merged weights, and loading it under LoRA counts the update twice.
+    modules = lora_modules(model)
+    if not modules:
+        raise ValueError("model has no LoRA modules; nothing to merge (call apply_lora first)")
+    for module in modules:
+        module.merge()
+    return model
+
+
+def lora_state_dict(model):
+    """Only the LoRA tensors, under their model.state_dict() names (sharing storage, as state_dict does)."""
+    return {name: tensor for name, tensor in model.state_dict().items() if "lora_" in name}
+
+
+def some(names, n=3):
+    """'a', 'b', 'c' and 5 more: a short list of names for an error message."""
+    names = sorted(names)
+    shown = ", ".join(repr(name) for name in names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def load_lora_state_dict(model, state_dict):
+    """Restore tensors saved by lora_state_dict; refuse missing, unexpected or mis-shaped keys before copying any."""
+    own = lora_state_dict(model)
+    if not own:
+        raise ValueError("model has no LoRA parameters; call apply_lora with the saved settings first")
+    if any(m.merged for m in lora_modules(model)):
+        raise ValueError("model's LoRA updates are merged into its weights; load into an unmerged model")
+    missing, unexpected = own.keys() - state_dict.keys(), state_dict.keys() - own.keys()
+    if missing:
+        raise ValueError(f"LoRA state dict is missing {some(missing)} (different encoder, targets or mlp?)")
+    if unexpected:
+        raise ValueError(f"LoRA state dict has unexpected {some(unexpected)} (different encoder, targets or mlp?)")
+    for name, tensor in state_dict.items():
+        if not isinstance(tensor, torch.Tensor) or tensor.shape != own[name].shape:
+            got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"LoRA state dict: {name!r} is {got}, the model expects {tuple(own[name].shape)} "
+                             f"(different r?)")
+    with torch.no_grad():
+        for name, tensor in state_dict.items():
+            own[name].copy_(tensor)
+
+
+def count_trainable(model) -> int:
+    """Number of parameters an optimizer would update (requires_grad=True)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
