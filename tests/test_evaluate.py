@@ -314,6 +314,52 @@ def test_zero_shot_transfer_equals_per_image_classification(tmp_path):
     assert accs == {"imagefolder": pytest.approx(sum(correct) / len(correct))}
 
 
+CALTECH101_FOLDERS = (
+    "BACKGROUND_Google Faces Faces_easy Leopards Motorbikes accordion airplanes anchor ant barrel bass beaver "
+    "binocular bonsai brain brontosaurus buddha butterfly camera cannon car_side ceiling_fan cellphone chair "
+    "chandelier cougar_body cougar_face crab crayfish crocodile crocodile_head cup dalmatian dollar_bill dolphin "
+    "dragonfly electric_guitar elephant emu euphonium ewer ferry flamingo flamingo_head garfield gerenuk gramophone "
+    "grand_piano hawksbill headphone hedgehog helicopter ibis inline_skate joshua_tree kangaroo ketch lamp laptop "
+    "llama lobster lotus mandolin mayfly menorah metronome minaret nautilus octopus okapi pagoda panda pigeon pizza "
+    "platypus pyramid revolver rhino rooster saxophone schooner scissors scorpion sea_horse snoopy soccer_ball "
+    "stapler starfish stegosaurus stop_sign strawberry sunflower tick trilobite umbrella watch water_lilly "
+    "wheelchair wild_cat windsor_chair wrench yin_yang").split()
+EUROSAT_FOLDERS = ("AnnualCrop Forest HerbaceousVegetation Highway Industrial Pasture PermanentCrop Residential "
+                   "River SeaLake").split()
+
+
+def fake_tree(folder, classes, filename):
+    """One small image per class folder, laid out as the downloaded dataset (so torchvision downloads nothing)."""
+    for i, c in enumerate(classes):
+        (folder / c).mkdir(parents=True)
+        Image.new("RGB", (40, 40), (37 * i % 256, 90, 160)).save(folder / c / filename)
+
+
+def test_caltech101_class_names_are_clips_readable_names(tmp_path):
+    fake_tree(tmp_path / "caltech101" / "101_ObjectCategories", CALTECH101_FOLDERS, "image_0001.jpg")
+    _, names = evaluate.zero_shot_dataset("caltech101", str(tmp_path), transform=None)
+    assert (len(names), names[:3], names[-1]) == (101, ["off-center face", "centered face", "leopard"],
+                                                  "yin and yang symbol")
+
+
+def test_caltech101_class_names_have_no_underscores(tmp_path):
+    fake_tree(tmp_path / "caltech101" / "101_ObjectCategories", CALTECH101_FOLDERS, "image_0001.jpg")
+    _, names = evaluate.zero_shot_dataset("caltech101", str(tmp_path), transform=None)
+    assert not [n for n in names if "_" in n]
+
+
+def test_eurosat_zero_shot_reads_torchvision_layout_with_clips_names(tmp_path):
+    fake_tree(tmp_path / "eurosat" / "2750", EUROSAT_FOLDERS, "a.jpg")
+    model = clip_model.load(tiny_checkpoint(tmp_path))
+    accs = evaluate.zero_shot_transfer(model, ["eurosat"], str(tmp_path), "{}", "cpu", workers=0)
+    _, names = evaluate.zero_shot_dataset("eurosat", str(tmp_path), transform=None)
+    assert (set(accs), names[2]) == ({"eurosat"}, "brushland or shrubland")
+
+
+def test_flowers102_has_a_name_for_each_of_its_102_classes():
+    assert len(set(evaluate.FLOWERS102_NAMES)) == 102
+
+
 def test_unknown_zero_shot_dataset_fails_before_any_work():
     with pytest.raises(evaluate.EvaluationError, match="imagenet"):
         evaluate.zero_shot_transfer(None, ["food101", "imagenet"], "data", "{}", "cpu")
