@@ -86,24 +86,27 @@ class LoRAAttention(clip_model.Attention):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
 
+    def placed_B(self):
+        """B with zero rows for the slots LoRA does not target: (3*width, r), rows of q, k, v in order."""
+        if len(self.lora_slots) == 3:
+            return self.lora_B  # the default: q, k and v all targeted, nothing to place
+        n, width, r = len(self.lora_slots), self.in_proj_weight.shape[1], self.lora_B.shape[1]
+        # Only (3*width, r): the (3*width, width) matrix B A is still never built during training.
+        placed = self.lora_B.new_zeros(3, width, r).index_copy(0, self.lora_slots, self.lora_B.view(n, width, r))
+        return placed.flatten(0, 1)
+
     def in_proj(self, x):
-        """[q, k, v] = W_qkv x + b_qkv, plus (alpha/r) B A x on the targeted slots."""
+        """[q, k, v] = W_qkv x + b_qkv + (alpha/r) B A x, B zero on the untargeted slots."""
         qkv = super().in_proj(x)  # (B, T, 3*width)
         if self.merged:
             return qkv
-        delta = F.linear(self.scaling * F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)  # (B, T, n*width)
-        delta = delta.unflatten(-1, (len(self.lora_slots), -1))  # (B, T, n, width)
-        # Add slot i of delta to slot lora_slots[i] (0 = q, 1 = k, 2 = v) of qkv.
-        qkv = qkv.unflatten(-1, (3, -1)).index_add(-2, self.lora_slots, delta)  # (B, T, 3, width)
-        return qkv.flatten(-2)
+        return qkv + F.linear(self.scaling * F.linear(self.lora_dropout(x), self.lora_A), self.placed_B())
 
     @torch.no_grad()
     def merge(self):
-        """W_qkv[slot] <- W_qkv[slot] + (alpha/r) B[slot] A for each targeted slot, then switch the path off."""
+        """W_qkv <- W_qkv + (alpha/r) B A, then switch the low-rank path off."""
         if not self.merged:
-            width = self.in_proj_weight.shape[1]
-            delta = (self.lora_B @ self.lora_A * self.scaling).to(self.in_proj_weight.dtype)  # (n*width, width)
-            self.in_proj_weight.view(3, width, width).index_add_(0, self.lora_slots, delta.view(-1, width, width))
+            self.in_proj_weight += (self.placed_B() @ self.lora_A * self.scaling).to(self.in_proj_weight.dtype)
             self.merged = True
 
 
