@@ -41,6 +41,7 @@ class Adapter(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, h):
+        """Ad(h) = up(dropout(relu(down(h))))."""
         return self.up(self.dropout(self.relu(self.down(h))))
 
 
@@ -55,6 +56,7 @@ class AdapterBlock(clip_model.ResidualAttentionBlock):
         self.scale = scale
 
     def forward(self, x, attn_mask=None):
+        """x + h + scale Ad(h) with h = Attn(LN1(x)), then x + m + scale Ad(m) with m = MLP(LN2(x))."""
         h = self.attn(self.ln_1(x), attn_mask)
         x = x + h + self.scale * self.adapter(h)  # x + h + scale * Ad(h)
         m = self.mlp(self.ln_2(x))

@@ -53,6 +53,7 @@ class LoRALinear(nn.Linear):
         self.merged = False
 
     def forward(self, x):
+        """y = W x + b + (alpha/r) B A dropout(x), or W x + b once merged."""
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
