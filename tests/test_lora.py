@@ -142,6 +142,21 @@ def test_merge_keeps_outputs(plain, batch, settings):
         torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
 
 
+def test_lora_dropout_acts_only_in_training(plain, batch):
+    model = tuned(plain, dropout=0.5)
+    for module in lora.lora_modules(model):
+        torch.nn.init.normal_(module.lora_B)  # make the updates non-zero
+    no_dropout = copy.deepcopy(model)
+    for module in lora.lora_modules(no_dropout):
+        module.lora_dropout = torch.nn.Identity()
+    images = batch[0]
+    with torch.no_grad():
+        model.train()
+        assert not torch.equal(model.encode_image(images), no_dropout.encode_image(images))
+        model.eval()
+        assert torch.equal(model.encode_image(images), no_dropout.encode_image(images))
+
+
 def test_eval_does_not_merge(plain, batch):
     model = train(tuned(plain), batch, steps=2)
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
