@@ -101,21 +101,23 @@ def top1_on_seen(image_features, labels, text_features, seen_classes):
     image_features (N, D) and text_features (C_all, D) are L2-normalised; row c of text_features is class c.
     Test images of unseen classes are ignored. Returns (accuracy, {class: accuracy}) for the seen classes that
     have test images; everything stays on the features' device until one transfer at the end."""
-    if len(seen_classes) == 0:
+    seen_list = [int(c) for c in seen_classes]
+    if not seen_list:
         raise ValueError("top1_on_seen needs at least one seen class")
-    seen = torch.as_tensor(list(seen_classes), dtype=torch.long, device=image_features.device)  # (S,)
-    labels = labels.to(image_features.device)
-    keep = torch.isin(labels, seen)  # (N,) images of seen classes
-    logits = image_features[keep].float() @ text_features[seen].float().t()  # (n, S)
-    predicted = seen[logits.argmax(dim=1)]  # class ids, never an unseen class
-    y = labels[keep]
-    n_classes = text_features.shape[0]
-    total = torch.bincount(y, minlength=n_classes)[seen]  # (S,)
-    correct = torch.bincount(y[predicted == y], minlength=n_classes)[seen]  # (S,)
-    total, correct = torch.stack([total, correct]).tolist()  # the one device -> host transfer
+    device = image_features.device
+    seen = torch.tensor(seen_list, device=device)  # (S,)
+    labels = labels.to(device=device, dtype=torch.long)
+    logits = image_features.float() @ text_features[seen].float().t()  # (N, S)
+    predicted = seen[logits.argmax(dim=1)]  # (N,) class ids, never an unseen class
+    # Counts per class with index_add_ rather than boolean masks or bincount, which would sync with the GPU;
+    # images of unseen classes are counted in rows we never read.
+    total = torch.zeros(text_features.shape[0], dtype=torch.long, device=device)  # (C_all,)
+    correct = torch.zeros_like(total).index_add_(0, labels, (predicted == labels).long())
+    total.index_add_(0, labels, torch.ones_like(labels))
+    total, correct = torch.stack([total[seen], correct[seen]]).tolist()  # the one device -> host transfer
     if sum(total) == 0:
         raise ValueError("no test images of the seen classes to evaluate on")
-    per_class = {c: k / n for c, n, k in zip(seen.tolist(), total, correct) if n > 0}
+    per_class = {c: k / n for c, n, k in zip(seen_list, total, correct) if n > 0}
     return sum(correct) / sum(total), per_class
 
 
