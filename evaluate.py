@@ -185,7 +185,7 @@ def check_zero_shot_names(names):
 
 
 def zero_shot_dataset(name, data_root, transform):
-    """The evaluation images of a zero-shot dataset (downloaded by torchvision into data_root) and readable class names."""
+    """Evaluation images of a zero-shot dataset (torchvision downloads it into data_root) and readable class names."""
     tv = torchvision.datasets
     if name == "food101":
         ds = tv.Food101(data_root, split="test", transform=transform, download=True)
@@ -228,21 +228,24 @@ def zero_shot_accuracy(model, dataset, class_names, prompt, device, batch_size=2
 
 
 def zero_shot_transfer(model, datasets, data_root, prompt, device, batch_size=256, workers=2):
-    """Zero-shot transfer check (PAPER.md): top-1 over all classes of each dataset with the run's prompt -> {name: acc}.
+    """Zero-shot transfer check (PAPER.md): top-1 over all classes of each dataset, with the run's prompt.
 
-    `model` must already be on `device`; OpenAI's evaluation preprocessing at the model's resolution."""
+    Returns {dataset: accuracy}. `model` must already be on `device`; images get OpenAI's evaluation
+    preprocessing at the model's resolution."""
     check_zero_shot_names(datasets)
     transform = clip_model.image_transform(model.visual.input_resolution)
     was_training = model.training
     model.eval()
     accs = {}
-    for name in datasets:
-        try:
-            ds, class_names = zero_shot_dataset(name, data_root, transform)
-        except (RuntimeError, OSError) as e:  # torchvision: missing/corrupt files, failed download
-            raise EvaluationError(f"{name}: could not load it under {data_root}: {e}") from None
-        accs[name] = zero_shot_accuracy(model, ds, class_names, prompt, device, batch_size, workers, desc=name)
-    model.train(was_training)
+    try:
+        for name in datasets:
+            try:
+                ds, class_names = zero_shot_dataset(name, data_root, transform)
+            except (RuntimeError, OSError) as e:  # torchvision: missing/corrupt files, failed download
+                raise EvaluationError(f"{name}: could not load it under {data_root}: {e}") from None
+            accs[name] = zero_shot_accuracy(model, ds, class_names, prompt, device, batch_size, workers, desc=name)
+    finally:
+        model.train(was_training)
     return accs
 
 
@@ -294,7 +297,7 @@ def read_peft_file(path):
 
 
 def load_peft_model(path, device="cpu"):
-    """Rebuild a tuned model from OUT/peft.pt: load its CLIP, apply its LoRA/adapter, load the weights -> (model, prompt)."""
+    """Rebuild a tuned model from OUT/peft.pt: its CLIP, its LoRA/adapter, the saved weights -> (model, prompt)."""
     saved = read_peft_file(path)
     model = clip_model.load(saved["model"], device="cpu")  # raises CheckpointError with the path
     apply, load_weights = {"lora": (lora.apply_lora, lora.load_lora_state_dict),
