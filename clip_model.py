@@ -194,14 +194,12 @@ class CLIP(nn.Module):
         return self.visual(images.to(self.dtype))
 
     def encode_text(self, tokens):
-        """(B, context_length) token ids -> (B, embed_dim) unnormalised features at the end-of-text token."""
-        eot = tokens.argmax(dim=-1)  # end-of-text has the largest id
-        # Under the causal mask nothing after the end-of-text token reaches it, so we drop the padding:
-        # same features, and "a bad photo of a {}." runs on ~10 tokens instead of 77.
-        T = int(eot.max()) + 1
-        x = self.token_embedding(tokens[:, :T]) + self.positional_embedding[:T].to(self.dtype)  # (B, T, width)
+        """(B, T) token ids, T <= context_length -> (B, embed_dim) unnormalised features at the end-of-text token."""
+        T = tokens.shape[1]
+        x = self.token_embedding(tokens) + self.positional_embedding[:T].to(self.dtype)  # (B, T, width)
         x = self.transformer(x, self.causal_mask[:T, :T])
         x = self.ln_final(x)
+        eot = tokens.argmax(dim=-1)  # end-of-text has the largest id
         return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection  # (B, embed_dim)
 
     def forward(self, images, tokens):
@@ -480,9 +478,14 @@ def image_transform(n_px):
     ])
 
 
+def trim_padding(tokens):
+    """Drop the padding columns after the last end-of-text token: under the causal mask nothing after it reaches
+    it, so the features are unchanged, and "a bad photo of a {}." runs on ~10 positions instead of 77."""
+    return tokens[:, :int(tokens.argmax(dim=-1).max()) + 1]
+
+
 def class_text_features(model, class_names, template=PROMPT):
     """L2-normalised text features g_c of `template.format(name)` for each class (grad mode is the caller's)."""
-    tokens = tokenize([template.format(name) for name in class_names],
-                      context_length=model.config.context_length)
-    tokens = tokens.to(model.positional_embedding.device)
+    tokens = tokenize([template.format(name) for name in class_names], context_length=model.config.context_length)
+    tokens = trim_padding(tokens).to(model.positional_embedding.device)
     return F.normalize(model.encode_text(tokens), dim=-1)

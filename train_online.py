@@ -31,9 +31,7 @@ import stream
 
 def visible_classes(labels, seen, mode):
     """The classes the softmax runs over: SIT's C_B (distinct labels in the batch) or every seen class."""
-    if mode == "batch":
-        return torch.unique(labels)  # sorted
-    return seen
+    return torch.unique(labels) if mode == "batch" else seen
 
 
 def symmetric_loss(image_features, text_features, labels, visible, logit_scale, double_softmax=False):
@@ -43,21 +41,10 @@ def symmetric_loss(image_features, text_features, labels, visible, logit_scale, 
     belongs to class visible[j]; every label must be in `visible`.
     """
     logits = logit_scale * image_features @ text_features.t()  # (B, V)
-    targets = torch.searchsorted(visible, labels) if is_sorted(visible) else position_in(visible, labels)
+    targets = (labels[:, None] == visible[None, :]).int().argmax(dim=1)  # position of y_i in `visible`
     if double_softmax:  # the released code's quirk: its model returns probabilities and CE softmaxes again
         logits = logits.softmax(dim=-1)
     return F.cross_entropy(logits.float(), targets)
-
-
-def is_sorted(classes):
-    return bool((classes[1:] > classes[:-1]).all()) if len(classes) > 1 else True
-
-
-def position_in(classes, labels):
-    """Index of each label within `classes` (an arbitrary order, e.g. the order classes were seen)."""
-    lookup = torch.full((int(classes.max()) + 1,), -1, dtype=torch.long, device=classes.device)
-    lookup[classes] = torch.arange(len(classes), device=classes.device)
-    return lookup[labels]
 
 
 def text_gradient_parts(image_features, text_features, labels, visible, logit_scale):
@@ -84,23 +71,25 @@ class TextFeatures:
         self.model = model
         self.trainable = trainable
         self.use_cache = cache and not trainable
-        device = model.positional_embedding.device
-        self.tokens = clip_model.tokenize([prompt.format(name) for name in class_names],
-                                          context_length=model.config.context_length).to(device)
-        self.cache = torch.zeros(len(class_names), model.config.embed_dim, device=device)
-        self.cached = torch.zeros(len(class_names), dtype=torch.bool, device=device)
+        tokens = clip_model.tokenize([prompt.format(name) for name in class_names], model.config.context_length)
+        self.device = model.positional_embedding.device
+        self.tokens = clip_model.trim_padding(tokens).to(self.device)
+        self.cache = torch.zeros(len(class_names), model.config.embed_dim, device=self.device)
+        self.cached = torch.zeros(len(class_names), dtype=torch.bool)  # bookkeeping on the host: no device syncs
 
     def __call__(self, classes):
-        """(len(classes), D) features; with grad when the text tower trains."""
+        """(len(classes), D) features of these class ids (a CPU tensor); with grad when the text tower trains."""
         if not self.use_cache:
             with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-                return F.normalize(self.model.encode_text(self.tokens[classes]), dim=-1)
+                tokens = self.tokens[classes.to(self.device, non_blocking=True)]
+                return F.normalize(self.model.encode_text(tokens), dim=-1)
         missing = classes[~self.cached[classes]]
         if len(missing):  # a class seen for the first time: encode it once, for training and evaluation alike
             with torch.no_grad():
-                self.cache[missing] = F.normalize(self.model.encode_text(self.tokens[missing]), dim=-1).float()
+                rows = missing.to(self.device)
+                self.cache[rows] = F.normalize(self.model.encode_text(self.tokens[rows]), dim=-1).float()
             self.cached[missing] = True
-        return self.cache[classes]
+        return self.cache[classes.to(self.device, non_blocking=True)]
 
 
 class TestImages:
@@ -136,11 +125,12 @@ class TestImages:
 
 def evaluate_seen(test, text_features, seen, num_classes, amp):
     """Top-1 accuracy on the test images of the seen classes, predicting among the seen classes only."""
-    indices = torch.nonzero(torch.isin(test.labels, seen)).squeeze(1)
+    seen_on_device = seen.to(test.labels.device)
+    indices = torch.nonzero(torch.isin(test.labels, seen_on_device)).squeeze(1)
     with torch.inference_mode(), amp():
         g_seen = text_features(seen).float()
         g = g_seen.new_zeros(num_classes, g_seen.shape[1])  # rows indexed by class id; unseen rows never win
-        g[seen] = g_seen
+        g[seen_on_device] = g_seen
         f = test.features(indices)
     return evaluate.top1_on_seen(f, test.labels[indices], g, seen.tolist())
 
@@ -246,7 +236,8 @@ class NonFiniteLoss(RuntimeError):
 def make_optimizer(model, args):
     """AdamW over the PEFT parameters, re-created at every task start as in the released code."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    fused = params[0].is_cuda  # one kernel for the whole update on the GPU; same arithmetic
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=fused)
 
 
 def apply_peft(model, args):
@@ -261,73 +252,73 @@ def apply_peft(model, args):
     return model
 
 
+def sit_step(model, optimizer, images, labels, visible, text_features, augment, logit_scale, args, amp):
+    """One gradient step on one augmented copy of the batch; returns the loss and the features it used."""
+    device = logit_scale.device
+    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    with amp():
+        x = augment(images)  # resize, padded random crop, flip, normalise: batched, on the device
+        with torch.set_grad_enabled(args.tunes_image):
+            f = F.normalize(model.encode_image(x), dim=-1)
+        g = text_features(visible)
+        loss = symmetric_loss(f, g, labels, visible.to(device, non_blocking=True), logit_scale, args.double_softmax)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), f.detach(), g.detach()
+
+
 def train(args, model, train_set, test_set, split, results, device):
     """The online protocol: each batch is seen once, new classes become seen (and trainable) on arrival,
     `online_iter` steps per batch with fresh augmentation, anytime and task-end evaluation."""
     num_classes = len(train_set.classes)
-    tunes_text = args.peft != "none" and args.encoder in ("text", "both")
-    tunes_image = args.peft != "none" and args.encoder in ("image", "both")
-    n_px = model.visual.input_resolution
+    trains = args.peft != "none"
+    args.tunes_image = trains and args.encoder in ("image", "both")
     amp = autocast_context(device, args.precision)
-    text_features = TextFeatures(model, train_set.classes, args.prompt, tunes_text, cache=not args.no_cache)
-    test = TestImages(model, test_set, args.image_size, tunes_image, args.eval_batch_size, args.workers, device,
-                      cache=not args.no_cache)
-    augment = stream.BatchAugment(n_px, seed=args.seed)
+    text_features = TextFeatures(model, train_set.classes, args.prompt,
+                                 trainable=trains and args.encoder in ("text", "both"), cache=not args.no_cache)
+    test = TestImages(model, test_set, args.image_size, args.tunes_image, args.eval_batch_size, args.workers,
+                      device, cache=not args.no_cache)
+    augment = stream.BatchAugment(model.visual.input_resolution, seed=args.seed)
     memory = ReservoirMemory(args.memory_size, args.seed) if args.memory_size > 0 else None
-    logit_scale = model.logit_scale.exp().detach()
-    policy = "cifar10" if args.dataset in ("cifar100", "smoke") else "imagenet"
-    batches = stream.stream_batches(train_set, split.tasks, args.batch_size, args.online_iter, policy,
+    logit_scale = model.logit_scale.exp().detach()  # s, frozen
+    batches = stream.stream_batches(train_set, split.tasks, args.batch_size, args.online_iter, args.policy,
                                     args.workers, args.seed, size=args.image_size)
-
-    seen = torch.zeros(0, dtype=torch.long, device=device)  # class ids in order of first appearance
-    is_seen = torch.zeros(num_classes, dtype=torch.bool)
-    samples, next_eval, step, task = 0, args.eval_period, 0, -1
-    optimizer = None
-    running_loss = torch.zeros((), device=device)
     grad_log = open(os.path.join(args.out, "grad.jsonl"), "w") if args.grad_analysis else None
     bar = tqdm(total=sum(map(len, split.tasks)), unit="img", dynamic_ncols=True, disable=args.quiet)
-    last_acc = None
 
+    seen = torch.zeros(0, dtype=torch.long)  # class ids in order of first appearance (on the host)
     task_ends = torch.tensor([len(t) for t in split.tasks]).cumsum(0).tolist()
-    n_task_ends, n_batches = 0, 0
-    for batch in batches:
-        if batch.task != task:  # a new task: the released code re-creates the optimizer here
-            task = batch.task
-            if args.peft != "none":
-                optimizer = make_optimizer(model, args)
-        labels = batch.labels.to(device, non_blocking=True)
-        new = [c for c in dict.fromkeys(batch.labels.tolist()) if not is_seen[c]]
-        if new:  # a class becomes seen on first arrival and is trainable in that same batch
-            is_seen[new] = True
-            seen = torch.cat([seen, torch.tensor(new, device=device)])
-        if memory is not None:
-            memory.add(batch.indices.tolist())
+    samples, next_eval, n_task_ends, step, task, optimizer = 0, args.eval_period, 0, 0, -1, None
+    running_loss, last_acc = torch.zeros((), device=device), None
+    for n_batches, batch in enumerate(batches, start=1):
+        if batch.task != task and trains:  # a new task: the released code re-creates the optimizer here
+            optimizer = make_optimizer(model, args)
+        task = batch.task
+        known = set(seen.tolist())
+        new = [c for c in dict.fromkeys(batch.labels.tolist()) if c not in known]
+        seen = torch.cat([seen, torch.tensor(new, dtype=torch.long)])  # seen, and trainable in this same batch
 
-        if args.peft != "none":
+        for it in range(args.online_iter if trains else 0):
+            images, labels = batch.images[it], batch.labels
+            if memory is not None and memory.indices:
+                images, labels = with_memory_batch(images, labels, memory, train_set, args, step)
+            # with replay, as released, the loss runs over all seen classes
+            visible = visible_classes(labels, seen, "all" if memory is not None else args.visible_classes)
             model.train()
-            for it in range(args.online_iter):
-                images, y = batch.images[it].to(device, non_blocking=True), labels
-                if memory is not None and len(memory.indices) > 0:
-                    images, y = with_memory_batch(images, y, memory, train_set, policy, args, step, device)
-                visible = visible_classes(y, seen, "all" if memory is not None else args.visible_classes)
-                with amp():
-                    x = augment(images)
-                    with torch.set_grad_enabled(tunes_image):
-                        f = F.normalize(model.encode_image(x), dim=-1)
-                    g = text_features(visible)
-                    loss = symmetric_loss(f, g, y, visible, logit_scale, args.double_softmax)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if grad_log is not None:
-                    log_gradient_parts(grad_log, f, g, y, visible, logit_scale, step, samples, task)
-                # a running mean on the device: no host sync per step, and a NaN in it stays there
-                running_loss = loss.detach() if step == 0 else 0.9 * running_loss + 0.1 * loss.detach()
-                step += 1
+            loss, f, g = sit_step(model, optimizer, images, labels, visible, text_features, augment,
+                                  logit_scale, args, amp)
             model.eval()
-        samples += len(labels)
-        n_batches += 1
-        bar.update(len(labels))
+            if grad_log is not None:
+                log_gradient_parts(grad_log, f, g, labels.to(device), visible.to(device), logit_scale, step,
+                                   samples, task)
+            # a running mean kept on the device: no host sync per step, and a NaN in it stays there
+            running_loss = loss if step == 0 else 0.9 * running_loss + 0.1 * loss
+            step += 1
+        if memory is not None:  # after training on the batch, as the released ER
+            memory.add(batch.indices.tolist())
+        samples += len(batch.labels)
+        bar.update(len(batch.labels))
 
         if samples > next_eval:  # anytime evaluation, as released: when the counter passes the next point
             next_eval += args.eval_period
@@ -339,9 +330,9 @@ def train(args, model, train_set, test_set, split, results, device):
             last_acc, per_class = evaluate_seen(test, text_features, seen, num_classes, amp)
             results.task_end(n_task_ends, samples, last_acc, per_class, seen.tolist())
             n_task_ends += 1
-            if args.peft != "none":
+            if trains:
                 save_peft(os.path.join(args.out, "peft.pt"), model, args, args.prompt, train_set.classes)
-        if n_batches % args.log_every == 0:
+        if n_batches % args.log_every == 0:  # the only host syncs besides the evaluations
             check_finite(running_loss, samples)
             bar.set_postfix(loss=f"{running_loss.item():.3f}", seen=len(seen),
                             acc="-" if last_acc is None else f"{last_acc:.3f}", refresh=False)
@@ -351,13 +342,12 @@ def train(args, model, train_set, test_set, split, results, device):
     return model
 
 
-def with_memory_batch(images, labels, memory, train_set, policy, args, step, device):
+def with_memory_batch(images, labels, memory, train_set, args, step):
     """Stream batch + a memory batch of half its size, freshly augmented (the released replay)."""
     picks = memory.sample(max(1, args.batch_size // 2))
-    (mem,) = stream.stream_batches(train_set, [picks], len(picks), 1, policy, workers=0,
+    (mem,) = stream.stream_batches(train_set, [picks], len(picks), 1, args.policy, workers=0,
                                    seed=args.seed * 1_000_003 + step, size=args.image_size)
-    images = torch.cat([images, mem.images[0].to(device)])
-    return images, torch.cat([labels, mem.labels.to(device)])
+    return torch.cat([images, mem.images[0]]), torch.cat([labels, mem.labels])
 
 
 def log_gradient_parts(log, f, g, labels, visible, logit_scale, step, samples, task):
@@ -466,9 +456,11 @@ def smoke_setup(args):
                                    vision_patch_size=8, transformer_width=64, transformer_heads=1,
                                    transformer_layers=2)
     model = clip_model.CLIP(config).eval()
+    os.makedirs(args.out, exist_ok=True)
+    args.model = os.path.join(args.out, "smoke_clip.pt")  # saved, so that peft.pt can rebuild the tuned model
+    torch.save(model.state_dict(), args.model)
     train_set = stream.SyntheticDataset(num_classes=10, per_class=30, image_size=32, seed=0, train=True)
     test_set = stream.SyntheticDataset(num_classes=10, per_class=10, image_size=32, seed=0, train=False)
-    args.model, args.dataset = "smoke (tiny random CLIP)", "smoke"
     args.batch_size, args.eval_period, args.n_tasks = 16, 60, min(args.n_tasks, 3)
     return model, train_set, test_set
 
@@ -479,6 +471,8 @@ def setup(args):
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     if args.smoke:
+        args.dataset = "smoke"
+        args.out = args.out or default_out(args)
         model, train_set, test_set = smoke_setup(args)
     else:
         model = clip_model.load(args.model)
@@ -486,6 +480,7 @@ def setup(args):
         test_set = stream.load_dataset(args.dataset, args.data_root, train=False)
     if list(train_set.classes) != list(test_set.classes):
         raise stream.DataError(f"{args.data_root}: train and test splits have different classes")
+    args.policy = "cifar10" if args.dataset in ("cifar100", "smoke") else "imagenet"  # AutoAugment policy
     fixed_size = args.dataset in ("cifar100", "tinyimagenet", "smoke")
     args.image_size = None if fixed_size else model.visual.input_resolution  # variable-size images get fitted
     split = stream.si_blurry_split(train_set.targets, len(train_set.classes), args.n_tasks, args.n, args.m,

@@ -76,13 +76,13 @@ def test_causal_mask_is_a_non_persistent_buffer():
     assert "causal_mask" not in model.state_dict()
 
 
-def test_text_feature_ignores_tokens_after_end_of_text():
+def test_trimmed_padding_gives_the_same_text_features():
     model = clip_model.build_model(openai_state_dict(TINY))
     tokens = clip_model.tokenize(["a cat", "a much longer caption about a dog"])
-    garbage = tokens.clone()
-    garbage[0, 5:] = 1234  # after "a cat"'s end-of-text token, which stays the largest id
+    trimmed = clip_model.trim_padding(tokens)
+    assert trimmed.shape == (2, 9)  # <sot> + 7 tokens + <eot> of the longer caption
     with torch.no_grad():
-        torch.testing.assert_close(model.encode_text(garbage)[0], model.encode_text(tokens)[0])
+        torch.testing.assert_close(model.encode_text(trimmed), model.encode_text(tokens))
 
 
 class Holder(torch.nn.Module):

@@ -1,0 +1,223 @@
+"""
+Where the time goes: a benchmark of the online trainer on synthetic data of the real shapes (no download needed).
+
+    python tests/benchmark.py                      # CPU: small fractions of each measurement
+    python tests/benchmark.py --device cuda        # GPU: the full synthetic CIFAR-100 Si-Blurry run too
+
+It prints (and with --json writes): training-step throughput for LoRA on both / image / text towers, evaluation
+throughput, the same step in the released recipe (fp32, full 77-token text, test features recomputed), and the
+wall time of a synthetic CIFAR-100-sized Si-Blurry run through `train_online.train` with the share spent in data
+loading, training and evaluation. Not collected by pytest (no test_ prefix).
+"""
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import clip_model  # noqa: E402
+import lora  # noqa: E402
+import stream  # noqa: E402
+import train_online  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, warmup, iters):
+    """Seconds per call of fn, after warm-up."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / iters
+
+
+def vit_b16(device, encoder="both"):
+    torch.manual_seed(0)
+    model = clip_model.CLIP(clip_model.CLIPConfig()).eval()
+    return lora.apply_lora(model, encoder=encoder).to(device) if encoder else model.requires_grad_(False).to(device)
+
+
+def tokens_for(model, n_classes, device):
+    names = [f"class number {i}" for i in range(n_classes)]
+    return clip_model.tokenize([clip_model.PROMPT.format(n) for n in names]).to(device)
+
+
+def encode_text_full_context(model, tokens):
+    """The released recipe's text pass: all 77 positions, as OpenAI's encode_text (same features, more work)."""
+    x = model.token_embedding(tokens) + model.positional_embedding
+    x = model.ln_final(model.transformer(x, model.causal_mask))
+    return x[torch.arange(len(tokens)), tokens.argmax(-1)] @ model.text_projection
+
+
+def train_step_fn(model, tokens, encoder, device, amp, released=False, batch=64):
+    """One SIT step on a CIFAR-shaped batch: device augmentation, both features, loss, AdamW."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4, weight_decay=1e-5)
+    augment = stream.BatchAugment(model.visual.input_resolution, seed=0)
+    images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, len(tokens), (batch,), device=device)
+    text_cache = None if encoder != "image" else F.normalize(model.encode_text(tokens), dim=-1).detach()
+    scale = model.logit_scale.exp().detach()
+
+    def step():
+        visible = torch.unique(labels)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with torch.set_grad_enabled(encoder != "text"):
+                f = F.normalize(model.encode_image(augment(images)), dim=-1)
+            if released:
+                g = F.normalize(encode_text_full_context(model, tokens[visible]), dim=-1)
+            elif text_cache is not None:
+                g = text_cache[visible]
+            else:
+                g = F.normalize(model.encode_text(tokens[visible]), dim=-1)
+            loss = train_online.symmetric_loss(f, g, labels, visible, scale)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def eval_fn(model, device, amp, n):
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, device=device)
+
+    @torch.inference_mode()
+    def run():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            model.encode_image(stream.eval_transform(images, model.visual.input_resolution))
+    return run
+
+
+def full_run(device, fraction, workers, precision, compile_model=False):
+    """A synthetic CIFAR-100-sized Si-Blurry SIT-LoRA run through the real trainer, with its time split."""
+    per_class, test_per_class = max(1, int(500 * fraction)), max(1, int(100 * fraction))
+    train_set = stream.SyntheticDataset(100, per_class, image_size=32, seed=0, train=True)
+    test_set = stream.SyntheticDataset(100, test_per_class, image_size=32, seed=0, train=False)
+    args = train_online.parse_args(["--device", device.type, "--workers", str(workers), "--quiet",
+                                    "--precision", precision, "--eval-period", str(max(64, int(1000 * fraction)))])
+    args.image_size, args.dataset, args.policy = None, "cifar100", "cifar10"
+    args.out = os.path.join("runs", "benchmark")
+    split = stream.si_blurry_split(train_set.targets, 100, args.n_tasks, args.n, args.m, args.seed, args.stochastic)
+    model = train_online.apply_peft(vit_b16(device, encoder=None).requires_grad_(True), args).to(device)
+    results = train_online.Results(args.out, vars(args).copy(), train_set.classes,
+                                   {"disjoint": split.disjoint_classes, "blurry": split.blurry_classes})
+
+    spent = {"data": 0.0, "eval": 0.0, "eval_images": 0}
+    original_batches, original_eval = stream.stream_batches, train_online.evaluate_seen
+
+    def timed_batches(*a, **k):
+        iterator = iter(original_batches(*a, **k))
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            spent["data"] += time.perf_counter() - start
+            yield batch
+
+    def timed_eval(test, text_features, seen, *a, **k):
+        spent["eval_images"] += int(torch.isin(test.labels, seen).sum())
+        sync(device)
+        start = time.perf_counter()
+        out = original_eval(test, text_features, seen, *a, **k)
+        sync(device)
+        spent["eval"] += time.perf_counter() - start
+        return out
+
+    stream.stream_batches, train_online.evaluate_seen = timed_batches, timed_eval
+    try:
+        sync(device)
+        start = time.perf_counter()
+        train_online.train(args, model, train_set, test_set, split, results, device)
+        sync(device)
+        total = time.perf_counter() - start
+    finally:
+        stream.stream_batches, train_online.evaluate_seen = original_batches, original_eval
+    n_train = sum(map(len, split.tasks))
+    return {"fraction": fraction, "train_images": n_train, "test_images": len(test_set),
+            "evaluations": len(results.data["anytime"]) + len(results.data["task_acc"]),
+            "eval_images": spent["eval_images"], "train_image_steps": n_train * args.online_iter,
+            "wall_s": total, "data_s": spent["data"], "eval_s": spent["eval"],
+            "train_s": total - spent["data"] - spent["eval"]}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--fraction", type=float, default=None, help="of the CIFAR-100 run (default 1 on GPU, 0.01 CPU)")
+    p.add_argument("--iters", type=int, default=None, help="timed steps per measurement")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--json", default=None, help="also write the numbers here")
+    args = p.parse_args()
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    gpu = device.type == "cuda"
+    iters = args.iters or (20 if gpu else 2)
+    warmup = 5 if gpu else 1
+    fraction = args.fraction if args.fraction is not None else (1.0 if gpu else 0.01)
+    report = {"device": torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)",
+              "torch": torch.__version__}
+    print(f"# benchmark on {report['device']}, torch {torch.__version__}")
+
+    for encoder in ("both", "image", "text"):
+        model = vit_b16(device, encoder)
+        step = train_step_fn(model, tokens_for(model, 100, device), encoder, device, amp=gpu)
+        seconds = timed(step, device, warmup, iters)
+        report[f"train_{encoder}_img_s"] = 64 / seconds
+        print(f"train step, LoRA on {encoder:5s}: {64 / seconds:8.1f} images/s ({1000 * seconds:.0f} ms / batch of 64)")
+    model = vit_b16(device, "both")
+    released = timed(train_step_fn(model, tokens_for(model, 100, device), "both", device, amp=False, released=True),
+                     device, warmup, iters)
+    report["released_train_both_img_s"] = 64 / released
+    print(f"released recipe step (fp32, 77-token text): {64 / released:8.1f} images/s; "
+          f"ours is {released * report['train_both_img_s'] / 64:.2f}x faster")
+
+    n_eval = 1024 if gpu else 64
+    model = vit_b16(device, None)
+    seconds = timed(eval_fn(model, device, gpu, n_eval), device, 1, max(1, iters // 4))
+    report["eval_img_s"] = n_eval / seconds
+    seconds_fp32 = timed(eval_fn(model, device, False, n_eval), device, 1, max(1, iters // 4))
+    report["released_eval_img_s"] = n_eval / seconds_fp32
+    print(f"evaluation: {n_eval / seconds:8.1f} images/s (released recipe, fp32: {n_eval / seconds_fp32:.1f})")
+    del model
+
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    run = full_run(device, fraction, args.workers, "auto")
+    report["run"] = run
+    print(f"synthetic CIFAR-100 Si-Blurry run ({100 * fraction:g}% of it: {run['train_images']} training and "
+          f"{run['test_images']} test images, {run['evaluations']} evaluations): {run['wall_s']:.1f} s "
+          f"= data {100 * run['data_s'] / run['wall_s']:.0f}% + training {100 * run['train_s'] / run['wall_s']:.0f}%"
+          f" + evaluation {100 * run['eval_s'] / run['wall_s']:.0f}%")
+    # The released recipe's run, estimated from its measured step and evaluation rates on the same counts
+    # (compute only: its single-process PIL augmentation would add to it, so the ratio is conservative).
+    released_s = (run["train_image_steps"] / report["released_train_both_img_s"]
+                  + run["eval_images"] / report["released_eval_img_s"])
+    report["released_run_estimate_s"] = released_s
+    print(f"released recipe on the same run (estimated from its rates): {released_s:.1f} s; "
+          f"ours is {released_s / run['wall_s']:.1f}x faster")
+    if gpu:
+        report["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        print(f"peak GPU memory: {report['peak_gpu_memory_gib']:.1f} GiB")
+    report["peak_host_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    print(f"peak host memory: {report['peak_host_memory_gib']:.1f} GiB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
