@@ -20,6 +20,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.datasets.utils import download_and_extract_archive
 from torchvision.transforms import AutoAugment, AutoAugmentPolicy, InterpolationMode
 
+import clip_model
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 1. The Si-Blurry stream
 
@@ -392,8 +394,6 @@ def _imagefolder(root: str, train: bool, download: bool) -> Dataset:
 # 3. Batches
 
 POLICIES = {"cifar10": AutoAugmentPolicy.CIFAR10, "imagenet": AutoAugmentPolicy.IMAGENET}
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class StreamBatch(NamedTuple):
@@ -482,8 +482,8 @@ def _collate_stream(items) -> StreamBatch:
 
 def _normalise(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float, CLIP-normalised."""
-    mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
+    mean = torch.tensor(clip_model.CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(clip_model.CLIP_STD, device=images.device).view(1, 3, 1, 1)
     return (images.float() / 255 - mean) / std
 
 

@@ -193,7 +193,7 @@ def save_peft(path, model, args, prompt, class_names):
 
 def peft_arguments(args):
     if args.peft == "lora":
-        return {"r": args.lora_r, "alpha": args.lora_alpha}
+        return {"r": args.lora_r, "alpha": args.lora_alpha, "targets": list(lora.TARGETS)}
     return {"bottleneck": args.adapter_bottleneck, "scale": args.adapter_scale, "dropout": args.adapter_dropout}
 
 

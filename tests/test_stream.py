@@ -9,8 +9,9 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 import stream
+from clip_model import CLIP_MEAN, CLIP_STD
 from stream import (
-    CLIP_MEAN, CLIP_STD, SCENARIOS, BatchAugment, DataError, SyntheticDataset, eval_batches, eval_transform,
+    SCENARIOS, BatchAugment, DataError, SyntheticDataset, eval_batches, eval_transform,
     load_dataset, seen_test_indices, si_blurry_split, si_blurry_tasks, stream_batches,
 )
 
