@@ -412,6 +412,8 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=10, help="batches between progress-bar updates")
     p.add_argument("--grad-analysis", action="store_true", help="record the text-feature gradients (Figure 2)")
     p.add_argument("--zero-shot-eval", action="store_true", help="zero-shot transfer after training")
+    p.add_argument("--zero-shot-datasets", default=",".join(evaluate.ZERO_SHOT_DATASETS),
+                   help="comma-separated, for --zero-shot-eval (found or downloaded under --data-root)")
     p.add_argument("--smoke", action="store_true", help="tiny random CLIP + synthetic stream: checks an install")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -433,6 +435,8 @@ def check_args(args):
     for name in ("memory_size", "workers"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.zero_shot_eval:
+        evaluate.check_zero_shot_names(args.zero_shot_datasets.split(","))
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but no CUDA GPU is available (use --device cpu)")
 
@@ -501,8 +505,7 @@ def main(argv=None):
     print(stream.describe_stream(split, train_set.targets, train_set.classes))
     if args.smoke:
         print("--smoke: a tiny random CLIP on synthetic images; its accuracies are meaningless.")
-    config = {k: v for k, v in vars(args).items()}
-    results = Results(args.out, config, train_set.classes,
+    results = Results(args.out, dict(vars(args)), train_set.classes,
                       {"disjoint": split.disjoint_classes, "blurry": split.blurry_classes})
     print(f"writing results to {args.out}")
     start = time.time()
@@ -520,15 +523,25 @@ def main(argv=None):
         results.write(status="failed")
         raise
     results.data["config"]["wall_time_s"] = round(time.time() - start, 1)
-    if args.zero_shot_eval:
-        accs = evaluate.zero_shot_transfer(model, evaluate.ZERO_SHOT_DATASETS, args.data_root, args.prompt,
-                                           device, workers=args.workers)
-        evaluate.write_zero_shot(args.out, accs, args.model, args.prompt)
-        print(evaluate.zero_shot_markdown(accs))
     results.write(status="finished")
     d = results.data
     print(" ".join(f"{k} {100 * d[k]:.2f}" if d[k] is not None else f"{k} -" for k in evaluate.METRICS))
+    if args.zero_shot_eval:
+        try:
+            zero_shot_eval(args, model, device)
+        except evaluate.EvaluationError as e:  # e.g. a failed download: the lifelong results are already saved
+            print(f"error: zero-shot transfer: {e}", file=sys.stderr)
+            return 1
     return 0
+
+
+def zero_shot_eval(args, model, device):
+    """Zero-shot transfer of the tuned model (PAPER.md), written to OUT/zero_shot.json as evaluate.py does."""
+    accs = evaluate.zero_shot_transfer(model, args.zero_shot_datasets.split(","), args.data_root, args.prompt,
+                                       device, workers=args.workers)
+    peft_weights = os.path.join(args.out, "peft.pt") if args.peft != "none" else None
+    evaluate.write_zero_shot(args.out, accs, args.model, args.prompt, peft_weights)
+    print(evaluate.zero_shot_markdown(accs))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import clip_model
+import evaluate
 import train_online
 from train_online import symmetric_loss, text_gradient_parts
 
@@ -121,6 +122,15 @@ def test_end_to_end_run_writes_all_outputs(data, tmp_path):
     assert [e["event"] for e in log].count("task_end") == 2
     peft = torch.load(tmp_path / "run" / "peft.pt", weights_only=True)
     assert peft["peft"] == "lora" and all("lora" in k for k in peft["state_dict"])
+
+
+def test_zero_shot_eval_after_training_matches_evaluate_py(data, tmp_path):
+    out = tmp_path / "zs"
+    assert train_online.main(run_args(data, out, "--zero-shot-eval", "--zero-shot-datasets", "imagefolder")) == 0
+    after_training = read(out, "zero_shot.json")["accuracy"]["imagefolder"]
+    model, prompt = evaluate.load_peft_model(str(out / "peft.pt"))
+    accs = evaluate.zero_shot_transfer(model, ["imagefolder"], str(data / "images"), prompt, "cpu", workers=0)
+    assert accs["imagefolder"] == after_training
 
 
 def test_same_seed_gives_identical_metrics(data, tmp_path):
