@@ -289,7 +289,10 @@ def train(args, model, train_set, test_set, split, results, device):
 
     seen = torch.zeros(0, dtype=torch.long)  # class ids in order of first appearance (on the host)
     task_ends = torch.tensor([len(t) for t in split.tasks]).cumsum(0).tolist()
-    samples, next_eval, n_task_ends, step, task, optimizer = 0, args.eval_period, 0, 0, -1, None
+    # Leading empty tasks (the random cuts can leave a task without classes) end before any class is seen:
+    # there is nothing to evaluate, so they get no task-end entry. (The released code fails on them.)
+    n_task_ends = sum(1 for end in task_ends if end == 0)
+    samples, next_eval, step, task, optimizer = 0, args.eval_period, 0, -1, None
     running_loss, last_acc = torch.zeros((), device=device), None
     for n_batches, batch in enumerate(batches, start=1):
         if batch.task != task and trains:  # a new task: the released code re-creates the optimizer here
