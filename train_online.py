@@ -192,6 +192,7 @@ def save_peft(path, model, args, prompt, class_names):
 
 
 def peft_arguments(args):
+    """The keyword arguments of apply_lora / apply_adapter this run used (saved in peft.pt)."""
     if args.peft == "lora":
         return {"r": args.lora_r, "alpha": args.lora_alpha, "targets": list(lora.TARGETS)}
     return {"bottleneck": args.adapter_bottleneck, "scale": args.adapter_scale, "dropout": args.adapter_dropout}
@@ -230,7 +231,7 @@ class ReservoirMemory:
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """The loss became NaN or inf: the run stops and keeps what it measured before."""
 
 
 def make_optimizer(model, args):
@@ -363,6 +364,7 @@ def log_gradient_parts(log, f, g, labels, visible, logit_scale, step, samples, t
 
 
 def check_finite(running_loss, samples):
+    """Stop the run with a clear message once the (device-side) running loss is NaN or inf."""
     if not torch.isfinite(running_loss):
         raise NonFiniteLoss(f"the loss became non-finite (NaN or inf) before sample {samples}; "
                             "try a lower --lr or --precision fp32")
@@ -445,6 +447,7 @@ def check_args(args):
 
 
 def default_out(args):
+    """runs/<dataset>-<scenario>-<peft>-<tower>-<visible>-seed<k>, never an existing folder."""
     name = f"{args.dataset}-{args.scenario}-{args.peft}"
     if args.peft != "none":
         name += f"-{args.encoder}-{args.visible_classes}"

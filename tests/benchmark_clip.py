@@ -4,6 +4,8 @@ Our CLIP towers against OpenAI's reference implementation, side by side in one p
     pip install --no-deps clip-anytorch      # OpenAI's clip/model.py (else open_clip's copy of it is used)
     python tests/benchmark_clip.py           # ViT-B/16, CPU: forward, and forward+backward with frozen weights
 
+It also times the image step with LoRA (apply_lora, encoder="image") against the frozen tower: LoRA's extra cost.
+
 "Frozen weights" means no weight gradient: only the positional embeddings train, so the backward pass still runs
 through every block (as it does for LoRA). Not collected by pytest (no test_ prefix).
 """
@@ -19,6 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import clip_model  # noqa: E402
+import lora  # noqa: E402
 
 
 def reference_builder():
@@ -89,10 +92,18 @@ def main():
     rows.append(("text forward+backward, trimmed", rows[-1][1],
                  best_of(forward_backward(ours.encode_text, trimmed, pos(ours)), args.repeats)))
 
+    # LoRA's extra cost: the same image step with LoRA (its parameters train) against the frozen tower above
+    ours_lora = lora.apply_lora(clip_model.build_model(sd), encoder="image")
+    lora_params = [p for p in ours_lora.parameters() if p.requires_grad]
+    with_lora = best_of(forward_backward(ours_lora.encode_image, images, lora_params), args.repeats)
+    frozen = rows[3][2]
+
     print("| measurement | reference (ms) | ours (ms) | ratio |")
     print("|---|---:|---:|---:|")
     for label, reference, mine in rows:
         print(f"| {label} | {1000 * reference:.0f} | {1000 * mine:.0f} | {reference / mine:.2f} |")
+    print(f"\nLoRA on the image tower, forward+backward: {1000 * with_lora:.0f} ms against {1000 * frozen:.0f} ms "
+          f"frozen: {with_lora / frozen:.2f}x")
 
 
 if __name__ == "__main__":
