@@ -415,6 +415,8 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
     p.add_argument("--out", default=None, help="output folder (default: a readable name under runs/)")
     p.add_argument("--log-every", type=int, default=10, help="batches between progress-bar updates")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile both towers (in place: parameter names unchanged); pays off on long GPU runs")
     p.add_argument("--grad-analysis", action="store_true", help="record the text-feature gradients (Figure 2)")
     p.add_argument("--zero-shot-eval", action="store_true", help="zero-shot transfer after training")
     p.add_argument("--zero-shot-datasets", default=",".join(evaluate.ZERO_SHOT_DATASETS),
@@ -497,6 +499,9 @@ def setup(args):
                                    args.seed, args.stochastic)
     torch.manual_seed(args.seed)  # LoRA's random A (and adapter dropout) follow the run seed
     model = apply_peft(model, args).to(device)
+    if args.compile:
+        model.visual.compile()
+        model.transformer.compile()
     args.out = args.out or default_out(args)
     return model, train_set, test_set, split, device
 
