@@ -526,9 +526,10 @@ def main(argv=None):
         results.write(status="interrupted")
         print(f"\ninterrupted: results so far are in {args.out}", file=sys.stderr)
         return 130
-    except NonFiniteLoss as e:
+    except (NonFiniteLoss, stream.DataError) as e:  # e.g. an unreadable image met mid-stream
         results.write(status="failed")
-        print(f"error: {e}; results so far are in {args.out}", file=sys.stderr)
+        message = str(e).strip().splitlines()[-1]  # a DataLoader worker wraps the error in its traceback
+        print(f"error: {message}; results so far are in {args.out}", file=sys.stderr)
         return 1
     except BaseException:
         results.write(status="failed")

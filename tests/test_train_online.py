@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -183,6 +184,17 @@ def test_non_finite_loss_stops_with_a_clear_message(data, tmp_path, monkeypatch,
     assert train_online.main(run_args(data, tmp_path / "nan")) == 1
     assert "non-finite" in capsys.readouterr().err
     assert read(tmp_path / "nan")["status"] == "failed"
+
+
+def test_unreadable_image_mid_stream_stops_cleanly(data, tmp_path, capsys):
+    root = tmp_path / "images"
+    shutil.copytree(data / "images", root)
+    (root / "train" / "cat" / "7.png").write_bytes(b"not a png")
+    args = run_args(data, tmp_path / "broken", "--workers", "1")
+    args[args.index("--data-root") + 1] = str(root)
+    assert train_online.main(args) == 1
+    assert "7.png" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert read(tmp_path / "broken")["status"] == "failed"
 
 
 def test_grad_analysis_records_only_batch_classes_under_sit(data, tmp_path):
