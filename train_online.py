@@ -487,9 +487,9 @@ def setup(args):
         args.out = args.out or default_out(args)
         model, train_set, test_set = smoke_setup(args)
     else:
+        train_set = stream.load_dataset(args.dataset, args.data_root, train=True)  # before the model: a bad data
+        test_set = stream.load_dataset(args.dataset, args.data_root, train=False)  # root fails before a download
         model = clip_model.load(args.model)
-        train_set = stream.load_dataset(args.dataset, args.data_root, train=True)
-        test_set = stream.load_dataset(args.dataset, args.data_root, train=False)
     if list(train_set.classes) != list(test_set.classes):
         raise stream.DataError(f"{args.data_root}: train and test splits have different classes")
     args.policy = "cifar10" if args.dataset in ("cifar100", "smoke") else "imagenet"  # AutoAugment policy
