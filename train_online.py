@@ -102,7 +102,8 @@ class TestImages:
         self.n_px = model.visual.input_resolution
         batches = list(stream.eval_batches(dataset, range(len(dataset)), batch_size, workers, size=size))
         self.images = torch.cat([images for images, _ in batches]).to(device)  # (N, 3, H, W) uint8
-        self.labels = torch.cat([labels for _, labels in batches]).to(device)
+        self.targets = torch.cat([labels for _, labels in batches])  # on the host, for choosing test samples
+        self.labels = self.targets.to(device)
         self.cache = torch.zeros(len(self.labels), model.config.embed_dim, device=device)
         self.cached = torch.zeros(len(self.labels), dtype=torch.bool, device=device)
 
@@ -125,12 +126,12 @@ class TestImages:
 
 def evaluate_seen(test, text_features, seen, num_classes, amp):
     """Top-1 accuracy on the test images of the seen classes, predicting among the seen classes only."""
-    seen_on_device = seen.to(test.labels.device)
-    indices = torch.nonzero(torch.isin(test.labels, seen_on_device)).squeeze(1)
+    device = test.labels.device
+    indices = stream.seen_test_indices(test.targets, seen).to(device)
     with torch.inference_mode(), amp():
         g_seen = text_features(seen).float()
         g = g_seen.new_zeros(num_classes, g_seen.shape[1])  # rows indexed by class id; unseen rows never win
-        g[seen_on_device] = g_seen
+        g[seen.to(device)] = g_seen
         f = test.features(indices)
     return evaluate.top1_on_seen(f, test.labels[indices], g, seen.tolist())
 
