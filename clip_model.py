@@ -125,6 +125,11 @@ class CLIPConfig:
     transformer_layers: int = 12
 
 
+# The same layout at toy size (width 64, 2 layers, one head, 32 px): for tests and `train_online.py --smoke`.
+TINY_CONFIG = CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
+                         transformer_width=64, transformer_heads=1, transformer_layers=2)
+
+
 class VisionTransformer(nn.Module):
     """ViT image tower: patchify, prepend the class token, transformer, project the class token."""
 

@@ -465,10 +465,7 @@ def default_out(args):
 def smoke_setup(args):
     """--smoke: a tiny random CLIP in OpenAI's layout and a small synthetic stream (accuracies are meaningless)."""
     torch.manual_seed(0)
-    config = clip_model.CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
-                                   vision_patch_size=8, transformer_width=64, transformer_heads=1,
-                                   transformer_layers=2)
-    model = clip_model.CLIP(config).eval()
+    model = clip_model.CLIP(clip_model.TINY_CONFIG).eval()
     os.makedirs(args.out, exist_ok=True)
     args.model = os.path.join(args.out, "smoke_clip.pt")  # saved, so that peft.pt can rebuild the tuned model
     torch.save(model.state_dict(), args.model)

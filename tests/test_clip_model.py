@@ -9,10 +9,8 @@ import torch
 from PIL import Image
 
 import clip_model
-from clip_model import CLIP, CLIPConfig, CheckpointError
+from clip_model import CLIP, TINY_CONFIG as TINY, CheckpointError, CLIPConfig
 
-TINY = CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
-                  transformer_width=64, transformer_heads=1, transformer_layers=2)
 VIT_B16 = CLIPConfig()  # the defaults are ViT-B/16
 
 TEXTS = [

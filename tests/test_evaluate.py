@@ -13,8 +13,7 @@ import clip_model
 import evaluate
 from evaluate import a_auc, a_avg, a_last, f_last, lifelong_metrics, top1_on_seen
 
-TINY = clip_model.CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
-                             vision_patch_size=8, transformer_width=64, transformer_heads=1, transformer_layers=2)
+TINY = clip_model.TINY_CONFIG
 
 
 # -----------------------------------------------------------------------------

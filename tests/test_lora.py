@@ -8,10 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import lora
-from clip_model import CLIP, CLIPConfig, tokenize
+from clip_model import CLIP, TINY_CONFIG as TINY, CLIPConfig, tokenize
 
-TINY = CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
-                  transformer_width=64, transformer_heads=1, transformer_layers=2)
 CLASSES = ["cat", "dog", "fishing boat", "sunflower"]
 
 

@@ -18,8 +18,7 @@ import train_online
 from train_online import symmetric_loss, text_gradient_parts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = clip_model.CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
-                             vision_patch_size=8, transformer_width=64, transformer_heads=1, transformer_layers=2)
+TINY = clip_model.TINY_CONFIG
 
 
 # -----------------------------------------------------------------------------
