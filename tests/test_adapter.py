@@ -5,59 +5,16 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import adapter
-from clip_model import CLIP, TINY_CONFIG as TINY, CLIPConfig, tokenize
+from clip_model import CLIP, TINY_CONFIG as TINY, CLIPConfig
 from lora import count_trainable
-
-CLASSES = ["cat", "dog", "fishing boat", "sunflower"]
-
-
-@pytest.fixture(scope="module")
-def plain():
-    torch.manual_seed(0)
-    return CLIP(TINY).eval()
-
-
-@pytest.fixture(scope="module")
-def batch():
-    """One image per class and the class prompts: (images, tokens, labels)."""
-    images = torch.randn(len(CLASSES), 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    tokens = tokenize([f"a bad photo of a {c}." for c in CLASSES])
-    return images, tokens, torch.arange(len(CLASSES))
+from peft_support import clip_loss, features, train
 
 
 def tuned(plain, seed=0, **kwargs):
     torch.manual_seed(seed)  # the down-projections are drawn at random
     return adapter.apply_adapter(copy.deepcopy(plain), **kwargs).train()
-
-
-def features(model, batch):
-    """Image and text features in eval mode (no dropout)."""
-    images, tokens, _ = batch
-    was_training = model.training
-    with torch.no_grad():
-        out = model.eval().encode_image(images), model.encode_text(tokens)
-    model.train(was_training)
-    return out
-
-
-def clip_loss(model, batch):
-    """Cross-entropy of image-to-prompt logits, so that the gradient reaches both towers."""
-    images, tokens, labels = batch
-    logits_per_image, _ = model(images, tokens)
-    return F.cross_entropy(logits_per_image, labels)
-
-
-def train(model, batch, steps):
-    # Every parameter goes to AdamW with weight decay: a frozen one would move if it ever got a gradient.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        clip_loss(model, batch).backward()
-        optimizer.step()
-    return model
 
 
 @pytest.mark.parametrize("encoder", ["image", "text", "both"])

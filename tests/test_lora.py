@@ -8,51 +8,13 @@ import torch
 import torch.nn.functional as F
 
 import lora
-from clip_model import CLIP, TINY_CONFIG as TINY, CLIPConfig, tokenize
-
-CLASSES = ["cat", "dog", "fishing boat", "sunflower"]
-
-
-@pytest.fixture(scope="module")
-def plain():
-    torch.manual_seed(0)
-    return CLIP(TINY).eval()
-
-
-@pytest.fixture(scope="module")
-def batch():
-    """One image per class and the class prompts: (images, tokens, labels)."""
-    images = torch.randn(len(CLASSES), 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    tokens = tokenize([f"a bad photo of a {c}." for c in CLASSES])
-    return images, tokens, torch.arange(len(CLASSES))
+from clip_model import CLIP, TINY_CONFIG as TINY, CLIPConfig
+from peft_support import clip_loss, features, train
 
 
 def tuned(plain, seed=0, **kwargs):
     torch.manual_seed(seed)  # A is drawn at random
     return lora.apply_lora(copy.deepcopy(plain), **kwargs)
-
-
-def features(model, batch):
-    images, tokens, _ = batch
-    with torch.no_grad():
-        return model.encode_image(images), model.encode_text(tokens)
-
-
-def clip_loss(model, batch):
-    """Cross-entropy of image-to-prompt logits, so that the gradient reaches both towers."""
-    images, tokens, labels = batch
-    logits_per_image, _ = model(images, tokens)
-    return F.cross_entropy(logits_per_image, labels)
-
-
-def train(model, batch, steps):
-    # Every parameter goes to AdamW with weight decay: a frozen one would move if it ever got a gradient.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        clip_loss(model, batch).backward()
-        optimizer.step()
-    return model
 
 
 @pytest.mark.parametrize("encoder", ["image", "text", "both"])
