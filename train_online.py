@@ -445,8 +445,6 @@ def check_args(args):
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.zero_shot_eval:
         evaluate.check_zero_shot_names(args.zero_shot_datasets.split(","))
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but no CUDA GPU is available (use --device cpu)")
 
 
 def default_out(args):
@@ -478,8 +476,7 @@ def smoke_setup(args):
 def setup(args):
     """Model, data and stream, or a clear error before any training starts."""
     check_args(args)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = torch.device(evaluate.resolve_device(args.device))  # --device cuda without a GPU: a clear error
     if args.smoke:
         args.dataset = "smoke"
         args.out = args.out or default_out(args)

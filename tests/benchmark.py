@@ -23,6 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import clip_model  # noqa: E402
+import evaluate  # noqa: E402
 import lora  # noqa: E402
 import stream  # noqa: E402
 import train_online  # noqa: E402
@@ -162,8 +163,7 @@ def main():
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--json", default=None, help="also write the numbers here")
     args = p.parse_args()
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = torch.device(evaluate.resolve_device(args.device))
     gpu = device.type == "cuda"
     iters = args.iters or (20 if gpu else 2)
     warmup = 5 if gpu else 1
