@@ -1,5 +1,6 @@
 """The online trainer: the SIT property of the loss, end-to-end runs that write their results, clean errors."""
 
+import copy
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from PIL import Image
 
 import clip_model
 import evaluate
+import lora
 import train_online
 from train_online import symmetric_loss, text_gradient_parts
 
@@ -148,6 +150,40 @@ def test_feature_caches_do_not_change_the_numbers(data, tmp_path):
             assert train_online.main(run_args(data, out, "--encoder", encoder, *([cache] if cache else []))) == 0
             runs.append(read(out))
         assert runs[0]["anytime"] == runs[1]["anytime"] and runs[0]["class_acc"] == runs[1]["class_acc"]
+
+
+@pytest.mark.parametrize("peft, encoder, no_cache, compiled", [
+    ("lora", "both", False, {"image", "text"}), ("lora", "image", False, {"image"}),
+    ("adapter", "text", False, {"text"}), ("none", "both", False, set()), ("lora", "image", True, {"image", "text"})])
+def test_compile_only_the_towers_that_run_at_every_step(peft, encoder, no_cache, compiled):
+    args = train_online.parse_args(["--peft", peft, "--encoder", encoder, "--compile"] + ["--no-cache"] * no_cache)
+    model = clip_model.CLIP(TINY)
+    train_online.compile_towers(model, args)  # lazy: nothing is compiled before the first call
+    towers = {"image": model.visual, "text": model.transformer}
+    assert {name for name, tower in towers.items() if tower._compiled_call_impl is not None} == compiled
+
+
+def test_compiled_towers_give_the_same_features_and_gradients():
+    torch.manual_seed(0)
+    eager = lora.apply_lora(clip_model.CLIP(TINY).eval(), encoder="both")
+    for module in lora.lora_modules(eager):  # B = 0 at the start would leave the low-rank path untested
+        torch.nn.init.normal_(module.lora_B, std=0.1)
+    compiled = copy.deepcopy(eager)
+    train_online.compile_towers(compiled, train_online.parse_args(["--compile"]))
+    assert compiled.visual._compiled_call_impl is not None and compiled.transformer._compiled_call_impl is not None
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    tokens = clip_model.trim_padding(clip_model.tokenize([f"a bad photo of a {c}." for c in "abc"]))
+    labels, visible = torch.tensor([0, 2, 2, 1]), torch.tensor([0, 1, 2])
+    outputs = []
+    for model in (eager, compiled):
+        f = F.normalize(model.encode_image(images), dim=-1)
+        g = F.normalize(model.encode_text(tokens), dim=-1)
+        symmetric_loss(f, g, labels, visible, model.logit_scale.exp().detach()).backward()
+        outputs.append([f, g] + [p.grad for p in model.parameters() if p.requires_grad])
+    assert len(outputs[1]) == 2 + 4 * (TINY.vision_layers + TINY.transformer_layers)  # A, B of in_proj, out_proj
+    assert all(t is not None for t in outputs[1])
+    for a, b in zip(*outputs):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
 def test_zero_shot_baseline_encodes_each_test_image_once(data, tmp_path, monkeypatch):
