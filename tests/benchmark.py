@@ -3,11 +3,13 @@ Where the time goes: a benchmark of the online trainer on synthetic data of the 
 
     python tests/benchmark.py                      # CPU: small fractions of each measurement
     python tests/benchmark.py --device cuda        # GPU: the full synthetic CIFAR-100 Si-Blurry run too
+    python tests/benchmark.py --compile            # also the compiled step and evaluation; the run compiled
 
-It prints (and with --json writes): training-step throughput for LoRA on both / image / text towers, evaluation
-throughput, the same step in the released recipe (fp32, full 77-token text, test features recomputed), and the
-wall time of a synthetic CIFAR-100-sized Si-Blurry run through `train_online.train` with the share spent in data
-loading, training and evaluation. Not collected by pytest (no test_ prefix).
+It prints (and with --json writes): the throughput of the trainer's own step (`train_online.sit_step`) with LoRA on
+both / image / text towers, evaluation throughput, the released recipe's step and evaluation (fp32, the batch's
+prompts on all 77 tokens at every step, test features recomputed), and the wall time of a synthetic
+CIFAR-100-sized Si-Blurry run through `train_online.train` with the share spent in data loading, training and
+evaluation. Not collected by pytest (no test_ prefix).
 """
 
 import argparse
@@ -52,9 +54,26 @@ def vit_b16(device, encoder="both"):
     return lora.apply_lora(model, encoder=encoder).to(device) if encoder else model.requires_grad_(False).to(device)
 
 
-def tokens_for(model, n_classes, device):
-    names = [f"class number {i}" for i in range(n_classes)]
-    return clip_model.tokenize([clip_model.PROMPT.format(n) for n in names]).to(device)
+CLASS_NAMES = [f"class number {i}" for i in range(100)]
+
+
+def our_step_fn(model, encoder, device, compile_model=False, batch=64):
+    """The trainer's own step (train_online.sit_step, its text cache, fused AdamW, bf16 on CUDA), CIFAR-shaped."""
+    args = train_online.parse_args(["--encoder", encoder] + ["--compile"] * compile_model)
+    args.tunes_image = encoder != "text"
+    if compile_model:
+        train_online.compile_towers(model, args)
+    optimizer = train_online.make_optimizer(model, args)
+    text_features = train_online.TextFeatures(model, CLASS_NAMES, args.prompt, trainable=encoder != "image")
+    augment = stream.BatchAugment(model.visual.input_resolution, seed=0)
+    amp = train_online.autocast_context(device, args.precision)
+    images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)  # on the host, as the stream delivers
+    images = images.pin_memory() if device.type == "cuda" else images
+    labels = torch.randint(0, len(CLASS_NAMES), (batch,))
+    visible = torch.unique(labels)  # the trainer's bookkeeping is on the host
+    scale = model.logit_scale.exp().detach()
+    return lambda: train_online.sit_step(model, optimizer, images, labels, visible, text_features, augment, scale,
+                                         args, amp)
 
 
 def encode_text_full_context(model, tokens):
@@ -64,40 +83,36 @@ def encode_text_full_context(model, tokens):
     return x[torch.arange(len(tokens)), tokens.argmax(-1)] @ model.text_projection
 
 
-def train_step_fn(model, tokens, encoder, device, amp, released=False, batch=64):
-    """One SIT step on a CIFAR-shaped batch: device augmentation, both features, loss, AdamW."""
+def released_step_fn(model, device, batch=64):
+    """The released recipe's step, written with our modules: fp32, the batch's class prompts encoded at every step
+    on all 77 tokens, AdamW as torch's default."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4, weight_decay=1e-5)
     augment = stream.BatchAugment(model.visual.input_resolution, seed=0)
+    tokens = clip_model.tokenize([clip_model.PROMPT.format(name) for name in CLASS_NAMES]).to(device)
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
-    labels = torch.randint(0, len(tokens), (batch,), device=device)
-    text_cache = None if encoder != "image" else F.normalize(model.encode_text(tokens), dim=-1).detach()
+    labels = torch.randint(0, len(CLASS_NAMES), (batch,), device=device)
     scale = model.logit_scale.exp().detach()
 
     def step():
         visible = torch.unique(labels)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            with torch.set_grad_enabled(encoder != "text"):
-                f = F.normalize(model.encode_image(augment(images)), dim=-1)
-            if released:
-                g = F.normalize(encode_text_full_context(model, tokens[visible]), dim=-1)
-            elif text_cache is not None:
-                g = text_cache[visible]
-            else:
-                g = F.normalize(model.encode_text(tokens[visible]), dim=-1)
-            loss = train_online.symmetric_loss(f, g, labels, visible, scale)
+        f = F.normalize(model.encode_image(augment(images)), dim=-1)
+        g = F.normalize(encode_text_full_context(model, tokens[visible]), dim=-1)
+        loss = train_online.symmetric_loss(f, g, labels, visible, scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     return step
 
 
-def eval_fn(model, device, amp, n):
+def eval_fn(model, device, amp, n, batch_size):
+    """The trainer's evaluation pass over n CIFAR-shaped test images, in chunks of batch_size."""
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, device=device)
 
     @torch.inference_mode()
     def run():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            model.encode_image(stream.eval_transform(images, model.visual.input_resolution))
+            for chunk in images.split(batch_size):
+                model.encode_image(stream.eval_transform(chunk, model.visual.input_resolution))
     return run
 
 
@@ -107,11 +122,14 @@ def full_run(device, fraction, workers, precision, compile_model=False):
     train_set = stream.SyntheticDataset(100, per_class, image_size=32, seed=0, train=True)
     test_set = stream.SyntheticDataset(100, test_per_class, image_size=32, seed=0, train=False)
     args = train_online.parse_args(["--device", device.type, "--workers", str(workers), "--quiet",
-                                    "--precision", precision, "--eval-period", str(max(64, int(1000 * fraction)))])
+                                    "--precision", precision, "--eval-period", str(max(64, int(1000 * fraction)))]
+                                   + ["--compile"] * compile_model)
     args.image_size, args.dataset, args.policy = None, "cifar100", "cifar10"
     args.out = os.path.join("runs", "benchmark")
     split = stream.si_blurry_split(train_set.targets, 100, args.n_tasks, args.n, args.m, args.seed, args.stochastic)
     model = train_online.apply_peft(vit_b16(device, encoder=None).requires_grad_(True), args).to(device)
+    if compile_model:
+        train_online.compile_towers(model, args)
     results = train_online.Results(args.out, vars(args).copy(), train_set.classes,
                                    {"disjoint": split.disjoint_classes, "blurry": split.blurry_classes})
 
@@ -161,6 +179,8 @@ def main():
     p.add_argument("--fraction", type=float, default=None, help="of the CIFAR-100 run (default 1 on GPU, 0.01 CPU)")
     p.add_argument("--iters", type=int, default=None, help="timed steps per measurement")
     p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--compile", action="store_true",
+                   help="also time the step and evaluation compiled (train_online.py --compile); the run is compiled")
     p.add_argument("--json", default=None, help="also write the numbers here")
     args = p.parse_args()
     device = torch.device(evaluate.resolve_device(args.device))
@@ -173,33 +193,50 @@ def main():
     print(f"# benchmark on {report['device']}, torch {torch.__version__}")
 
     for encoder in ("both", "image", "text"):
-        model = vit_b16(device, encoder)
-        step = train_step_fn(model, tokens_for(model, 100, device), encoder, device, amp=gpu)
-        seconds = timed(step, device, warmup, iters)
+        seconds = timed(our_step_fn(vit_b16(device, encoder), encoder, device), device, warmup, iters)
         report[f"train_{encoder}_img_s"] = 64 / seconds
         print(f"train step, LoRA on {encoder:5s}: {64 / seconds:8.1f} images/s ({1000 * seconds:.0f} ms / batch of 64)")
-    model = vit_b16(device, "both")
-    released = timed(train_step_fn(model, tokens_for(model, 100, device), "both", device, amp=False, released=True),
-                     device, warmup, iters)
+    if args.compile:
+        step = our_step_fn(vit_b16(device, "both"), "both", device, compile_model=True)
+        report["compile_train_s"] = timed(step, device, 0, 1)  # the first call compiles
+        seconds = timed(step, device, warmup, iters)
+        report["train_both_compiled_img_s"] = 64 / seconds
+        print(f"train step, LoRA on both, --compile: {64 / seconds:8.1f} images/s ({1000 * seconds:.0f} ms; "
+              f"{64 / seconds / report['train_both_img_s']:.2f}x eager's speed), "
+              f"compiling took {report['compile_train_s']:.0f} s")
+    released = timed(released_step_fn(vit_b16(device, "both"), device), device, warmup, iters)
     report["released_train_both_img_s"] = 64 / released
     print(f"released recipe step (fp32, 77-token text): {64 / released:8.1f} images/s; "
           f"ours is {released * report['train_both_img_s'] / 64:.2f}x faster")
 
-    n_eval = 1024 if gpu else 64
+    n_eval = 2048 if gpu else 64
     model = vit_b16(device, None)
-    seconds = timed(eval_fn(model, device, gpu, n_eval), device, 1, max(1, iters // 4))
-    report["eval_img_s"] = n_eval / seconds
-    seconds_fp32 = timed(eval_fn(model, device, False, n_eval), device, 1, max(1, iters // 4))
-    report["released_eval_img_s"] = n_eval / seconds_fp32
-    print(f"evaluation: {n_eval / seconds:8.1f} images/s (released recipe, fp32: {n_eval / seconds_fp32:.1f})")
+    for batch_size in (256, 1024) if gpu else (32,):
+        seconds = timed(eval_fn(model, device, gpu, n_eval, batch_size), device, 1, max(1, iters // 4))
+        report[f"eval_img_s_batch{batch_size}"] = n_eval / seconds
+        print(f"evaluation, batches of {batch_size}: {n_eval / seconds:8.1f} images/s")
+    report["eval_img_s"] = report[f"eval_img_s_batch{batch_size}"]
+    seconds = timed(eval_fn(model, device, False, n_eval, batch_size), device, 1, max(1, iters // 4))
+    report["released_eval_img_s"] = n_eval / seconds
+    print(f"evaluation, released recipe (fp32): {n_eval / seconds:8.1f} images/s; ours is "
+          f"{report['eval_img_s'] * seconds / n_eval:.2f}x faster")
+    if args.compile:
+        model.visual.compile()
+        run_eval = eval_fn(model, device, gpu, n_eval, batch_size)
+        report["compile_eval_s"] = timed(run_eval, device, 0, 1)
+        seconds = timed(run_eval, device, 1, max(1, iters // 4))
+        report["eval_compiled_img_s"] = n_eval / seconds
+        print(f"evaluation, --compile: {n_eval / seconds:8.1f} images/s ({n_eval / seconds / report['eval_img_s']:.2f}x"
+              f" eager's speed), compiling took {report['compile_eval_s']:.0f} s")
     del model
 
     if gpu:
         torch.cuda.reset_peak_memory_stats()
-    run = full_run(device, fraction, args.workers, "auto")
+    run = full_run(device, fraction, args.workers, "auto", compile_model=args.compile)
     report["run"] = run
-    print(f"synthetic CIFAR-100 Si-Blurry run ({100 * fraction:g}% of it: {run['train_images']} training and "
-          f"{run['test_images']} test images, {run['evaluations']} evaluations): {run['wall_s']:.1f} s "
+    print(f"synthetic CIFAR-100 Si-Blurry run{' with --compile' * args.compile} ({100 * fraction:g}% of it: "
+          f"{run['train_images']} training and {run['test_images']} test images, {run['evaluations']} evaluations): "
+          f"{run['wall_s']:.1f} s "
           f"= data {100 * run['data_s'] / run['wall_s']:.0f}% + training {100 * run['train_s'] / run['wall_s']:.0f}%"
           f" + evaluation {100 * run['eval_s'] / run['wall_s']:.0f}%")
     # The released recipe's run, estimated from its measured step and evaluation rates on the same counts
