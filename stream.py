@@ -6,6 +6,7 @@ Top to bottom:
   3. batches: the augmented stream (AutoAugment per sample in DataLoader workers), the training transform batched
      on the device, evaluation batches and OpenAI's evaluation transform, the seen-class test set.
 """
+import functools
 import hashlib
 import os
 from typing import NamedTuple
@@ -480,10 +481,17 @@ def _collate_stream(items) -> StreamBatch:
     return StreamBatch(tasks[0], torch.stack(copies, dim=1), torch.tensor(labels), torch.tensor(indices))
 
 
+@functools.cache
+def _mean_std(device: torch.device):
+    """CLIP's channel mean and std, (1, 3, 1, 1) each, made once per device: torch.tensor(..., device=cuda)
+    is a host-to-device copy that waits for the GPU, which the training step must not do."""
+    mean = torch.tensor(clip_model.CLIP_MEAN, device=device).view(1, 3, 1, 1)
+    return mean, torch.tensor(clip_model.CLIP_STD, device=device).view(1, 3, 1, 1)
+
+
 def _normalise(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float, CLIP-normalised."""
-    mean = torch.tensor(clip_model.CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(clip_model.CLIP_STD, device=images.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(images.device)
     return (images.float() / 255 - mean) / std
 
 

@@ -86,7 +86,7 @@ class TextFeatures:
         missing = classes[~self.cached[classes]]
         if len(missing):  # a class seen for the first time: encode it once, for training and evaluation alike
             with torch.no_grad():
-                rows = missing.to(self.device)
+                rows = missing.to(self.device, non_blocking=True)
                 self.cache[rows] = F.normalize(self.model.encode_text(self.tokens[rows]), dim=-1).float()
             self.cached[missing] = True
         return self.cache[classes.to(self.device, non_blocking=True)]
