@@ -18,6 +18,7 @@ import os
 import resource
 import sys
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,20 @@ import train_online  # noqa: E402
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def syncs_per_call(fn):
+    """Host-device synchronisations inside one call of fn, counted by CUDA's sync debug mode (it warns on each)."""
+    fn()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def timed(fn, device, warmup, iters):
@@ -193,9 +208,15 @@ def main():
     print(f"# benchmark on {report['device']}, torch {torch.__version__}")
 
     for encoder in ("both", "image", "text"):
-        seconds = timed(our_step_fn(vit_b16(device, encoder), encoder, device), device, warmup, iters)
+        step = our_step_fn(vit_b16(device, encoder), encoder, device)
+        seconds = timed(step, device, warmup, iters)
         report[f"train_{encoder}_img_s"] = 64 / seconds
-        print(f"train step, LoRA on {encoder:5s}: {64 / seconds:8.1f} images/s ({1000 * seconds:.0f} ms / batch of 64)")
+        syncs = ""
+        if gpu:
+            report[f"train_{encoder}_syncs"] = syncs_per_call(step)
+            syncs = f", {report[f'train_{encoder}_syncs']} host-device syncs"
+        print(f"train step, LoRA on {encoder:5s}: {64 / seconds:8.1f} images/s ({1000 * seconds:.0f} ms / batch of 64"
+              f"{syncs})")
     if args.compile:
         step = our_step_fn(vit_b16(device, "both"), "both", device, compile_model=True)
         report["compile_train_s"] = timed(step, device, 0, 1)  # the first call compiles
