@@ -242,6 +242,13 @@ def make_optimizer(model, args):
     return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=fused)
 
 
+def tuned_towers(args):
+    """The towers whose LoRA/adapter parameters train: a subset of {"image", "text"}."""
+    if args.peft == "none":
+        return set()
+    return {"image", "text"} if args.encoder == "both" else {args.encoder}
+
+
 def apply_peft(model, args):
     """LoRA or adapters on the chosen tower(s); everything else frozen. --peft none: nothing trains."""
     if args.peft == "lora":
@@ -275,10 +282,10 @@ def train(args, model, train_set, test_set, split, results, device):
     `online_iter` steps per batch with fresh augmentation, anytime and task-end evaluation."""
     num_classes = len(train_set.classes)
     trains = args.peft != "none"
-    args.tunes_image = trains and args.encoder in ("image", "both")
+    args.tunes_image = "image" in tuned_towers(args)
     amp = autocast_context(device, args.precision)
-    text_features = TextFeatures(model, train_set.classes, args.prompt,
-                                 trainable=trains and args.encoder in ("text", "both"), cache=not args.no_cache)
+    text_features = TextFeatures(model, train_set.classes, args.prompt, trainable="text" in tuned_towers(args),
+                                 cache=not args.no_cache)
     test = TestImages(model, test_set, args.image_size, args.tunes_image, args.eval_batch_size, args.workers,
                       device, cache=not args.no_cache)
     augment = stream.BatchAugment(model.visual.input_resolution, seed=args.seed)
@@ -476,10 +483,10 @@ def smoke_setup(args):
 def compile_towers(model, args):
     """--compile: torch.compile, in place, each tower that runs at every step (a tuned one, or any with --no-cache)."""
     # A frozen tower behind its cache runs once per class or test image: compiling it would cost more than it saves.
-    tuned = args.peft != "none"
-    if args.no_cache or (tuned and args.encoder in ("image", "both")):
+    tuned = tuned_towers(args)
+    if args.no_cache or "image" in tuned:
         model.visual.compile()
-    if args.no_cache or (tuned and args.encoder in ("text", "both")):
+    if args.no_cache or "text" in tuned:
         model.transformer.compile()
 
 

@@ -74,12 +74,13 @@ CLASS_NAMES = [f"class number {i}" for i in range(100)]
 
 def our_step_fn(model, encoder, device, compile_model=False, batch=64):
     """The trainer's own step (train_online.sit_step, its text cache, fused AdamW, bf16 on CUDA), CIFAR-shaped."""
-    args = train_online.parse_args(["--encoder", encoder] + ["--compile"] * compile_model)
-    args.tunes_image = encoder != "text"
+    args = train_online.parse_args(["--encoder", encoder])
+    args.tunes_image = "image" in train_online.tuned_towers(args)
     if compile_model:
         train_online.compile_towers(model, args)
     optimizer = train_online.make_optimizer(model, args)
-    text_features = train_online.TextFeatures(model, CLASS_NAMES, args.prompt, trainable=encoder != "image")
+    text_features = train_online.TextFeatures(model, CLASS_NAMES, args.prompt,
+                                              trainable="text" in train_online.tuned_towers(args))
     augment = stream.BatchAugment(model.visual.input_resolution, seed=0)
     amp = train_online.autocast_context(device, args.precision)
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)  # on the host, as the stream delivers
