@@ -4,7 +4,8 @@ OpenAI's CLIP (ViT image tower + text transformer) in one readable file.
 Parameter names equal the keys of OpenAI's released state dicts, so their weights load with
 `load_state_dict(strict=True)` and no renaming. Contents, top to bottom: the building blocks
 (LayerNorm, QuickGELU, Attention, ResidualAttentionBlock, Transformer), the two towers and CLIP,
-`build_model` (every size inferred from the tensors), checkpoint loading with checksums, the
+`build_model` (every size inferred from the tensors), checkpoint loading with checksums (OpenAI's
+TorchScript archives, plain state dicts, open_clip checkpoints with their `open_clip_config.json`), the
 byte-level BPE tokenizer, and the image/text helpers used for zero-shot classification.
 
 References: Radford et al., "Learning Transferable Visual Models From Natural Language Supervision",
@@ -15,11 +16,14 @@ import gzip
 import hashlib
 import html
 import importlib.util
+import json
 import os
+import sys
+import urllib.error
 import urllib.request
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import ftfy
@@ -43,10 +47,18 @@ class LayerNorm(nn.LayerNorm):
 
 
 class QuickGELU(nn.Module):
-    """x * sigmoid(1.702 x): the GELU approximation CLIP was trained with."""
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP was trained with."""
 
     def forward(self, x):
         return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = ("quickgelu", "gelu")  # OpenAI's CLIP; most open_clip checkpoints (LAION, DataComp, MetaCLIP) use GELU
+
+
+def activation(act):
+    """The MLP non-linearity a checkpoint was trained with: QuickGELU or the exact (erf) GELU."""
+    return QuickGELU() if act == "quickgelu" else nn.GELU()
 
 
 class Attention(nn.Module):
@@ -76,15 +88,15 @@ class Attention(nn.Module):
 class ResidualAttentionBlock(nn.Module):
     """Pre-LN transformer block: x + Attn(LN1(x)), then x + MLP(LN2(x))."""
 
-    def __init__(self, width, heads):
+    def __init__(self, width, heads, mlp_width, act):
         super().__init__()
         self.ln_1 = LayerNorm(width)
         self.attn = Attention(width, heads)
         self.ln_2 = LayerNorm(width)
         self.mlp = nn.Sequential()
-        self.mlp.add_module("c_fc", nn.Linear(width, 4 * width))
-        self.mlp.add_module("gelu", QuickGELU())
-        self.mlp.add_module("c_proj", nn.Linear(4 * width, width))
+        self.mlp.add_module("c_fc", nn.Linear(width, mlp_width))
+        self.mlp.add_module("gelu", activation(act))  # named "gelu" whatever it is, as in OpenAI's layout
+        self.mlp.add_module("c_proj", nn.Linear(mlp_width, width))
 
     def forward(self, x, attn_mask=None):
         x = x + self.attn(self.ln_1(x), attn_mask)
@@ -95,11 +107,11 @@ class ResidualAttentionBlock(nn.Module):
 class Transformer(nn.Module):
     """A stack of residual attention blocks (shared by both towers)."""
 
-    def __init__(self, width, layers, heads):
+    def __init__(self, width, layers, heads, mlp_width, act):
         super().__init__()
         self.width = width
         self.layers = layers
-        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(layers)])
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, mlp_width, act) for _ in range(layers)])
 
     def forward(self, x, attn_mask=None):
         for block in self.resblocks:
@@ -111,6 +123,11 @@ class Transformer(nn.Module):
 # the two towers and CLIP
 
 
+# The image normalisation OpenAI's CLIP was trained with (open_clip checkpoints may bring their own).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
 @dataclass
 class CLIPConfig:
     embed_dim: int = 512           # joint image-text embedding size
@@ -119,10 +136,24 @@ class CLIPConfig:
     vision_width: int = 768
     vision_patch_size: int = 16
     context_length: int = 77       # text tokens, start and end-of-text included
-    vocab_size: int = 49408        # BPE vocabulary incl. the two special tokens
+    vocab_size: int = 49408        # BPE vocabulary incl. the two special tokens (see `get_tokenizer`)
     transformer_width: int = 512   # text tower width
     transformer_heads: int = 8
     transformer_layers: int = 12
+    vision_heads: int = None       # None: vision_width // 64 (OpenAI's head width; open_clip's ViT-H/g/bigG differ)
+    vision_mlp_width: int = None   # None: 4 * vision_width (open_clip's ViT-g/bigG use other MLP ratios)
+    transformer_mlp_width: int = None  # None: 4 * transformer_width
+    act: str = "quickgelu"         # MLP activation, one of ACTIVATIONS; nothing in the weights tells which
+    image_mean: tuple = CLIP_MEAN  # per-channel normalisation the image tower was trained with
+    image_std: tuple = CLIP_STD
+
+    def __post_init__(self):
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"act={self.act!r}; expected one of {ACTIVATIONS}")
+        self.vision_heads = self.vision_heads or self.vision_width // 64
+        self.vision_mlp_width = self.vision_mlp_width or 4 * self.vision_width
+        self.transformer_mlp_width = self.transformer_mlp_width or 4 * self.transformer_width
+        self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
 
 
 # The same layout at toy size (width 64, 2 layers, one head, 32 px): for tests and `train_online.py --smoke`.
@@ -133,7 +164,7 @@ TINY_CONFIG = CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=2, vis
 class VisionTransformer(nn.Module):
     """ViT image tower: patchify, prepend the class token, transformer, project the class token."""
 
-    def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim):
+    def __init__(self, input_resolution, patch_size, width, layers, heads, mlp_width, act, output_dim):
         super().__init__()
         self.input_resolution = input_resolution
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
@@ -142,7 +173,7 @@ class VisionTransformer(nn.Module):
         n_tokens = (input_resolution // patch_size) ** 2 + 1
         self.positional_embedding = nn.Parameter(scale * torch.randn(n_tokens, width))
         self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads)
+        self.transformer = Transformer(width, layers, heads, mlp_width, act)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
@@ -162,11 +193,12 @@ class CLIP(nn.Module):
         super().__init__()
         c = config
         self.config = c
-        self.visual = VisionTransformer(c.image_resolution, c.vision_patch_size, c.vision_width,
-                                        c.vision_layers, c.vision_width // 64, c.embed_dim)
+        self.visual = VisionTransformer(c.image_resolution, c.vision_patch_size, c.vision_width, c.vision_layers,
+                                        c.vision_heads, c.vision_mlp_width, c.act, c.embed_dim)
         self.token_embedding = nn.Embedding(c.vocab_size, c.transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(c.context_length, c.transformer_width))
-        self.transformer = Transformer(c.transformer_width, c.transformer_layers, c.transformer_heads)
+        self.transformer = Transformer(c.transformer_width, c.transformer_layers, c.transformer_heads,
+                                       c.transformer_mlp_width, c.act)
         self.ln_final = LayerNorm(c.transformer_width)
         self.text_projection = nn.Parameter(torch.empty(c.transformer_width, c.embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(4.6052))  # log(100)
@@ -214,8 +246,11 @@ class CLIP(nn.Module):
         return logits_per_image, logits_per_image.t()
 
 
-def build_model(state_dict) -> CLIP:
-    """Build a CLIP whose every size is read off OpenAI-layout tensors, then load them strictly (fp32)."""
+def build_model(state_dict, act="quickgelu", **settings) -> CLIP:
+    """Build a CLIP whose every size is read off OpenAI-layout tensors, then load them strictly (fp32).
+
+    What the tensors cannot tell comes from the arguments: the MLP activation `act`, and in `settings` any of the
+    CLIPConfig fields vision_heads, transformer_heads (default: width // 64), image_mean, image_std."""
     sd = {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
     if "visual.proj" not in sd:
         if any(k.startswith("visual.layer1.") for k in sd):
@@ -239,9 +274,19 @@ def build_model(state_dict) -> CLIP:
             transformer_width=sd["ln_final.weight"].shape[0],
             transformer_heads=sd["ln_final.weight"].shape[0] // 64,
             transformer_layers=n_blocks("transformer.resblocks."),
+            vision_mlp_width=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+            transformer_mlp_width=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+            act=act,
         )
+        config = replace(config, **settings)
     except KeyError as e:
         raise CheckpointError(f"incomplete CLIP state dict: missing key {e}") from None
+    except (TypeError, ValueError) as e:  # an unknown setting or activation
+        raise CheckpointError(f"cannot build this CLIP: {e}") from None
+    for tower, width, heads in (("image", config.vision_width, config.vision_heads),
+                                ("text", config.transformer_width, config.transformer_heads)):
+        if heads < 1 or width % heads:
+            raise CheckpointError(f"the {tower} tower's width {width} does not split into {heads} attention heads")
     model = CLIP(config)
     try:
         model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
@@ -251,7 +296,7 @@ def build_model(state_dict) -> CLIP:
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: download with checksum, TorchScript archive or plain state dict
+# checkpoints: download with checksum; TorchScript archive, plain state dict, open_clip config
 
 _BASE = "https://openaipublic.azureedge.net/clip/models"
 # The path segment of each URL is the file's SHA256, which we verify after download.
@@ -261,11 +306,23 @@ _MODELS = {
     "ViT-L/14": f"{_BASE}/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
     "ViT-L/14@336px": f"{_BASE}/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
 }
-_CACHE = os.path.expanduser("~/.cache/clip")
+
+
+def cache_dir():
+    """~/.cache/clip, where OpenAI's weights and the BPE vocabulary are downloaded (read at each call: $HOME may change)."""
+    return os.path.expanduser("~/.cache/clip")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt, or not an OpenAI-layout ViT CLIP."""
+
+
+class DownloadError(OSError):
+    """A file that had to be downloaded and could not be: what, from where, why, and where to put it by hand."""
+
+    def __init__(self, what, url, reason, put_at):
+        super().__init__(f"could not download {what} from {url} ({reason}); without network, fetch it elsewhere "
+                         f"and put it at {put_at}")
 
 
 def available_models():
@@ -281,19 +338,26 @@ def sha256sum(path):
     return h.hexdigest()
 
 
-def download(url, root, sha256):
-    """Download `url` into `root` with a progress bar unless a verified copy is there; return the path."""
+def download(url, root, sha256, what=None):
+    """Download `url` into `root` with a progress bar unless a verified copy is there; return the path.
+
+    With a verified copy in place no connection is opened; a failed connection is a DownloadError."""
     os.makedirs(root, exist_ok=True)
     path = os.path.join(root, os.path.basename(url))
     if os.path.isfile(path) and sha256sum(path) == sha256:
         return path
     tmp = path + ".part"
-    with urllib.request.urlopen(url) as source, open(tmp, "wb") as out:
-        total = int(source.headers.get("Content-Length", 0)) or None
-        with tqdm(total=total, unit="iB", unit_scale=True, unit_divisor=1024, desc=os.path.basename(url)) as bar:
-            for chunk in iter(lambda: source.read(1 << 16), b""):
-                out.write(chunk)
-                bar.update(len(chunk))
+    try:
+        with urllib.request.urlopen(url) as source, open(tmp, "wb") as out:
+            total = int(source.headers.get("Content-Length", 0)) or None
+            with tqdm(total=total, unit="iB", unit_scale=True, unit_divisor=1024, desc=os.path.basename(url)) as bar:
+                for chunk in iter(lambda: source.read(1 << 16), b""):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, OSError) as e:  # no network, DNS, HTTP error, or the connection broke
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise DownloadError(what or os.path.basename(url), url, getattr(e, "reason", e), path) from None
     if sha256sum(tmp) != sha256:
         os.remove(tmp)
         raise CheckpointError(f"{url}: downloaded file does not match its SHA256 {sha256}")
@@ -310,7 +374,8 @@ def is_torchscript(path):
 
 
 def read_state_dict(path):
-    """Tensors of a TorchScript archive (how OpenAI ships CLIP) or of a plain (possibly wrapped) state dict."""
+    """Tensors of a TorchScript archive (how OpenAI ships CLIP), a plain state dict, or a training checkpoint
+    {"state_dict": {...}} (open_clip's epoch_N.pt, whose keys carry DistributedDataParallel's "module." prefix)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
@@ -326,23 +391,96 @@ def read_state_dict(path):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: holds a {type(sd).__name__}, not a state dict of tensors")
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
 
 
-def load(name_or_path, device="cpu", download_root=None) -> CLIP:
-    """Load a ViT CLIP by OpenAI name (downloaded, SHA256-verified) or from a checkpoint path; fp32, eval mode."""
+def checkpoint_path(name_or_path, download_root=None):
+    """The local file of an OpenAI model name (downloaded once, SHA256-verified) or of a checkpoint path."""
     if name_or_path in _MODELS:
         url = _MODELS[name_or_path]
-        path = download(url, download_root or _CACHE, sha256=url.split("/")[-2])
-    elif os.path.isfile(name_or_path):
-        path = name_or_path
-    else:
-        raise CheckpointError(f"{name_or_path}: no such checkpoint file, nor a model name in {available_models()}")
-    state_dict = read_state_dict(path)  # its errors name the path already
+        return download(url, download_root or cache_dir(), sha256=url.split("/")[-2],
+                        what=f"the CLIP {name_or_path} weights")
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    raise CheckpointError(f"{name_or_path}: no such checkpoint file, nor a model name in {available_models()}")
+
+
+OPEN_CLIP_CONFIG = "open_clip_config.json"  # beside open_clip's weights, as on its model hubs
+# open_clip options that change the forward pass without changing the state-dict keys, or that we do not implement:
+# a config that sets any of them to another value than this is refused, never loaded as a different model.
+_OPEN_CLIP_DEFAULTS = {
+    "vision_cfg": {"timm_model_name": None, "pool_type": "tok", "attentional_pool": False,
+                   "final_ln_after_pool": False, "no_ln_pre": False, "pos_embed_type": "learnable"},
+    "text_cfg": {"hf_model_name": None, "hf_tokenizer_name": None, "tokenizer_kwargs": None, "pool_type": "argmax",
+                 "no_causal_mask": False, "final_ln_after_pool": False, "embed_cls": False, "proj_type": "linear",
+                 "proj_bias": False},
+    "both": {"ls_init_value": None, "act_kwargs": None, "norm_kwargs": None, "block_type": None, "qk_norm": False,
+             "scaled_cosine_attn": False, "scale_heads": False, "scale_attn_inner": False, "scale_attn": False,
+             "scale_fc": False},
+}
+
+
+def open_clip_settings(path):
+    """build_model settings from an open_clip_config.json: act (its model_cfg.quick_gelu, false when absent), the
+    head counts (vision width // head_width, text heads) and the preprocess_cfg mean/std."""
     try:
-        model = build_model(state_dict)
+        with open(path) as f:
+            cfg = json.load(f)
+        model_cfg = cfg.get("model_cfg", cfg)  # the hubs' layout, or a bare model config as in open_clip's package
+        vision, text = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a readable open_clip config ({type(e).__name__}: {e})") from None
+    if model_cfg.get("custom_text") or "multimodal_cfg" in model_cfg or "init_logit_bias" in model_cfg:
+        raise CheckpointError(f"{path}: a custom-text, CoCa or SigLIP model; only CLIP ViTs are supported")
+    for tower, options in (("vision_cfg", vision), ("text_cfg", text)):
+        for key, default in {**_OPEN_CLIP_DEFAULTS[tower], **_OPEN_CLIP_DEFAULTS["both"]}.items():
+            if options.get(key, default) not in (default, "default") and options.get(key) != {}:
+                raise CheckpointError(f"{path}: {tower}.{key} = {options[key]!r} is not supported "
+                                      f"(only {default!r}): this model would not compute what open_clip computes")
+    preprocess = cfg.get("preprocess_cfg", {})
+    settings = {"act": "quickgelu" if model_cfg.get("quick_gelu", False) else "gelu",
+                "vision_heads": vision.get("width", 768) // vision.get("head_width", 64),
+                "transformer_heads": text.get("heads", 8),
+                "image_mean": tuple(preprocess.get("mean", CLIP_MEAN)),
+                "image_std": tuple(preprocess.get("std", CLIP_STD))}
+    sizes = {"embed_dim": model_cfg.get("embed_dim"), "vision_width": vision.get("width"),
+             "vision_layers": vision.get("layers"), "vision_patch_size": vision.get("patch_size"),
+             "transformer_width": text.get("width"), "transformer_layers": text.get("layers")}
+    resize = (preprocess.get("resize_mode", "shortest"), preprocess.get("interpolation", "bicubic"))
+    if resize != ("shortest", "bicubic"):
+        print(f"note: {path} asks for resize_mode {resize[0]!r}, interpolation {resize[1]!r}; test images get "
+              "OpenAI's preprocessing here (shorter side, bicubic, centre crop) with its mean/std", file=sys.stderr)
+    return settings, {k: v for k, v in sizes.items() if v is not None}
+
+
+def load(name_or_path, device="cpu", download_root=None, act=None) -> CLIP:
+    """Load a ViT CLIP by OpenAI name (downloaded, SHA256-verified) or from a checkpoint path; fp32, eval mode.
+
+    `act` is the MLP activation: "quickgelu" (OpenAI's models) or "gelu" (most open_clip models). With act=None, an
+    open_clip_config.json beside the checkpoint decides it (and gives head counts and mean/std); otherwise OpenAI's
+    QuickGELU is assumed, and said, unless the file is one of OpenAI's."""
+    if act not in (None,) + ACTIVATIONS:
+        raise CheckpointError(f"act={act!r}; expected None (decide from the checkpoint) or one of {ACTIVATIONS}")
+    path = checkpoint_path(name_or_path, download_root)
+    state_dict = read_state_dict(path)  # its errors name the path already
+    config_path = os.path.join(os.path.dirname(os.path.abspath(path)), OPEN_CLIP_CONFIG)
+    settings, sizes = open_clip_settings(config_path) if os.path.isfile(config_path) else ({}, {})
+    if act is not None:
+        settings["act"] = act
+    elif not settings and name_or_path not in _MODELS and not is_torchscript(path):
+        print(f"note: {path}: no {OPEN_CLIP_CONFIG} beside it, so its MLP activation is assumed to be OpenAI's "
+              "QuickGELU; for a GELU model (most open_clip checkpoints) pass act='gelu' (--act gelu)",
+              file=sys.stderr)
+    try:
+        model = build_model(state_dict, **settings)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    wrong = {k: (v, getattr(model.config, k)) for k, v in sizes.items() if getattr(model.config, k) != v}
+    if wrong:
+        raise CheckpointError(f"{config_path} describes another model than {path}: "
+                              + ", ".join(f"{k} {v} in the config, {w} in the weights" for k, (v, w) in wrong.items()))
     return model.to(device)
 
 
@@ -352,6 +490,11 @@ def load(name_or_path, device="cpu", download_root=None) -> CLIP:
 _BPE_NAME = "bpe_simple_vocab_16e6.txt.gz"
 _BPE_URL = f"https://github.com/openai/CLIP/raw/main/clip/{_BPE_NAME}"
 _BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+# A vocabulary is 256 byte tokens, the same 256 ending a word ("</w>"), the first n merges of the BPE file, and
+# <|startoftext|>, <|endoftext|>: OpenAI's has 48,894 merges (49,408 tokens). With no merges (514 tokens) every
+# byte is its own token and no vocabulary file is needed: the tiny --smoke model uses that, offline.
+OPENAI_VOCAB_SIZE = 49408
+BYTE_VOCAB_SIZE = 2 * 256 + 2
 
 
 def bpe_vocab_path(path=None):
@@ -361,7 +504,7 @@ def bpe_vocab_path(path=None):
         if not os.path.isfile(explicit):
             raise FileNotFoundError(f"{explicit}: BPE vocabulary file not found")
         return explicit
-    candidates = [os.path.join(_CACHE, _BPE_NAME)]
+    candidates = [os.path.join(cache_dir(), _BPE_NAME)]
     for package in ("open_clip", "clip"):  # located without importing them
         spec = importlib.util.find_spec(package)
         if spec and spec.submodule_search_locations:
@@ -369,7 +512,14 @@ def bpe_vocab_path(path=None):
     for candidate in candidates:
         if os.path.isfile(candidate):
             return candidate
-    return download(_BPE_URL, _CACHE, _BPE_SHA256)
+    return download(_BPE_URL, cache_dir(), _BPE_SHA256, what="the BPE vocabulary of CLIP's tokenizer")
+
+
+def read_merges(path, n):
+    """The first n merges (pairs of symbols) of a BPE vocabulary file, after its header line."""
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        merges = f.read().split("\n")[1:n + 1]
+    return [tuple(m.split()) for m in merges]
 
 
 def bytes_to_unicode():
@@ -393,16 +543,13 @@ def clean_text(text):
 
 
 class Tokenizer:
-    """Byte-level BPE with OpenAI's 49,152 merges and <|startoftext|>/<|endoftext|> tokens."""
+    """Byte-level BPE with the given merges (OpenAI's 48,894, or none) and <|startoftext|>/<|endoftext|> tokens."""
 
     pattern = re.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
                          re.IGNORECASE)
 
-    def __init__(self, bpe_path):
+    def __init__(self, merges):
         self.byte_encoder = bytes_to_unicode()
-        with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
-            merges = f.read().split("\n")[1:49152 - 256 - 2 + 1]
-        merges = [tuple(m.split()) for m in merges]
         vocab = list(self.byte_encoder.values())
         vocab += [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
         vocab += ["<|startoftext|>", "<|endoftext|>"]
@@ -443,15 +590,20 @@ class Tokenizer:
 
 
 @lru_cache()
-def get_tokenizer(bpe_path=None):
-    return Tokenizer(bpe_vocab_path(bpe_path))
+def get_tokenizer(vocab_size=OPENAI_VOCAB_SIZE, bpe_path=None):
+    """The tokenizer of a text tower with `vocab_size` token embeddings (OpenAI's, or byte-level for 514)."""
+    n_merges = vocab_size - BYTE_VOCAB_SIZE
+    if not 0 <= n_merges <= OPENAI_VOCAB_SIZE - BYTE_VOCAB_SIZE:
+        raise CheckpointError(f"no tokenizer for a vocabulary of {vocab_size} tokens: expected {BYTE_VOCAB_SIZE} "
+                              f"(bytes only) to {OPENAI_VOCAB_SIZE} (OpenAI's BPE)")
+    return Tokenizer(read_merges(bpe_vocab_path(bpe_path), n_merges) if n_merges else [])
 
 
-def tokenize(texts, context_length=77, truncate=False) -> torch.LongTensor:
+def tokenize(texts, context_length=77, truncate=False, vocab_size=OPENAI_VOCAB_SIZE) -> torch.LongTensor:
     """Strings -> (N, context_length) token ids: <sot> text <eot>, zero padded (OpenAI's clip.tokenize)."""
     if isinstance(texts, str):
         texts = [texts]
-    tokenizer = get_tokenizer()
+    tokenizer = get_tokenizer(vocab_size)
     result = torch.zeros(len(texts), context_length, dtype=torch.long)
     for i, text in enumerate(texts):
         ids = [tokenizer.sot] + tokenizer.encode(text) + [tokenizer.eot]
@@ -468,18 +620,22 @@ def tokenize(texts, context_length=77, truncate=False) -> torch.LongTensor:
 # zero-shot classification helpers
 
 PROMPT = "a bad photo of a {}."
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def image_transform(n_px):
-    """OpenAI's evaluation preprocessing: bicubic resize, centre crop, RGB, CLIP mean/std normalisation."""
-    return transforms.Compose([
-        transforms.Resize(n_px, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(n_px),
+TEST_RESIZES = ("clip", "squash")
+
+
+def image_transform(n_px, mean=CLIP_MEAN, std=CLIP_STD, resize="clip"):
+    """Test-image preprocessing on PIL images: OpenAI's (bicubic resize of the shorter side, centre crop) or, with
+    resize="squash", the released SIT code's (the whole image resized to n_px x n_px, bilinear); then RGB, mean/std."""
+    if resize not in TEST_RESIZES:
+        raise ValueError(f"resize={resize!r}; expected one of {TEST_RESIZES}")
+    geometry = ([transforms.Resize(n_px, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(n_px)]
+                if resize == "clip" else [transforms.Resize((n_px, n_px), interpolation=transforms.InterpolationMode.BILINEAR)])
+    return transforms.Compose(geometry + [
         lambda image: image.convert("RGB"),
         transforms.ToTensor(),
-        transforms.Normalize(CLIP_MEAN, CLIP_STD),
+        transforms.Normalize(mean, std),
     ])
 
 
@@ -491,6 +647,7 @@ def trim_padding(tokens):
 
 def class_text_features(model, class_names, template=PROMPT):
     """L2-normalised text features g_c of `template.format(name)` for each class (grad mode is the caller's)."""
-    tokens = tokenize([template.format(name) for name in class_names], context_length=model.config.context_length)
+    tokens = tokenize([template.format(name) for name in class_names], model.config.context_length,
+                      vocab_size=model.config.vocab_size)
     tokens = trim_padding(tokens).to(model.positional_embedding.device)
     return F.normalize(model.encode_text(tokens), dim=-1)

@@ -1,5 +1,6 @@
 """clip_model.py against open_clip (the reference oracle) on the same random weights in OpenAI's layout."""
 
+import json
 import os
 
 import numpy as np
@@ -195,3 +196,121 @@ def test_class_text_features_are_unit_norm():
         g = clip_model.class_text_features(model, ["cat", "aquarium fish"])
     assert g.shape == (2, 32)
     torch.testing.assert_close(g.norm(dim=-1), torch.ones(2))
+
+
+# -----------------------------------------------------------------------------
+# open_clip checkpoints: the activation, head counts and mean/std from open_clip_config.json
+
+SMALL_VIT = {  # head width 80 (4 heads, not width // 64 = 5), MLP ratio 2.5, text head width 24: as ViT-H/bigG do
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 320, "head_width": 80, "mlp_ratio": 2.5, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 96, "heads": 4, "layers": 2},
+}
+
+
+def open_clip_reference(model_cfg):
+    """A randomly initialised open_clip CLIP of this model config (GELU unless it says quick_gelu)."""
+    torch.manual_seed(0)
+    return open_clip.model.CLIP(**model_cfg).eval()
+
+
+def save_open_clip(model, folder, model_cfg=None, wrap=False, preprocess=None):
+    """The model's weights as open_clip users save them, with the hubs' open_clip_config.json beside them."""
+    folder.mkdir(exist_ok=True)
+    sd = model.state_dict()
+    if wrap:  # a training checkpoint: epoch_N.pt of open_clip's trainer, keys prefixed by DistributedDataParallel
+        sd = {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in sd.items()}}
+    torch.save(sd, folder / "weights.pt")
+    if model_cfg is not None:
+        config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess or {}}
+        (folder / "open_clip_config.json").write_text(json.dumps(config))
+    return str(folder / "weights.pt")
+
+
+def assert_features_equal(ours, ref, image_size):
+    images = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
+    tokens = clip_model.tokenize(TEXTS[:3])
+    with torch.no_grad():
+        assert_close(ours.encode_image(images), ref.encode_image(images))
+        assert_close(ours.encode_text(tokens), ref.encode_text(tokens))
+
+
+def test_open_clip_gelu_vit_b16_loads_with_act_gelu(tmp_path, capsys):
+    ref = open_clip.create_model("ViT-B-16", pretrained=None).eval()  # GELU, as LAION's and DataComp's
+    path = save_open_clip(ref, tmp_path)
+    ours = clip_model.load(path, act="gelu")
+    assert ours.config.act == "gelu" and isinstance(ours.transformer.resblocks[0].mlp.gelu, torch.nn.GELU)
+    assert_features_equal(ours, ref, 224)
+    assert capsys.readouterr().err == ""  # an explicit activation needs no note
+
+
+def test_without_a_config_quickgelu_is_assumed_and_said(tmp_path, capsys):
+    model_cfg = {**SMALL_VIT, "vision_cfg": {**SMALL_VIT["vision_cfg"], "head_width": 64, "mlp_ratio": 4.0},
+                 "text_cfg": {**SMALL_VIT["text_cfg"], "width": 128, "heads": 2}}  # OpenAI's head width 64
+    ref = open_clip_reference(model_cfg)
+    path = save_open_clip(ref, tmp_path)
+    assumed = clip_model.load(path)
+    err = capsys.readouterr().err
+    assert assumed.config.act == "quickgelu"
+    assert "QuickGELU" in err and "--act gelu" in err and len(err.strip().splitlines()) == 1
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # the wrong activation is off by far more than float rounding
+        assert not torch.allclose(assumed.encode_image(images), ref.encode_image(images), rtol=1e-3, atol=0)
+    assert_features_equal(clip_model.load(path, act="gelu"), ref, 32)
+
+
+def test_open_clip_config_beside_the_weights_decides_act_heads_and_mean_std(tmp_path, capsys):
+    ref = open_clip_reference(SMALL_VIT)
+    path = save_open_clip(ref, tmp_path, SMALL_VIT, preprocess={"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]})
+    ours = clip_model.load(path)
+    c = ours.config
+    assert (c.act, c.vision_heads, c.transformer_heads, c.vision_mlp_width) == ("gelu", 4, 4, 800)
+    assert c.image_mean == (0.5, 0.5, 0.5) and c.image_std == (0.25, 0.25, 0.25)
+    assert_features_equal(ours, ref, 32)
+    assert capsys.readouterr().err == ""
+
+
+def test_open_clip_quickgelu_config_loads_quickgelu(tmp_path):
+    model_cfg = {**SMALL_VIT, "quick_gelu": True}  # as open_clip's ViT-B-16-quickgelu (MetaCLIP, DFN)
+    ref = open_clip_reference(model_cfg)
+    ours = clip_model.load(save_open_clip(ref, tmp_path, model_cfg))
+    assert ours.config.act == "quickgelu" and ours.config.image_mean == clip_model.CLIP_MEAN
+    assert_features_equal(ours, ref, 32)
+
+
+def test_open_clip_training_checkpoint_loads_with_its_prefix_stripped(tmp_path):
+    ref = open_clip_reference(SMALL_VIT)
+    ours = clip_model.load(save_open_clip(ref, tmp_path, SMALL_VIT, wrap=True))
+    assert_features_equal(ours, ref, 32)
+
+
+@pytest.mark.parametrize("tower, key, value", [("text_cfg", "hf_model_name", "xlm-roberta-base"),
+                                                ("text_cfg", "pool_type", "last"),
+                                                ("vision_cfg", "final_ln_after_pool", True),
+                                                ("vision_cfg", "timm_model_name", "vit_base_patch16_224")])
+def test_open_clip_options_we_do_not_implement_are_refused(tmp_path, tower, key, value):
+    ref = open_clip_reference(SMALL_VIT)
+    model_cfg = json.loads(json.dumps(SMALL_VIT))
+    model_cfg[tower][key] = value
+    with pytest.raises(CheckpointError, match=f"{tower}.{key}"):
+        clip_model.load(save_open_clip(ref, tmp_path, model_cfg))
+
+
+def test_a_config_of_another_model_is_refused(tmp_path):
+    ref = open_clip_reference(SMALL_VIT)
+    other = {**SMALL_VIT, "vision_cfg": {**SMALL_VIT["vision_cfg"], "width": 640}}
+    with pytest.raises(CheckpointError, match="vision_width 640 in the config, 320 in the weights"):
+        clip_model.load(save_open_clip(ref, tmp_path, other))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated, but OpenAI ships it
+def test_openai_archives_load_as_quickgelu_without_a_note(tmp_path, capsys):
+    torchscript_archive(openai_state_dict(TINY), tmp_path / "jit.pt")
+    model = clip_model.load(str(tmp_path / "jit.pt"))
+    assert model.config.act == "quickgelu" and capsys.readouterr().err == ""
+
+
+def test_unknown_activation_is_refused(tmp_path):
+    torch.save(openai_state_dict(TINY), tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="relu"):
+        clip_model.load(str(tmp_path / "plain.pt"), act="relu")
