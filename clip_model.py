@@ -309,7 +309,7 @@ _MODELS = {
 
 
 def cache_dir():
-    """~/.cache/clip, where OpenAI's weights and the BPE vocabulary are downloaded (read at each call: $HOME may change)."""
+    """~/.cache/clip, where OpenAI's weights and the BPE vocabulary go (read at each call: $HOME may change)."""
     return os.path.expanduser("~/.cache/clip")
 
 
@@ -630,8 +630,9 @@ def image_transform(n_px, mean=CLIP_MEAN, std=CLIP_STD, resize="clip"):
     resize="squash", the released SIT code's (the whole image resized to n_px x n_px, bilinear); then RGB, mean/std."""
     if resize not in TEST_RESIZES:
         raise ValueError(f"resize={resize!r}; expected one of {TEST_RESIZES}")
-    geometry = ([transforms.Resize(n_px, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(n_px)]
-                if resize == "clip" else [transforms.Resize((n_px, n_px), interpolation=transforms.InterpolationMode.BILINEAR)])
+    mode = transforms.InterpolationMode
+    geometry = ([transforms.Resize(n_px, interpolation=mode.BICUBIC), transforms.CenterCrop(n_px)] if resize == "clip"
+                else [transforms.Resize((n_px, n_px), interpolation=mode.BILINEAR)])
     return transforms.Compose(geometry + [
         lambda image: image.convert("RGB"),
         transforms.ToTensor(),

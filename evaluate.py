@@ -3,7 +3,7 @@ Evaluation of SIT-tuned CLIP: the lifelong metrics, accuracy on the seen classes
 paper's analyses over run folders written by train_online.py.
 
 Contents, top to bottom:
-  1. the four lifelong metrics A_auc, A_avg, A_last, F_last (released formulas, PAPER.md "Seen classes and evaluation")
+  1. the four lifelong metrics A_auc, A_avg, A_last, F_last (the released code's formulas; README, "Outputs")
   2. top-1 accuracy among the seen classes (what train_online.py calls at every evaluation)
   3. zero-shot transfer to other datasets, and rebuilding a tuned model from OUT/peft.pt
   4. analyses of run folders: seed tables, the experiment grid, the gradient timeline (Figure 2), plots
@@ -25,6 +25,9 @@ import os
 import shlex
 import statistics
 import sys
+import urllib.error
+
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -122,10 +125,22 @@ def top1_on_seen(image_features, labels, text_features, seen_classes):
 
 
 # -----------------------------------------------------------------------------
-# 3. zero-shot transfer (PAPER.md: Food101, Caltech101, EuroSAT, Flowers102, Oxford-IIIT Pet; all classes of each)
+# 3. zero-shot transfer (the paper's check: Food101, Caltech101, EuroSAT, Flowers102, Oxford-IIIT Pet; all classes)
 
 ZERO_SHOT_DATASETS = ("food101", "caltech101", "eurosat", "flowers102", "oxford_pets")
 ZERO_SHOT_CHOICES = ZERO_SHOT_DATASETS + ("imagefolder",)
+# Where torchvision downloads each dataset from, and where, under DATA_ROOT, a copy put there by hand is found
+# (torchvision checks its md5 and unpacks it without a connection).
+ZERO_SHOT_SOURCES = {
+    "food101": ("http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz", "food-101.tar.gz"),
+    "caltech101": ("https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip", "caltech101/caltech-101.zip"),
+    "eurosat": ("https://huggingface.co/datasets/torchgeo/eurosat/resolve/c877bcd43f099cd0196738f714544e355477f3fd/"
+                "EuroSAT.zip", "eurosat/EuroSAT.zip"),
+    "flowers102": ("https://www.robots.ox.ac.uk/~vgg/data/flowers/102/{102flowers.tgz,imagelabels.mat,setid.mat}",
+                   "flowers-102/ (all three files)"),
+    "oxford_pets": ("https://www.robots.ox.ac.uk/~vgg/data/pets/data/{images.tar.gz,annotations.tar.gz}",
+                    "oxford-iiit-pet/ (both archives)"),
+}
 
 # Readable class names: CLIP's prompt names (openai/CLIP data/prompts.md) where torchvision's are not readable.
 # Caltech101: torchvision's folder names, except these; the rest only need "_" -> " ".
@@ -184,8 +199,28 @@ def check_zero_shot_names(names):
                               f"expected a comma-separated list from {', '.join(ZERO_SHOT_CHOICES)}")
 
 
-def zero_shot_dataset(name, data_root, transform):
-    """Evaluation images of a zero-shot dataset (torchvision downloads it into data_root) and readable class names."""
+def zero_shot_dataset(name, data_root, transform=None):
+    """Evaluation images of a zero-shot dataset (torchvision downloads it into data_root when missing) and readable
+    class names; a download that cannot happen is a clip_model.DownloadError naming the file to put in place."""
+    if name == "imagefolder":
+        ds = stream.load_dataset("imagefolder", data_root, train=False)  # DATA_ROOT/test/<class>/*
+        return Transformed(ds, transform), list(ds.classes)
+    if name not in ZERO_SHOT_SOURCES:
+        raise EvaluationError(f"unknown zero-shot dataset {name!r}")
+    try:
+        return _torchvision_zero_shot(name, data_root, transform)
+    except ImportError as e:  # torchvision reads Flowers102's labels with scipy, which we do not require
+        raise EvaluationError(f"{name}: torchvision needs {e.name or 'a missing package'} to read it "
+                              f"(pip install {e.name or 'scipy'})") from None
+    except OSError as e:  # no network (urllib's URLError is an OSError), or a file that cannot be written
+        url, put_at = ZERO_SHOT_SOURCES[name]
+        reason = e.reason if isinstance(e, urllib.error.URLError) else e
+        raise clip_model.DownloadError(name, url, reason, os.path.join(data_root, put_at)) from None
+    except RuntimeError as e:  # torchvision: corrupt or incomplete files
+        raise EvaluationError(f"{name}: could not load it under {data_root}: {e}") from None
+
+
+def _torchvision_zero_shot(name, data_root, transform):
     tv = torchvision.datasets
     if name == "food101":
         ds = tv.Food101(data_root, split="test", transform=transform, download=True)
@@ -200,13 +235,14 @@ def zero_shot_dataset(name, data_root, transform):
         return ds, [EUROSAT_NAMES[c] for c in ds.classes]
     if name == "flowers102":
         return tv.Flowers102(data_root, split="test", transform=transform, download=True), list(FLOWERS102_NAMES)
-    if name == "oxford_pets":
-        ds = tv.OxfordIIITPet(data_root, split="test", target_types="category", transform=transform, download=True)
-        return ds, list(ds.classes)  # already readable ("American Pit Bull Terrier")
-    if name == "imagefolder":
-        ds = stream.load_dataset("imagefolder", data_root, train=False)  # DATA_ROOT/test/<class>/*
-        return Transformed(ds, transform), list(ds.classes)
-    raise EvaluationError(f"unknown zero-shot dataset {name!r}")
+    ds = tv.OxfordIIITPet(data_root, split="test", target_types="category", transform=transform, download=True)
+    return ds, list(ds.classes)  # already readable ("American Pit Bull Terrier")
+
+
+def fetch_zero_shot(names, data_root):
+    """Download (where missing) and open each zero-shot dataset: {name: number of evaluation images}."""
+    check_zero_shot_names(names)
+    return {name: len(zero_shot_dataset(name, data_root)[0]) for name in names}
 
 
 @torch.inference_mode()
@@ -227,26 +263,25 @@ def zero_shot_accuracy(model, dataset, class_names, prompt, device, batch_size=2
     return correct.item() / seen
 
 
-def zero_shot_transfer(model, datasets, data_root, prompt, device, batch_size=256, workers=2):
-    """Zero-shot transfer check (PAPER.md): top-1 over all classes of each dataset, with the run's prompt.
+def zero_shot_transfer(model, datasets, data_root, prompt, device, batch_size=256, workers=2, mean=None, std=None,
+                       resize="clip"):
+    """Zero-shot transfer check (the paper's): top-1 over all classes of each dataset, with the run's prompt.
 
-    Returns {dataset: accuracy}. `model` must already be on `device`; images get OpenAI's evaluation
-    preprocessing at the model's resolution."""
+    Returns {dataset: accuracy}. `model` must already be on `device`. Test images are preprocessed at the model's
+    resolution by clip_model.image_transform with `resize` and `mean`/`std` (default: the model's own). Every
+    dataset is opened (and downloaded) before any is evaluated: a failed download loses no measurement."""
     check_zero_shot_names(datasets)
-    transform = clip_model.image_transform(model.visual.input_resolution)
+    mean, std = mean or model.config.image_mean, std or model.config.image_std
+    transform = clip_model.image_transform(model.visual.input_resolution, mean, std, resize)
+    loaded = {name: zero_shot_dataset(name, data_root, transform) for name in datasets}
+    clip_model.get_tokenizer(model.config.vocab_size)  # the vocabulary too, before any work
     was_training = model.training
     model.eval()
-    accs = {}
     try:
-        for name in datasets:
-            try:
-                ds, class_names = zero_shot_dataset(name, data_root, transform)
-            except (RuntimeError, OSError) as e:  # torchvision: missing/corrupt files, failed download
-                raise EvaluationError(f"{name}: could not load it under {data_root}: {e}") from None
-            accs[name] = zero_shot_accuracy(model, ds, class_names, prompt, device, batch_size, workers, desc=name)
+        return {name: zero_shot_accuracy(model, ds, class_names, prompt, device, batch_size, workers, desc=name)
+                for name, (ds, class_names) in loaded.items()}
     finally:
         model.train(was_training)
-    return accs
 
 
 def zero_shot_markdown(accs):
@@ -297,9 +332,12 @@ def read_peft_file(path):
 
 
 def load_peft_model(path, device="cpu"):
-    """Rebuild a tuned model from OUT/peft.pt: its CLIP, its LoRA/adapter, the saved weights -> (model, prompt)."""
+    """Rebuild a tuned model from OUT/peft.pt: its CLIP (with the run's activation and, in model.config, the mean
+    and std the run normalised with), its LoRA/adapter, the saved weights -> (model, prompt)."""
     saved = read_peft_file(path)
-    model = clip_model.load(saved["model"], device="cpu")  # raises CheckpointError with the path
+    model = clip_model.load(saved["model"], device="cpu", act=saved.get("act"))  # CheckpointError names the path
+    if "mean" in saved:
+        model.config = replace(model.config, image_mean=tuple(saved["mean"]), image_std=tuple(saved["std"]))
     apply, load_weights = {"lora": (lora.apply_lora, lora.load_lora_state_dict),
                            "adapter": (adapter.apply_adapter, adapter.load_adapter_state_dict)}[saved["peft"]]
     try:
@@ -608,14 +646,17 @@ def cmd_zero_shot(args):
     check_zero_shot_names(datasets)
     device = resolve_device(args.device)
     if args.peft_weights:
-        name = read_peft_file(args.peft_weights)["model"]
+        saved = read_peft_file(args.peft_weights)
+        name, resize = saved["model"], saved.get("test_resize", "clip")  # the run's test preprocessing
         model, prompt = load_peft_model(args.peft_weights, device)
         out = args.out or os.path.dirname(os.path.abspath(args.peft_weights))
     else:
-        model, prompt, name = clip_model.load(args.model, device), clip_model.PROMPT, args.model
+        act = None if args.act == "auto" else args.act
+        model, prompt, name, resize = clip_model.load(args.model, device, act=act), clip_model.PROMPT, args.model, "clip"
         slug = os.path.splitext(os.path.basename(args.model))[0] if os.path.isfile(args.model) else args.model
         out = args.out or os.path.join("runs", "zero-shot", slug.replace("/", "-").replace("@", "-"))
-    accs = zero_shot_transfer(model, datasets, args.data_root, prompt, device, args.batch_size, args.workers)
+    accs = zero_shot_transfer(model, datasets, args.data_root, prompt, device, args.batch_size, args.workers,
+                              resize=resize)
     print(zero_shot_markdown(accs))
     print(f"wrote {write_zero_shot(out, accs, name, prompt, args.peft_weights)}")
 
@@ -676,6 +717,8 @@ def build_parser():
     weights = p.add_mutually_exclusive_group(required=True)
     weights.add_argument("--peft-weights", help="OUT/peft.pt of a run (rebuilds the tuned model and its prompt)")
     weights.add_argument("--model", help=f"plain CLIP: one of {clip_model.available_models()} or a checkpoint path")
+    p.add_argument("--act", default="auto", choices=("auto",) + clip_model.ACTIVATIONS,
+                   help="MLP activation of --model: auto = open_clip_config.json beside it, else OpenAI's QuickGELU")
     p.add_argument("--datasets", default=",".join(ZERO_SHOT_DATASETS),
                    help=f"comma-separated, from {', '.join(ZERO_SHOT_CHOICES)} (default: the five of the paper)")
     p.add_argument("--data-root", default="data", help="torchvision download folder; imagefolder reads ROOT/test/")
@@ -714,7 +757,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (EvaluationError, clip_model.CheckpointError, stream.DataError) as e:
+    except (EvaluationError, clip_model.CheckpointError, clip_model.DownloadError, stream.DataError) as e:
         print(f"evaluate.py {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

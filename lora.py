@@ -6,6 +6,8 @@ A frozen linear map y = W x + b is tuned as
     y = W x + b + (alpha / r) * B A x,    A: (r, in) random,  B: (out, r) zero,
 
 so only A and B train, and at initialisation B A = 0: the tuned model starts exactly at zero-shot CLIP.
+(`init="released"` reproduces the released SIT code instead: A and B of the fused q/k/v update both
+xavier-uniform, so its tuned model does not start at zero-shot CLIP.)
 `apply_lora` puts this on the q, k, v rows of each block's fused attention input projection (`in_proj_weight`),
 on its output projection (`out_proj`), and optionally on the MLP, in the image tower, the text tower or both.
 Every original parameter keeps its object and its OpenAI state-dict name; the new ones are named `*lora_A`,
@@ -25,17 +27,23 @@ import clip_model
 
 ENCODERS = ("image", "text", "both")
 TARGETS = ("q", "k", "v", "out")
+INITS = ("zero", "released")  # B = 0 everywhere (ours), or the released code's random q/k/v update
 
 # -----------------------------------------------------------------------------
 # LoRA modules
 
 
-def init_lora_(A, B):
-    """A as loralib (kaiming-uniform, nn.Linear's default), B = 0, so that B A = 0 at the start."""
-    # The released code draws both matrices of the q/k/v update at random (xavier), so its tuned model does not
-    # start at zero-shot CLIP; we keep B = 0 everywhere so that step 0 is zero-shot CLIP exactly.
-    nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-    nn.init.zeros_(B)
+def init_lora_(A, B, init="zero"):
+    """A as loralib (kaiming-uniform, nn.Linear's default), B = 0, so that B A = 0 at the start; or, with
+    init="released", A and B both xavier-uniform (gain 1), as the released code draws its q/k/v update."""
+    # The released draw moves the q/k/v weights by about 1e-3 per entry before any training, so its tuned model
+    # does not start at zero-shot CLIP; by default we keep B = 0 so that step 0 is zero-shot CLIP exactly.
+    if init == "released":
+        nn.init.xavier_uniform_(A)
+        nn.init.xavier_uniform_(B)
+    else:
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        nn.init.zeros_(B)
 
 
 class LoRALinear(nn.Linear):
@@ -72,7 +80,7 @@ class LoRALinear(nn.Linear):
 class LoRAAttention(clip_model.Attention):
     """clip_model.Attention whose fused projection gets a low-rank update on its q, k and/or v rows."""
 
-    def __init__(self, attn: clip_model.Attention, slots, r, alpha, dropout=0.0):
+    def __init__(self, attn: clip_model.Attention, slots, r, alpha, dropout=0.0, init="zero"):
         nn.Module.__init__(self)  # adopt attn's parameters and out_proj (same objects, same names)
         self.heads = attn.heads
         self.in_proj_weight, self.in_proj_bias, self.out_proj = attn.in_proj_weight, attn.in_proj_bias, attn.out_proj
@@ -81,7 +89,7 @@ class LoRAAttention(clip_model.Attention):
         # targeted slot has its own rows of B (4 r width parameters for q, k, v, not 3 x 2 r width).
         self.lora_A = nn.Parameter(self.in_proj_weight.new_empty(r, width))
         self.lora_B = nn.Parameter(self.in_proj_weight.new_empty(len(slots) * width, r))  # targeted slots stacked
-        init_lora_(self.lora_A, self.lora_B)
+        init_lora_(self.lora_A, self.lora_B, init)
         self.register_buffer("lora_slots", torch.tensor(slots, device=self.lora_A.device), persistent=False)
         self.scaling = alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -126,7 +134,7 @@ def lora_modules(model):
     return [m for m in model.modules() if isinstance(m, (LoRALinear, LoRAAttention))]
 
 
-def check_lora_args(model, encoder, r, alpha, targets, dropout, mlp):
+def check_lora_args(model, encoder, r, alpha, targets, dropout, mlp, init="zero"):
     """Raise a ValueError (TypeError for a wrong model) naming the first bad argument."""
     if not isinstance(model, clip_model.CLIP):
         raise TypeError(f"model is a {type(model).__name__}; expected a clip_model.CLIP")
@@ -145,19 +153,24 @@ def check_lora_args(model, encoder, r, alpha, targets, dropout, mlp):
         raise ValueError(f"alpha={alpha!r}; expected a number > 0 (the update is scaled by alpha/r)")
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout={dropout!r}; expected a probability in [0, 1)")
+    if init not in INITS:
+        raise ValueError(f"init={init!r}; expected one of {INITS}")
     if lora_modules(model):
         raise ValueError("model already has LoRA modules; apply_lora once per model")
 
 
-def apply_lora(model, encoder="both", r=4, alpha=1.0, targets=("q", "k", "v", "out"), dropout=0.0, mlp=False):
-    """Add LoRA to every block of the chosen tower(s) and freeze everything else (in place; returns model)."""
-    check_lora_args(model, encoder, r, alpha, targets, dropout, mlp)
+def apply_lora(model, encoder="both", r=4, alpha=1.0, targets=("q", "k", "v", "out"), dropout=0.0, mlp=False,
+               init="zero"):
+    """Add LoRA to every block of the chosen tower(s) and freeze everything else (in place; returns model).
+
+    init="zero" starts at zero-shot CLIP (B = 0); init="released" draws the q/k/v update as the released code."""
+    check_lora_args(model, encoder, r, alpha, targets, dropout, mlp, init)
     model.requires_grad_(False)  # every CLIP weight, logit_scale included, stays frozen
     slots = [i for i, name in enumerate(("q", "k", "v")) if name in targets]
     for tower in towers(model, encoder):
         for block in tower.resblocks:
             if slots:
-                block.attn = LoRAAttention(block.attn, slots, r, alpha, dropout)
+                block.attn = LoRAAttention(block.attn, slots, r, alpha, dropout, init)
             if "out" in targets:
                 block.attn.out_proj = LoRALinear(block.attn.out_proj, r, alpha, dropout)
             if mlp:

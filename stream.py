@@ -9,6 +9,7 @@ Top to bottom:
 import functools
 import hashlib
 import os
+import urllib.error
 from typing import NamedTuple
 
 import torch
@@ -196,17 +197,31 @@ def _seed_of(*parts) -> int:
 
 
 class SyntheticDataset(Dataset):
-    """Generated images, cheap and deterministic: each class has a colour, each image adds its own uniform noise."""
+    """Generated images, cheap and deterministic, that a tiny model can learn: class c is a grating (stripes) with
+    its own orientation (horizontal or vertical) and frequency; each image draws its own two colours, phase and
+    noise. Shape, not colour, tells the classes apart, so AutoAugment's colour operations leave them learnable,
+    and neither a flip nor a crop turns one class into another."""
+
+    FREQUENCIES = (1, 3, 5, 7, 10)  # stripes across the image; 2 orientations x 5 frequencies = 10 patterns
 
     def __init__(self, num_classes: int, per_class: int, image_size: int = 32, seed: int = 0, train: bool = True):
         for name, value in (("num_classes", num_classes), ("per_class", per_class), ("image_size", image_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.targets = [i % num_classes for i in range(num_classes * per_class)]
-        self.classes = [f"class {c}" for c in range(num_classes)]
-        g = torch.Generator().manual_seed(seed)
-        self.colours = torch.randint(0, 192, (num_classes, 3, 1, 1), dtype=torch.uint8, generator=g)  # +63 noise fits
+        self.classes = [self.name(c) for c in range(num_classes)]  # e.g. "3 vertical stripes"
+        self.raw_classes = list(self.classes)
         self.image_size, self.seed, self.train = image_size, seed, train
+
+    def name(self, c: int) -> str:
+        vertical, stripes = self.pattern(c)
+        return f"{stripes} {'vertical' if vertical else 'horizontal'} stripe{'s' if stripes > 1 else ''}"
+
+    def pattern(self, c: int) -> tuple[bool, int]:
+        """Class c's grating: (vertical stripes?, number of stripes). Beyond ten classes the stripe counts grow by
+        10 with each further ten (distinct names, but too fine for a tiny model at 32 px: only benchmarks use them)."""
+        k = len(self.FREQUENCIES)
+        return (c // k) % 2 == 1, self.FREQUENCIES[c % k] + 10 * (c // (2 * k))
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -215,15 +230,20 @@ class SyntheticDataset(Dataset):
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} is outside 0..{len(self) - 1}")
         g = torch.Generator().manual_seed(_seed_of(self.seed, self.train, i))  # made on demand: building is free
-        noise = torch.randint(0, 64, (3, self.image_size, self.image_size), dtype=torch.uint8, generator=g)
-        return TF.to_pil_image(self.colours[self.targets[i]] + noise), self.targets[i]
+        vertical, stripes = self.pattern(self.targets[i])
+        n = self.image_size
+        position = torch.arange(n, dtype=torch.float32).view(1, n) if vertical else torch.arange(n).view(n, 1).float()
+        phase = 2 * torch.pi * torch.rand((), generator=g)
+        wave = 0.5 + 0.5 * torch.sin(2 * torch.pi * stripes * position / n + phase)  # (n, 1) or (1, n) in [0, 1]
+        pixels = 60 + 140 * wave.expand(n, n) + torch.randn(n, n, generator=g) * 8  # (n, n) grey levels
+        return TF.to_pil_image(pixels.clamp(0, 255).to(torch.uint8).expand(3, n, n)), self.targets[i]
 
 
 class ImageFiles(Dataset):
     """Images on disk: paths and labels, each image read by PIL and converted to RGB when indexed."""
 
-    def __init__(self, paths: list[str], targets: list[int], classes: list[str]):
-        self.paths, self.targets, self.classes = paths, targets, classes
+    def __init__(self, paths: list[str], targets: list[int], classes: list[str], raw_classes: list[str]):
+        self.paths, self.targets, self.classes, self.raw_classes = paths, targets, classes, raw_classes
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -260,28 +280,40 @@ def _read_lines(path: str) -> list[str]:
         raise DataError(f"cannot read {path}: {err}") from err
 
 
-def _fetch(root: str, folder: str, url: str, md5: str, download: bool) -> str:
-    """root/folder, downloading and unpacking the official archive first if it is missing (tqdm bar, md5 check)."""
+def download_archive(what: str, url: str, root: str, md5: str, filename: str = None) -> None:
+    """Download an archive into root and unpack it there (tqdm bar, md5 check). An archive already at
+    root/filename with the right md5 is unpacked without a connection: that is where to put it by hand."""
+    filename = filename or os.path.basename(url)
+    try:
+        download_and_extract_archive(url, root, filename=filename, md5=md5)
+    except RuntimeError as err:  # torchvision's md5 check after the download
+        raise DataError(f"the {what} archive downloaded from {url} is corrupt ({err}); delete "
+                        f"{os.path.join(root, filename)} and try again") from None
+    except OSError as err:  # no network, DNS, HTTP error (urllib's URLError is an OSError), full disk
+        reason = err.reason if isinstance(err, urllib.error.URLError) else err
+        raise clip_model.DownloadError(what, url, reason, os.path.join(root, filename)) from None
+
+
+def _fetch(root: str, folder: str, url: str, md5: str, download: bool, what: str) -> str:
+    """root/folder, downloading and unpacking the official archive first if it is missing."""
     path = os.path.join(root, folder)
     if os.path.isdir(path):
         return path
     if not download:
         raise DataError(f"{path} not found; pass download=True to fetch {url}")
-    try:
-        download_and_extract_archive(url, root, md5=md5)
-    except (OSError, RuntimeError) as err:  # network failure, or a corrupted download (md5 mismatch)
-        raise DataError(f"could not download {url} into {root}: {err}") from err
+    download_archive(what, url, root, md5)
     return path
 
 
 def _cifar100(root: str, train: bool, download: bool) -> Dataset:
-    """CIFAR-100 through torchvision, which downloads it (tqdm bar) and checks the md5 the source publishes."""
-    if not download and not os.path.isdir(os.path.join(root, "cifar-100-python")):
-        raise DataError(f"CIFAR-100 not found in {root}; pass download=True to fetch it")
+    """CIFAR-100 through torchvision, from the archive its authors publish (md5-checked)."""
+    cifar = torchvision.datasets.CIFAR100
+    _fetch(root, cifar.base_folder, cifar.url, cifar.tgz_md5, download, "CIFAR-100")
     try:
-        dataset = torchvision.datasets.CIFAR100(root, train=train, download=download)
-    except (OSError, RuntimeError) as err:  # network failure, or a corrupted archive
-        raise DataError(f"cannot load CIFAR-100 from {root}: {err}") from err
+        dataset = cifar(root, train=train, download=False)  # checks the md5 of every file
+    except (OSError, RuntimeError) as err:
+        raise DataError(f"cannot load CIFAR-100 from {os.path.join(root, cifar.base_folder)}: {err}") from err
+    dataset.raw_classes = list(dataset.classes)  # "aquarium_fish", as the released code prompts
     dataset.classes = [_readable(c) for c in dataset.classes]
     return dataset
 
@@ -292,7 +324,7 @@ TINYIMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"  # Stanford publishes none
 
 def _tinyimagenet(root: str, train: bool, download: bool) -> Dataset:
     """Tiny-ImageNet-200: train folders; the val folder, labelled by its annotations, is the test split."""
-    folder = _fetch(root, "tiny-imagenet-200", TINYIMAGENET_URL, TINYIMAGENET_MD5, download)
+    folder = _fetch(root, "tiny-imagenet-200", TINYIMAGENET_URL, TINYIMAGENET_MD5, download, "Tiny-ImageNet")
     wnids = [line.strip() for line in _read_lines(os.path.join(folder, "wnids.txt"))]
     label = {wnid: k for k, wnid in enumerate(wnids)}  # labels in wnids.txt order, as the released loader, not sorted
     words = dict(line.split("\t", 1) for line in _read_lines(os.path.join(folder, "words.txt")))
@@ -300,20 +332,52 @@ def _tinyimagenet(root: str, train: bool, download: bool) -> Dataset:
     if missing:
         raise DataError(f"{os.path.join(folder, 'words.txt')} has no name for {', '.join(missing[:5])}")
     classes = [_readable(words[w].split(",")[0].strip()) for w in wnids]  # the first synonym, e.g. "Egyptian cat"
+    raw = list(TINYIMAGENET_RELEASED_NAMES) if len(wnids) == len(TINYIMAGENET_RELEASED_NAMES) else classes
     if train:
         paths, targets = [], []
         for wnid in sorted(wnids):  # ImageFolder's order: class folders sorted by name
             files = _image_files(os.path.join(folder, "train", wnid))
             paths += files
             targets += [label[wnid]] * len(files)
-        return ImageFiles(paths, targets, classes)
+        return ImageFiles(paths, targets, classes, raw)
     annotations_path = os.path.join(folder, "val", "val_annotations.txt")
     annotations = dict(line.split("\t")[:2] for line in _read_lines(annotations_path))
     paths = _image_files(os.path.join(folder, "val", "images"))
     unlabelled = [p for p in paths if annotations.get(os.path.basename(p)) not in label]
     if unlabelled:
         raise DataError(f"{annotations_path} gives no known class for {unlabelled[0]}")
-    return ImageFiles(paths, [label[annotations[os.path.basename(p)]] for p in paths], classes)
+    return ImageFiles(paths, [label[annotations[os.path.basename(p)]] for p in paths], classes, raw)
+
+
+# The names the released SIT code puts in its Tiny-ImageNet prompts (CLIP's curated ImageNet names, not
+# words.txt's), in wnids.txt order: what --class-names raw uses for this dataset.
+TINYIMAGENET_RELEASED_NAMES = (
+    'Egyptian Mau', 'fishing casting reel', 'volleyball', 'rocking chair', 'lemon', 'American bullfrog', 'basketball',
+    'cliff', 'espresso', 'plunger', 'parking meter', 'German Shepherd Dog', 'dining table', 'monarch butterfly',
+    'brown bear', 'school bus', 'pizza', 'guinea pig', 'umbrella', 'pipe organ', 'oboe', 'maypole', 'goldfish',
+    'pot pie', 'hourglass', 'beach', 'computer keyboard', 'arabian camel', 'ice cream', 'metal nail', 'space heater',
+    'cardigan', 'baboon', 'snail', 'coral reef', 'albatross', 'spider web', 'sea cucumber', 'backpack',
+    'Labrador Retriever', 'pretzel', 'king penguin', 'sulphur butterfly', 'tarantula', 'red panda', 'soda bottle',
+    'banana', 'sock', 'cockroach', 'missile', 'beer bottle', 'praying mantis', 'freight car', 'guacamole',
+    'remote control', 'fire salamander', 'lakeshore', 'chimpanzee', 'payphone', 'fur coat', 'mountain', 'lampshade',
+    'torch', 'abacus', 'moving van', 'barrel', 'tabby cat', 'goose', 'koala', 'high-speed train', 'CD player', 'teapot',
+    'birdhouse', 'gazelle', 'academic gown', 'tractor', 'ladybug', 'miniskirt', 'Golden Retriever', 'triumphal arch',
+    'cannon', 'neck brace', 'sombrero', 'gas mask or respirator', 'candle', 'desk', 'frying pan', 'bee', 'dam',
+    'spiny lobster', 'police van', 'iPod', 'punching bag', 'lighthouse', 'jellyfish', 'wok', "potter's wheel", 'sandal',
+    'pill bottle', 'butcher shop', 'slug', 'pig', 'cougar', 'construction crane', 'vestment', 'dragonfly',
+    'automated teller machine', 'mushroom', 'rickshaw', 'water tower', 'storage chest', 'snorkel', 'sunglasses', 'fly',
+    'limousine', 'black stork', 'dugong', 'sports car', 'water jug', 'suspension bridge', 'ox', 'popsicle', 'turnstile',
+    'Christmas stocking', 'broom', 'scorpion', 'wooden spoon', 'picket fence', 'rugby ball', 'sewing machine',
+    'through arch bridge', 'Persian cat', 'refrigerator', 'barn', 'apron', 'Yorkshire Terrier', 'swim trunks / shorts',
+    'stopwatch', 'lawn mower', 'thatched roof', 'fountain', 'southern black widow', 'bikini', 'plate', 'teddy bear',
+    'barbershop', 'candy store', 'station wagon', 'scoreboard', 'orange', 'flagpole', 'American lobster', 'trolleybus',
+    'drumstick', 'dumbbell', 'brass memorial plaque', 'bow tie', 'convertible', 'bighorn sheep', 'orangutan',
+    'American alligator', 'centipede', 'syringe', 'go-kart', 'brain coral', 'sea slug', 'cliff dwelling',
+    'mashed potatoes', 'viaduct', 'military uniform', 'pomegranate', 'chain', 'kimono', 'comic book', 'trilobite',
+    'bison', 'pole', 'boa constrictor', 'poncho', 'bathtub', 'grasshopper', 'stick insect', 'Chihuahua', 'tailed frog',
+    'lion', 'altar', 'obelisk', 'beaker', 'bell pepper', 'baluster / handrail', 'bucket', 'magnetic compass',
+    'meatloaf', 'gondola', 'Standard Poodle', 'acorn', 'lifeboat', 'binoculars', 'cauliflower', 'African bush elephant',
+)
 
 
 IMAGENET_R_URL = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"
@@ -348,7 +412,7 @@ IMAGENET_R_CLASSES = (  # the names of its 200 ImageNet classes, in the order of
 
 def _imagenet_r(root: str, train: bool, download: bool) -> Dataset:
     """ImageNet-R: 200 class folders, split 80/20 by a generator seeded 0, the same split whatever the run seed."""
-    folder = _fetch(root, "imagenet-r", IMAGENET_R_URL, IMAGENET_R_MD5, download)
+    folder = _fetch(root, "imagenet-r", IMAGENET_R_URL, IMAGENET_R_MD5, download, "ImageNet-R")
     wnids = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
     if len(wnids) != len(IMAGENET_R_CLASSES):
         raise DataError(f"{folder} has {len(wnids)} class folders; ImageNet-R has {len(IMAGENET_R_CLASSES)}")
@@ -360,7 +424,8 @@ def _imagenet_r(root: str, train: bool, download: bool) -> Dataset:
     order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(0))
     n_train = int(len(paths) * 0.8)
     keep = sorted((order[:n_train] if train else order[n_train:]).tolist())
-    return ImageFiles([paths[i] for i in keep], [labels[i] for i in keep], list(IMAGENET_R_CLASSES))
+    raw = [name.replace(" ", "_") for name in IMAGENET_R_CLASSES]  # the released list: "great_white_shark"
+    return ImageFiles([paths[i] for i in keep], [labels[i] for i in keep], list(IMAGENET_R_CLASSES), raw)
 
 
 def _imagefolder(root: str, train: bool, download: bool) -> Dataset:
@@ -388,32 +453,57 @@ def _imagefolder(root: str, train: bool, download: bool) -> Dataset:
             raise DataError(f"{class_folder} has no images (expected files ending in {', '.join(IMG_EXTENSIONS)})")
         paths += files
         targets += [k] * len(files)
-    return ImageFiles(paths, targets, [_readable(c) for c in classes["train"]])
+    return ImageFiles(paths, targets, [_readable(c) for c in classes["train"]], list(classes["train"]))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 3. Batches
 
 POLICIES = {"cifar10": AutoAugmentPolicy.CIFAR10, "imagenet": AutoAugmentPolicy.IMAGENET}
+AUGMENT_PER = ("sample", "batch")  # one random draw per sample (ours) or one per batch (the released code)
+IMAGE_FITS = ("centre", "random")  # how variable-size images are brought to the model's size when loaded
+# The released code normalises with the dataset's channel statistics, for training and test images alike.
+DATASET_STATS = {
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+    "tinyimagenet": ((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)),
+    "imagenet-r": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's
+}
+
+
+def channel_stats(dataset, limit=10_000) -> tuple[tuple, tuple]:
+    """Per-channel mean and std of a dataset's pixels in [0, 1], over (the first `limit` of) its images:
+    the statistics DATASET_STATS does not list (image folders, the synthetic smoke data)."""
+    total, total_sq, count = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0
+    for i in range(min(len(dataset), limit)):
+        pixels = TF.pil_to_tensor(dataset[i][0]).flatten(1).double() / 255  # (3, H*W)
+        total, total_sq, count = total + pixels.sum(1), total_sq + (pixels ** 2).sum(1), count + pixels.shape[1]
+    mean = total / count
+    std = (total_sq / count - mean ** 2).sqrt()
+    return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
 
 
 class StreamBatch(NamedTuple):
     """One batch of the stream, with online_iter independently augmented copies of its images."""
     task: int              # the task of every sample in the batch
-    images: torch.Tensor   # (online_iter, B, 3, H, W) uint8, each copy with its own AutoAugment draw per sample
+    images: torch.Tensor   # (online_iter, B, 3, H, W) uint8, each copy with its own AutoAugment draw
     labels: torch.Tensor   # (B,) int64
     indices: torch.Tensor  # (B,) int64 dataset indices
 
 
-def stream_batches(dataset, tasks, batch_size=64, online_iter=3, policy="cifar10", workers=2, seed=1, size=None):
-    """The online stream as an iterable of StreamBatch: tasks in order, batches never cross a task boundary."""
+def stream_batches(dataset, tasks, batch_size=64, online_iter=3, policy="cifar10", workers=2, seed=1, size=None,
+                   augment_per="sample", image_fit="centre"):
+    """The online stream as an iterable of StreamBatch: tasks in order, batches never cross a task boundary.
+
+    AutoAugment is drawn per sample, or once per batch and online iteration (augment_per="batch", as released).
+    Images are brought to `size` when loaded (None keeps them as they are; see `fit_image`)."""
     for name, value in (("batch_size", batch_size), ("online_iter", online_iter)):
         _check_int(name, value, minimum=1)
     _check_int("workers", workers, minimum=0)
-    if size is not None:
-        _check_int("size", size, minimum=1)
+    _check_geometry(size, image_fit)
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
+    if augment_per not in AUGMENT_PER:
+        raise ValueError(f"augment_per must be one of {', '.join(AUGMENT_PER)}; got {augment_per!r}")
     stream = [(t, i) for t, task in enumerate(tasks) for i in task]
     if any(not 0 <= i < len(dataset) for _, i in stream):
         raise ValueError(f"tasks hold indices outside the dataset's 0..{len(dataset) - 1}")
@@ -422,7 +512,9 @@ def stream_batches(dataset, tasks, batch_size=64, online_iter=3, policy="cifar10
         batches += [list(range(start + b, start + min(b + batch_size, len(task))))
                     for b in range(0, len(task), batch_size)]  # the last batch of a task may be short
         start += len(task)
-    items = _AugmentedStream(dataset, stream, online_iter, POLICIES[policy], seed, size)
+    # Each sample's AutoAugment draws are a function of this key: its stream position, or its batch's number.
+    keys = list(range(len(stream))) if augment_per == "sample" else [b for b, bat in enumerate(batches) for _ in bat]
+    items = _AugmentedStream(dataset, stream, keys, online_iter, POLICIES[policy], seed, size, image_fit)
     return DataLoader(items, batch_sampler=batches, num_workers=workers, collate_fn=_collate_stream,
                       pin_memory=torch.cuda.is_available(),
                       generator=torch.Generator())  # the loader draws a seed from it; the caller's RNG stays untouched
@@ -434,18 +526,43 @@ def _check_int(name: str, value, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def _fit(image: Image.Image, size) -> Image.Image:
-    """Shorter side resized to size (bicubic) and centre-cropped, so any image can be batched; None keeps it native."""
-    if size is None or image.size == (size, size):
+def _check_geometry(size, image_fit) -> None:
+    if size is not None:
+        _check_int("size", size, minimum=1)
+    if image_fit not in IMAGE_FITS:
+        raise ValueError(f"image_fit must be one of {', '.join(IMAGE_FITS)}; got {image_fit!r}")
+
+
+def fit_image(image: Image.Image, size, image_fit="centre", seed=0) -> Image.Image:
+    """An image of any size brought to size x size when loaded, so that it can be batched (None: left as it is).
+
+    centre: shorter side resized to size (bicubic) and centre-cropped (OpenAI's test geometry).
+    random: shorter side resized to size * 8/7 (bilinear), then a random size x size crop drawn from `seed`: the
+    released ImageNet-R loader's Resize(256) + RandomCrop(224), for training and test images."""
+    if size is None:
         return image
-    return TF.center_crop(TF.resize(image, size, InterpolationMode.BICUBIC), size)
+    if image_fit == "centre":
+        if image.size == (size, size):
+            return image
+        return TF.center_crop(TF.resize(image, size, InterpolationMode.BICUBIC), size)
+    image = TF.resize(image, size * 8 // 7, InterpolationMode.BILINEAR)
+    g = torch.Generator().manual_seed(seed)
+    top = int(torch.randint(0, image.height - size + 1, (1,), generator=g))
+    left = int(torch.randint(0, image.width - size + 1, (1,), generator=g))
+    return TF.crop(image, top, left, size, size)
+
+
+def squash(image: Image.Image, size: int) -> Image.Image:
+    """The whole image resized to size x size (bilinear, aspect ratio not kept): the released test geometry."""
+    return image if image.size == (size, size) else image.resize((size, size), Image.BILINEAR)
 
 
 class _AugmentedStream(Dataset):
     """Stream position -> (task, online_iter AutoAugmented copies (online_iter, 3, H, W) uint8, label, index)."""
 
-    def __init__(self, dataset, stream, online_iter, policy, seed, size):
-        self.dataset, self.stream, self.online_iter, self.seed, self.size = dataset, stream, online_iter, seed, size
+    def __init__(self, dataset, stream, keys, online_iter, policy, seed, size, image_fit):
+        self.dataset, self.stream, self.keys, self.online_iter = dataset, stream, keys, online_iter
+        self.seed, self.size, self.image_fit = seed, size, image_fit
         self.autoaugment = AutoAugment(policy)
 
     def __len__(self) -> int:
@@ -454,15 +571,15 @@ class _AugmentedStream(Dataset):
     def __getitem__(self, position: int):
         task, index = self.stream[position]
         image, label = self.dataset[index]
-        # released code: Resize(256) + RandomCrop(224) before augmenting; we fit to `size`, the random crop comes later
-        image = _fit(image, self.size)
-        copies = [TF.pil_to_tensor(self.augment(image, position, it)) for it in range(self.online_iter)]
+        # once per sample, shared by its online iterations (as the released loader's random crop)
+        image = fit_image(image, self.size, self.image_fit, seed=_seed_of(self.seed, position, -1))
+        copies = [TF.pil_to_tensor(self.augment(image, self.keys[position], it)) for it in range(self.online_iter)]
         return task, torch.stack(copies), label, index
 
-    def augment(self, image: Image.Image, position: int, iteration: int) -> Image.Image:
-        """AutoAugment drawn per sample (the released code draws one per batch), a function of seed, position, step."""
+    def augment(self, image: Image.Image, key: int, iteration: int) -> Image.Image:
+        """AutoAugment whose draws (sub-policy, probabilities, signs) are a function of seed, key and iteration."""
         with torch.random.fork_rng(devices=[]):  # AutoAugment draws from the global RNG: fork it, leave it untouched
-            torch.default_generator.manual_seed(_seed_of(self.seed, position, iteration))
+            torch.default_generator.manual_seed(_seed_of(self.seed, key, iteration))
             return self.autoaugment(image)
 
 
@@ -482,16 +599,15 @@ def _collate_stream(items) -> StreamBatch:
 
 
 @functools.cache
-def _mean_std(device: torch.device):
-    """CLIP's channel mean and std, (1, 3, 1, 1) each, made once per device: torch.tensor(..., device=cuda)
+def _mean_std(device: torch.device, mean: tuple, std: tuple):
+    """The channel mean and std as (1, 3, 1, 1) tensors, made once per device: torch.tensor(..., device=cuda)
     is a host-to-device copy that waits for the GPU, which the training step must not do."""
-    mean = torch.tensor(clip_model.CLIP_MEAN, device=device).view(1, 3, 1, 1)
-    return mean, torch.tensor(clip_model.CLIP_STD, device=device).view(1, 3, 1, 1)
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
 
 
-def _normalise(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> float, CLIP-normalised."""
-    mean, std = _mean_std(images.device)
+def normalise(images: torch.Tensor, mean=clip_model.CLIP_MEAN, std=clip_model.CLIP_STD) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float (x / 255 - mean) / std per channel."""
+    mean, std = _mean_std(images.device, tuple(mean), tuple(std))
     return (images.float() / 255 - mean) / std
 
 
@@ -503,28 +619,35 @@ def _check_images(images: torch.Tensor) -> None:
 
 
 class BatchAugment:
-    """The training transform after AutoAugment, batched on the device: resize, padded random crop, flip, normalise."""
+    """The training transform after AutoAugment, batched on the device: resize, padded random crop, flip, normalise.
 
-    def __init__(self, n_px: int, seed: int, padding: int = 4):
-        self.n_px, self.seed, self.padding = n_px, seed, padding
+    per="sample" draws a crop offset and a flip for each image; per="batch" one of each for the whole batch (as
+    the released transform, applied to the batch tensor)."""
+
+    def __init__(self, n_px: int, seed: int, padding: int = 4, mean=clip_model.CLIP_MEAN, std=clip_model.CLIP_STD,
+                 per="sample"):
+        if per not in AUGMENT_PER:
+            raise ValueError(f"per must be one of {', '.join(AUGMENT_PER)}; got {per!r}")
+        self.n_px, self.seed, self.padding, self.mean, self.std, self.per = n_px, seed, padding, mean, std, per
         self.generator = None  # made on the device of the first batch, seeded with the run seed
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H, W) -> float (N, 3, n_px, n_px), with one random crop and flip per sample."""
+        """uint8 (N, 3, H, W) -> float (N, 3, n_px, n_px): resized, cropped, maybe flipped, normalised."""
         _check_images(images)
         if self.generator is None:
             self.generator = torch.Generator(images.device).manual_seed(self.seed)
         images = TF.resize(images, [self.n_px, self.n_px], InterpolationMode.BILINEAR, antialias=True)
-        return _normalise(self.crop_and_flip(images))
+        return normalise(self.crop_and_flip(images), self.mean, self.std)
 
     def crop_and_flip(self, images: torch.Tensor) -> torch.Tensor:
         """A random crop of the zero-padded images (black border, as the released transform) and a random h-flip."""
         n, c, h, w = images.shape
         p, device = self.padding, images.device
+        draws = n if self.per == "sample" else 1  # one draw broadcast to the whole batch
         padded = F.pad(images, (p, p, p, p))  # (N, 3, H+2p, W+2p)
-        top = torch.randint(0, 2 * p + 1, (n,), generator=self.generator, device=device)
-        left = torch.randint(0, 2 * p + 1, (n,), generator=self.generator, device=device)
-        flip = torch.rand(n, generator=self.generator, device=device) < 0.5
+        top = torch.randint(0, 2 * p + 1, (draws,), generator=self.generator, device=device).expand(n)
+        left = torch.randint(0, 2 * p + 1, (draws,), generator=self.generator, device=device).expand(n)
+        flip = (torch.rand(draws, generator=self.generator, device=device) < 0.5).expand(n)
         rows = top[:, None] + torch.arange(h, device=device)  # (N, H) rows of the padded image
         cols = left[:, None] + torch.arange(w, device=device)  # (N, W)
         cols = torch.where(flip[:, None], cols.flip(1), cols)  # reading columns backwards is the horizontal flip
@@ -534,17 +657,23 @@ class BatchAugment:
 
 
 class _EvalItems(Dataset):
-    """Position k -> (uint8 (3, H, W) image of dataset[indices[k]], label)."""
+    """Position k -> (uint8 (3, H, W) image of dataset[indices[k]], label), brought to `size` when loaded."""
 
-    def __init__(self, dataset, indices, size):
+    def __init__(self, dataset, indices, size, resize, image_fit, seed):
         self.dataset, self.indices, self.size = dataset, indices, size
+        self.resize, self.image_fit, self.seed = resize, image_fit, seed
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, k: int):
-        image, label = self.dataset[self.indices[k]]
-        return TF.pil_to_tensor(_fit(image, self.size)), label
+        index = self.indices[k]
+        image, label = self.dataset[index]
+        if self.size is not None:
+            if self.image_fit == "random":  # the released ImageNet-R loader crops test images at random too
+                image = fit_image(image, self.size, "random", seed=_seed_of(self.seed, index, -2))
+            image = fit_image(image, self.size, "centre") if self.resize == "clip" else squash(image, self.size)
+        return TF.pil_to_tensor(image), label
 
 
 def _collate_eval(items):
@@ -554,22 +683,37 @@ def _collate_eval(items):
     return torch.stack(images), torch.tensor(labels)
 
 
-def eval_batches(dataset, indices, batch_size=512, workers=2, size=None):
-    """Test samples in index order as an iterable of (uint8 images (B, 3, H, W), labels (B,)), for `eval_transform`."""
+def eval_batches(dataset, indices, batch_size=512, workers=2, size=None, resize="clip", image_fit="centre", seed=0):
+    """Test samples in index order as an iterable of (uint8 images (B, 3, H, W), labels (B,)), for `eval_transform`.
+
+    With a `size`, images are brought to size x size when loaded, by `resize` (see `eval_transform`) after, with
+    image_fit="random", the released ImageNet-R random crop (drawn once per test image from `seed`)."""
     _check_int("batch_size", batch_size, minimum=1)
     _check_int("workers", workers, minimum=0)
-    if size is not None:
-        _check_int("size", size, minimum=1)
+    _check_geometry(size, image_fit)
+    _check_resize(resize)
     indices = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
-    return DataLoader(_EvalItems(dataset, indices, size), batch_size=batch_size, num_workers=workers,
-                      collate_fn=_collate_eval, pin_memory=torch.cuda.is_available(), generator=torch.Generator())
+    return DataLoader(_EvalItems(dataset, indices, size, resize, image_fit, seed), batch_size=batch_size,
+                      num_workers=workers, collate_fn=_collate_eval, pin_memory=torch.cuda.is_available(),
+                      generator=torch.Generator())
 
 
-def eval_transform(images: torch.Tensor, n_px: int) -> torch.Tensor:
-    """OpenAI CLIP's test preprocessing, batched: bicubic resize of the shorter side to n_px, centre crop, normalise."""
+def _check_resize(resize) -> None:
+    if resize not in clip_model.TEST_RESIZES:
+        raise ValueError(f"resize must be one of {', '.join(clip_model.TEST_RESIZES)}; got {resize!r}")
+
+
+def eval_transform(images: torch.Tensor, n_px: int, resize="clip", mean=clip_model.CLIP_MEAN,
+                   std=clip_model.CLIP_STD) -> torch.Tensor:
+    """Test preprocessing, batched: OpenAI CLIP's (bicubic resize of the shorter side to n_px, centre crop) or, with
+    resize="squash", the released code's (the whole image resized to n_px x n_px, bilinear); then normalise."""
     _check_images(images)
-    images = TF.resize(images, n_px, InterpolationMode.BICUBIC, antialias=True)  # on uint8: rounded and clamped, as PIL
-    return _normalise(TF.center_crop(images, n_px))
+    _check_resize(resize)
+    if resize == "clip":  # on uint8: rounded and clamped, as PIL
+        images = TF.center_crop(TF.resize(images, n_px, InterpolationMode.BICUBIC, antialias=True), n_px)
+    else:
+        images = TF.resize(images, [n_px, n_px], InterpolationMode.BILINEAR, antialias=True)
+    return normalise(images, mean, std)
 
 
 def seen_test_indices(test_targets, seen_classes) -> torch.Tensor:

@@ -3,7 +3,9 @@ Online lifelong tuning of CLIP with Symmetric Image-Text (SIT) tuning, on a Si-B
 
     python train_online.py --dataset cifar100                 # SIT-LoRA on both towers, released defaults
     python train_online.py --dataset cifar100 --visible-classes all   # the asymmetric baseline
-    python train_online.py --smoke                            # tiny random CLIP, synthetic stream, < 1 min on CPU
+    python train_online.py --dataset cifar100 --recipe released      # the pipeline the paper's numbers came from
+    python train_online.py --dataset cifar100 --download-only        # fetch everything, then run offline
+    python train_online.py --smoke                            # offline check: a tiny random CLIP learns, < 1 min on CPU
 
 One plain loop, top to bottom: the loss (symmetric_loss), the feature caches that frozen towers allow,
 the anytime / task-end evaluation, the results that are written as they are measured, and `train`.
@@ -14,6 +16,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +38,7 @@ def visible_classes(labels, seen, mode):
 
 
 def symmetric_loss(image_features, text_features, labels, visible, logit_scale, double_softmax=False):
-    """L = mean_i CE(s * <f_i, g_c> over c in `visible`, y_i); SIT when `visible` = C_B (PAPER.md, the loss).
+    """L = mean_i CE(s * <f_i, g_c> over c in `visible`, y_i): SIT when `visible` = C_B, the classes in the batch.
 
     image_features (B, D) and text_features (len(visible), D) are L2-normalised; row j of text_features
     belongs to class visible[j]; every label must be in `visible`.
@@ -48,7 +51,7 @@ def symmetric_loss(image_features, text_features, labels, visible, logit_scale, 
 
 
 def text_gradient_parts(image_features, text_features, labels, visible, logit_scale):
-    """The positive and negative parts of dL/dg_c, each (V, D), for the visible classes (PAPER.md, gradient view).
+    """The positive and negative parts of dL/dg_c, each (V, D), for the visible classes (the paper's Figure 2).
 
     dL/dg_c = (s/|B|) sum_i (p_ic - [y_i = c]) f_i: the positive part sums over the samples of class c, the
     negative part over all other samples. Closed form for the cross-entropy on logits.
@@ -71,7 +74,8 @@ class TextFeatures:
         self.model = model
         self.trainable = trainable
         self.use_cache = cache and not trainable
-        tokens = clip_model.tokenize([prompt.format(name) for name in class_names], model.config.context_length)
+        tokens = clip_model.tokenize([prompt.format(name) for name in class_names], model.config.context_length,
+                                     vocab_size=model.config.vocab_size)
         self.device = model.positional_embedding.device
         self.tokens = clip_model.trim_padding(tokens).to(self.device)
         self.cache = torch.zeros(len(class_names), model.config.embed_dim, device=self.device)
@@ -95,12 +99,12 @@ class TextFeatures:
 class TestImages:
     """The test split as one uint8 tensor on the device, and its image features (cached if the tower is frozen)."""
 
-    def __init__(self, model, dataset, size, trainable, batch_size, workers, device, cache=True):
+    def __init__(self, model, batches, transform, trainable, batch_size, device, cache=True):
         self.model = model
+        self.transform = transform  # uint8 (N, 3, H, W) -> the normalised model input
         self.use_cache = cache and not trainable
         self.batch_size = batch_size
-        self.n_px = model.visual.input_resolution
-        batches = list(stream.eval_batches(dataset, range(len(dataset)), batch_size, workers, size=size))
+        batches = list(batches)
         self.images = torch.cat([images for images, _ in batches]).to(device)  # (N, 3, H, W) uint8
         self.targets = torch.cat([labels for _, labels in batches])  # on the host, for choosing test samples
         self.labels = self.targets.to(device)
@@ -109,9 +113,8 @@ class TestImages:
 
     @torch.inference_mode()
     def encode(self, indices):
-        return torch.cat([F.normalize(self.model.encode_image(
-            stream.eval_transform(self.images[chunk], self.n_px)), dim=-1).float()
-            for chunk in indices.split(self.batch_size)])
+        return torch.cat([F.normalize(self.model.encode_image(self.transform(self.images[chunk])), dim=-1).float()
+                          for chunk in indices.split(self.batch_size)])
 
     def features(self, indices):
         """(len(indices), D) normalised image features of these test samples."""
@@ -181,21 +184,23 @@ class Results:
         evaluate.write_json(os.path.join(self.out, "results.json"), d)
 
 
-def save_peft(path, model, args, prompt, class_names):
-    """OUT/peft.pt: the trained LoRA/adapter tensors and everything needed to rebuild the tuned model."""
+def save_peft(path, model, args, class_names):
+    """OUT/peft.pt: the trained LoRA/adapter tensors and everything needed to rebuild the tuned model and the
+    preprocessing it was tuned with."""
     state_dict = lora.lora_state_dict(model) if args.peft == "lora" else adapter.adapter_state_dict(model)
-    peft_args = peft_arguments(args)
     tmp = path + ".tmp"
-    torch.save({"model": args.model, "peft": args.peft, "encoder": args.encoder, "peft_args": peft_args,
-                "state_dict": {k: v.cpu() for k, v in state_dict.items()}, "prompt": prompt,
-                "dataset": args.dataset, "class_names": list(class_names)}, tmp)
+    torch.save({"model": args.model, "act": args.act, "peft": args.peft, "encoder": args.encoder,
+                "peft_args": peft_arguments(args), "state_dict": {k: v.cpu() for k, v in state_dict.items()},
+                "prompt": args.prompt, "dataset": args.dataset, "class_names": list(class_names),
+                "mean": list(args.mean), "std": list(args.std), "test_resize": args.test_resize,
+                "recipe": {k: getattr(args, k) for k in RECIPES[args.recipe]}}, tmp)
     os.replace(tmp, path)
 
 
 def peft_arguments(args):
     """The keyword arguments of apply_lora / apply_adapter this run used (saved in peft.pt)."""
     if args.peft == "lora":
-        return {"r": args.lora_r, "alpha": args.lora_alpha, "targets": list(lora.TARGETS)}
+        return {"r": args.lora_r, "alpha": args.lora_alpha, "targets": list(lora.TARGETS), "init": args.lora_init}
     return {"bottleneck": args.adapter_bottleneck, "scale": args.adapter_scale, "dropout": args.adapter_dropout}
 
 
@@ -231,15 +236,17 @@ class ReservoirMemory:
 # the online loop
 
 
+
+
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or inf: the run stops and keeps what it measured before."""
 
 
-def make_optimizer(model, args):
+def make_optimizer(model, lr, weight_decay):
     """AdamW over the PEFT parameters, re-created at every task start as in the released code."""
     params = [p for p in model.parameters() if p.requires_grad]
     fused = params[0].is_cuda  # one kernel for the whole update on the GPU; same arithmetic
-    return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=fused)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
 def tuned_towers(args):
@@ -252,7 +259,7 @@ def tuned_towers(args):
 def apply_peft(model, args):
     """LoRA or adapters on the chosen tower(s); everything else frozen. --peft none: nothing trains."""
     if args.peft == "lora":
-        lora.apply_lora(model, encoder=args.encoder, r=args.lora_r, alpha=args.lora_alpha)
+        lora.apply_lora(model, encoder=args.encoder, r=args.lora_r, alpha=args.lora_alpha, init=args.lora_init)
     elif args.peft == "adapter":
         adapter.apply_adapter(model, encoder=args.encoder, bottleneck=args.adapter_bottleneck,
                               scale=args.adapter_scale, dropout=args.adapter_dropout)
@@ -261,20 +268,32 @@ def apply_peft(model, args):
     return model
 
 
-def sit_step(model, optimizer, images, labels, visible, text_features, augment, logit_scale, args, amp):
-    """One gradient step on one augmented copy of the batch; returns the loss and the features it used."""
+def sit_step(model, optimizer, images, labels, visible, text_features, augment, logit_scale, amp,
+             tunes_image=True, double_softmax=False):
+    """One gradient step on one augmented copy of the batch; returns the loss and the features it used.
+
+    images: uint8 (B, 3, H, W); augment: uint8 batch -> model input; text_features: class ids -> (V, D) features
+    (with grad when the text tower trains); visible: the class ids of the softmax, every label among them."""
     device = logit_scale.device
     images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
     with amp():
         x = augment(images)  # resize, padded random crop, flip, normalise: batched, on the device
-        with torch.set_grad_enabled(args.tunes_image):
+        with torch.set_grad_enabled(tunes_image):
             f = F.normalize(model.encode_image(x), dim=-1)
         g = text_features(visible)
-        loss = symmetric_loss(f, g, labels, visible.to(device, non_blocking=True), logit_scale, args.double_softmax)
+        loss = symmetric_loss(f, g, labels, visible.to(device, non_blocking=True), logit_scale, double_softmax)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return loss.detach(), f.detach(), g.detach()
+
+
+def label_batches(targets, tasks, batch_size):
+    """The stream's batches without their images, for --peft none (nothing trains, so nothing is augmented)."""
+    for t, task in enumerate(tasks):
+        for b in range(0, len(task), batch_size):
+            indices = torch.tensor(task[b:b + batch_size])
+            yield stream.StreamBatch(t, None, torch.tensor([targets[i] for i in task[b:b + batch_size]]), indices)
 
 
 def train(args, model, train_set, test_set, split, results, device):
@@ -282,17 +301,26 @@ def train(args, model, train_set, test_set, split, results, device):
     `online_iter` steps per batch with fresh augmentation, anytime and task-end evaluation."""
     num_classes = len(train_set.classes)
     trains = args.peft != "none"
-    args.tunes_image = "image" in tuned_towers(args)
+    tunes_image = "image" in tuned_towers(args)
     amp = autocast_context(device, args.precision)
-    text_features = TextFeatures(model, train_set.classes, args.prompt, trainable="text" in tuned_towers(args),
+    n_px = model.visual.input_resolution
+    text_features = TextFeatures(model, args.prompt_names, args.prompt, trainable="text" in tuned_towers(args),
                                  cache=not args.no_cache)
-    test = TestImages(model, test_set, args.image_size, args.tunes_image, args.eval_batch_size, args.workers,
-                      device, cache=not args.no_cache)
-    augment = stream.BatchAugment(model.visual.input_resolution, seed=args.seed)
+    test_batches = stream.eval_batches(test_set, range(len(test_set)), args.eval_batch_size, args.workers,
+                                       size=args.image_size, resize=args.test_resize, image_fit=args.image_fit,
+                                       seed=args.seed)
+    test = TestImages(model, test_batches, lambda x: stream.eval_transform(x, n_px, args.test_resize, args.mean,
+                                                                          args.std),
+                      tunes_image, args.eval_batch_size, device, cache=not args.no_cache)
+    augment = stream.BatchAugment(n_px, seed=args.seed, mean=args.mean, std=args.std, per=args.augment_per)
     memory = ReservoirMemory(args.memory_size, args.seed) if args.memory_size > 0 else None
     logit_scale = model.logit_scale.exp().detach()  # s, frozen
-    batches = stream.stream_batches(train_set, split.tasks, args.batch_size, args.online_iter, args.policy,
-                                    args.workers, args.seed, size=args.image_size)
+    if trains:
+        batches = stream.stream_batches(train_set, split.tasks, args.batch_size, args.online_iter, args.policy,
+                                        args.workers, args.seed, size=args.image_size, augment_per=args.augment_per,
+                                        image_fit=args.image_fit)
+    else:
+        batches = label_batches(train_set.targets, split.tasks, args.batch_size)
     grad_log = open(os.path.join(args.out, "grad.jsonl"), "w") if args.grad_analysis else None
     bar = tqdm(total=sum(map(len, split.tasks)), unit="img", dynamic_ncols=True, disable=args.quiet)
 
@@ -305,7 +333,7 @@ def train(args, model, train_set, test_set, split, results, device):
     running_loss, last_acc = torch.zeros((), device=device), None
     for n_batches, batch in enumerate(batches, start=1):
         if batch.task != task and trains:  # a new task: the released code re-creates the optimizer here
-            optimizer = make_optimizer(model, args)
+            optimizer = make_optimizer(model, args.lr, args.weight_decay)
         task = batch.task
         known = set(seen.tolist())
         new = [c for c in dict.fromkeys(batch.labels.tolist()) if c not in known]
@@ -319,7 +347,7 @@ def train(args, model, train_set, test_set, split, results, device):
             visible = visible_classes(labels, seen, "all" if memory is not None else args.visible_classes)
             model.train()
             loss, f, g = sit_step(model, optimizer, images, labels, visible, text_features, augment,
-                                  logit_scale, args, amp)
+                                  logit_scale, amp, tunes_image, args.double_softmax)
             model.eval()
             if grad_log is not None:
                 log_gradient_parts(grad_log, f, g, labels.to(device), visible.to(device), logit_scale, step,
@@ -343,7 +371,7 @@ def train(args, model, train_set, test_set, split, results, device):
             results.task_end(n_task_ends, samples, last_acc, per_class, seen.tolist())
             n_task_ends += 1
             if trains:
-                save_peft(os.path.join(args.out, "peft.pt"), model, args, args.prompt, train_set.classes)
+                save_peft(os.path.join(args.out, "peft.pt"), model, args, args.prompt_names)
         if n_batches % args.log_every == 0:  # the only host syncs besides the evaluations
             check_finite(running_loss, samples)
             bar.set_postfix(loss=f"{running_loss.item():.3f}", seen=len(seen),
@@ -358,7 +386,8 @@ def with_memory_batch(images, labels, memory, train_set, args, step):
     """Stream batch + a memory batch of half its size, freshly augmented (the released replay)."""
     picks = memory.sample(max(1, args.batch_size // 2))
     (mem,) = stream.stream_batches(train_set, [picks], len(picks), 1, args.policy, workers=0,
-                                   seed=args.seed * 1_000_003 + step, size=args.image_size)
+                                   seed=args.seed * 1_000_003 + step, size=args.image_size,
+                                   augment_per=args.augment_per, image_fit=args.image_fit)
     return torch.cat([images, mem.images[0]]), torch.cat([labels, mem.labels])
 
 
@@ -385,7 +414,16 @@ def autocast_context(device, precision):
 
 
 # -----------------------------------------------------------------------------
-# command line: everything is checked before any work starts
+# command line: everything is checked, and everything that needs the network fetched, before any work starts
+
+# --recipe: each behaviour of the released code that changes numbers is a switch of its own (README, "Where we
+# deliberately differ from the released code"); a recipe sets them all, an explicit flag overrides it.
+RECIPES = {
+    "ours": dict(lora_init="zero", double_softmax=False, augment_per="sample", normalize="clip", test_resize="clip",
+                 class_names="readable", image_fit="centre", precision="auto"),
+    "released": dict(lora_init="released", double_softmax=True, augment_per="batch", normalize="dataset",
+                     test_resize="squash", class_names="raw", image_fit="random", precision="fp32"),
+}
 
 
 def parse_args(argv=None):
@@ -393,6 +431,8 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default="cifar100", choices=stream.DATASETS)
     p.add_argument("--data-root", default="data", help="where datasets are (or get downloaded)")
     p.add_argument("--model", default="ViT-B/16", help=f"one of {clip_model.available_models()} or a checkpoint path")
+    p.add_argument("--act", default="auto", choices=("auto",) + clip_model.ACTIVATIONS,
+                   help="MLP activation of --model: auto = open_clip_config.json beside it, else OpenAI's QuickGELU")
     p.add_argument("--peft", default="lora", choices=("lora", "adapter", "none"), help="none = zero-shot CLIP")
     p.add_argument("--encoder", default="both", choices=("image", "text", "both"), help="tower(s) to tune")
     p.add_argument("--visible-classes", default="batch", choices=("batch", "all"),
@@ -417,9 +457,26 @@ def parse_args(argv=None):
     p.add_argument("--adapter-dropout", type=float, default=0.1)
     p.add_argument("--no-cache", action="store_true",
                    help="recompute frozen-tower features every time (the released recipe; same numbers, slower)")
-    p.add_argument("--double-softmax", action="store_true", help="the released code's loss on probabilities")
+    r = p.add_argument_group("recipe", "--recipe sets each of the switches below; a switch given explicitly wins")
+    r.add_argument("--recipe", default="ours", choices=tuple(RECIPES),
+                   help="released = every released behaviour that changes numbers (the paper's pipeline)")
+    r.add_argument("--lora-init", choices=lora.INITS, help="zero: B = 0 (starts at zero-shot CLIP); released: "
+                                                           "random q/k/v update")
+    r.add_argument("--double-softmax", action=argparse.BooleanOptionalAction,
+                   help="the released loss: cross-entropy on softmax probabilities")
+    r.add_argument("--augment-per", choices=stream.AUGMENT_PER,
+                   help="AutoAugment, crop and flip drawn per sample, or once per batch (released)")
+    r.add_argument("--normalize", choices=("clip", "dataset"),
+                   help="the model's mean/std (CLIP's, or an open_clip config's), or the dataset's (released)")
+    r.add_argument("--test-resize", choices=clip_model.TEST_RESIZES,
+                   help="test images: shorter side + centre crop (clip), or squashed to n x n (released)")
+    r.add_argument("--class-names", choices=("readable", "raw"),
+                   help="prompt names: underscores become spaces, or the names the released code used")
+    r.add_argument("--image-fit", choices=stream.IMAGE_FITS,
+                   help="variable-size images (ImageNet-R, folders): centre crop, or Resize(8/7 n) + RandomCrop(n) "
+                        "once per image (released)")
+    r.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="auto = bf16 autocast on CUDA")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto = bf16 on CUDA")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
     p.add_argument("--out", default=None, help="output folder (default: a readable name under runs/)")
     p.add_argument("--log-every", type=int, default=10, help="batches between progress-bar updates")
@@ -429,13 +486,19 @@ def parse_args(argv=None):
     p.add_argument("--zero-shot-eval", action="store_true", help="zero-shot transfer after training")
     p.add_argument("--zero-shot-datasets", default=",".join(evaluate.ZERO_SHOT_DATASETS),
                    help="comma-separated, for --zero-shot-eval (found or downloaded under --data-root)")
-    p.add_argument("--smoke", action="store_true", help="tiny random CLIP + synthetic stream: checks an install")
+    p.add_argument("--download-only", action="store_true",
+                   help="fetch and verify everything this run needs (weights, vocabulary, data), then exit")
+    p.add_argument("--smoke", action="store_true",
+                   help="offline check: a tiny random CLIP learns a synthetic stream, beside its untrained baseline")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     scenario = stream.SCENARIOS[args.scenario]
     args.n = scenario["n"] if args.n is None else args.n
     args.m = scenario["m"] if args.m is None else args.m
     args.stochastic = scenario["stochastic"]
+    for name, value in RECIPES[args.recipe].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     return args
 
 
@@ -455,10 +518,12 @@ def check_args(args):
 
 
 def default_out(args):
-    """runs/<dataset>-<scenario>-<peft>-<tower>-<visible>-seed<k>, never an existing folder."""
+    """runs/<dataset>-<scenario>-<peft>-<tower>-<visible>[-released]-seed<k>, never an existing folder."""
     name = f"{args.dataset}-{args.scenario}-{args.peft}"
     if args.peft != "none":
         name += f"-{args.encoder}-{args.visible_classes}"
+    if args.recipe != "ours":
+        name += f"-{args.recipe}"
     base = os.path.join("runs", f"{name}-seed{args.seed}")
     out, k = base, 1
     while os.path.exists(out):  # never overwrite an earlier run's results
@@ -467,16 +532,24 @@ def default_out(args):
     return out
 
 
+# The --smoke world: a tiny random CLIP in OpenAI's layout (4 heads of width 16, byte-level vocabulary, so no
+# vocabulary file and no network), and a stream of 10 grating classes it can learn (stream.SyntheticDataset).
+SMOKE_CONFIG = replace(clip_model.TINY_CONFIG, vocab_size=clip_model.BYTE_VOCAB_SIZE, vision_heads=4,
+                       transformer_heads=4)
+# Chosen so that learning shows in seconds on a CPU: 1,000 training images in 2 tasks, batches of 16, a learning
+# rate 20x the released one. (tests/test_train_online.py checks the lift over the untrained model on 3 seeds.)
+SMOKE_SETTINGS = dict(batch_size=16, lr=1e-2, n_tasks=2, eval_period=100)
+
+
 def smoke_setup(args):
-    """--smoke: a tiny random CLIP in OpenAI's layout and a small synthetic stream (accuracies are meaningless)."""
+    """--smoke: the tiny random CLIP (saved, so that peft.pt can rebuild the tuned model) and the grating stream."""
     torch.manual_seed(0)
-    model = clip_model.CLIP(clip_model.TINY_CONFIG).eval()
+    model = clip_model.CLIP(SMOKE_CONFIG).eval()
     os.makedirs(args.out, exist_ok=True)
-    args.model = os.path.join(args.out, "smoke_clip.pt")  # saved, so that peft.pt can rebuild the tuned model
+    args.model = os.path.join(args.out, "smoke_clip.pt")
     torch.save(model.state_dict(), args.model)
-    train_set = stream.SyntheticDataset(num_classes=10, per_class=30, image_size=32, seed=0, train=True)
-    test_set = stream.SyntheticDataset(num_classes=10, per_class=10, image_size=32, seed=0, train=False)
-    args.batch_size, args.eval_period, args.n_tasks = 16, 60, min(args.n_tasks, 3)
+    train_set = stream.SyntheticDataset(num_classes=10, per_class=100, image_size=32, seed=0, train=True)
+    test_set = stream.SyntheticDataset(num_classes=10, per_class=20, image_size=32, seed=0, train=False)
     return model, train_set, test_set
 
 
@@ -490,20 +563,45 @@ def compile_towers(model, args):
         model.transformer.compile()
 
 
+def fetch(args):
+    """The datasets, the CLIP checkpoint, its tokenizer's vocabulary and the zero-shot datasets: downloaded (and
+    verified) where missing, so that nothing after this needs the network. Returns (model, train_set, test_set)."""
+    train_set = stream.load_dataset(args.dataset, args.data_root, train=True)  # before the model: a bad data
+    test_set = stream.load_dataset(args.dataset, args.data_root, train=False)  # root fails before a download
+    model = clip_model.load(args.model, act=None if args.act == "auto" else args.act)
+    clip_model.get_tokenizer(model.config.vocab_size)  # OpenAI's BPE vocabulary: found, or downloaded now
+    if args.zero_shot_eval:
+        evaluate.fetch_zero_shot(args.zero_shot_datasets.split(","), args.data_root)
+    return model, train_set, test_set
+
+
+def normalization(args, model, train_set):
+    """The mean and std images are normalised with: the model's own, or the training set's (released)."""
+    if args.normalize == "clip":
+        return model.config.image_mean, model.config.image_std
+    if args.dataset in stream.DATASET_STATS:
+        return stream.DATASET_STATS[args.dataset]
+    return stream.channel_stats(train_set)  # an image folder or the smoke data: measured
+
+
 def setup(args):
-    """Model, data and stream, or a clear error before any training starts."""
+    """Model, data and stream, or a clear error before any training starts (and before any run folder exists,
+    except --smoke's, which saves its tiny model there)."""
     check_args(args)
     device = torch.device(evaluate.resolve_device(args.device))  # --device cuda without a GPU: a clear error
     if args.smoke:
         args.dataset = "smoke"
+        for name, value in SMOKE_SETTINGS.items():
+            setattr(args, name, value)
         args.out = args.out or default_out(args)
         model, train_set, test_set = smoke_setup(args)
     else:
-        train_set = stream.load_dataset(args.dataset, args.data_root, train=True)  # before the model: a bad data
-        test_set = stream.load_dataset(args.dataset, args.data_root, train=False)  # root fails before a download
-        model = clip_model.load(args.model)
+        model, train_set, test_set = fetch(args)
     if list(train_set.classes) != list(test_set.classes):
         raise stream.DataError(f"{args.data_root}: train and test splits have different classes")
+    args.act = model.config.act  # what auto resolved to, for results.json and peft.pt
+    args.prompt_names = list(train_set.raw_classes if args.class_names == "raw" else train_set.classes)
+    args.mean, args.std = normalization(args, model, train_set)
     args.policy = "cifar10" if args.dataset in ("cifar100", "smoke") else "imagenet"  # AutoAugment policy
     fixed_size = args.dataset in ("cifar100", "tinyimagenet", "smoke")
     args.image_size = None if fixed_size else model.visual.input_resolution  # variable-size images get fitted
@@ -517,17 +615,42 @@ def setup(args):
     return model, train_set, test_set, split, device
 
 
+def download_only(args):
+    """--download-only: fetch and verify what the run with these flags needs, say where it is, train nothing."""
+    check_args(args)
+    if args.smoke:
+        print("--smoke needs nothing from the network: its model, vocabulary and images are made on the spot")
+        return
+    train_set, test_set = (stream.load_dataset(args.dataset, args.data_root, train=t) for t in (True, False))
+    print(f"dataset {args.dataset}: {len(train_set)} training and {len(test_set)} test images under "
+          f"{os.path.abspath(args.data_root)}")
+    path = clip_model.checkpoint_path(args.model)
+    model = clip_model.load(path, act=None if args.act == "auto" else args.act)
+    print(f"model {args.model}: {os.path.abspath(path)}" + (" (SHA256 verified)" if path != args.model else ""))
+    if model.config.vocab_size == clip_model.OPENAI_VOCAB_SIZE:
+        vocab = clip_model.bpe_vocab_path()
+        print(f"BPE vocabulary: {vocab}" + (" (SHA256 verified)" if clip_model.bpe_vocab_verified(vocab) else ""))
+    if args.zero_shot_eval:
+        for name, n in evaluate.fetch_zero_shot(args.zero_shot_datasets.split(","), args.data_root).items():
+            print(f"zero-shot {name}: {n} test images under {os.path.abspath(args.data_root)}")
+    print("everything this run needs is local: the same command without --download-only runs offline")
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
+        if args.download_only:
+            download_only(args)
+            return 0
         model, train_set, test_set, split, device = setup(args)
-    except (clip_model.CheckpointError, stream.DataError, ValueError, FileNotFoundError) as e:
+    except (clip_model.CheckpointError, clip_model.DownloadError, stream.DataError, ValueError,
+            FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(stream.describe_stream(split, train_set.targets, train_set.classes))
     if args.smoke:
-        print("--smoke: a tiny random CLIP on synthetic images; its accuracies are meaningless.")
-    results = Results(args.out, dict(vars(args)), train_set.classes,
+        print("--smoke: a tiny random CLIP learns a synthetic stream of gratings; its untrained self is the baseline")
+    results = Results(args.out, dict(vars(args)), args.prompt_names,
                       {"disjoint": split.disjoint_classes, "blurry": split.blurry_classes})
     print(f"writing results to {args.out}")
     start = time.time()
@@ -547,21 +670,43 @@ def main(argv=None):
         raise
     results.data["config"]["wall_time_s"] = round(time.time() - start, 1)
     results.write(status="finished")
-    d = results.data
-    print(" ".join(f"{k} {100 * d[k]:.2f}" if d[k] is not None else f"{k} -" for k in evaluate.METRICS))
+    print(metrics_line(results.data))
+    if args.smoke and args.peft != "none":
+        print(metrics_line(smoke_baseline(args, train_set, test_set, split, device), "untrained"))
     if args.zero_shot_eval:
         try:
             zero_shot_eval(args, model, device)
-        except evaluate.EvaluationError as e:  # e.g. a failed download: the lifelong results are already saved
+        except evaluate.EvaluationError as e:  # the lifelong results are already saved
             print(f"error: zero-shot transfer: {e}", file=sys.stderr)
             return 1
     return 0
 
 
+def metrics_line(d, label=None):
+    """'A_auc 52.10 A_avg ... F_last -' (percent), optionally labelled."""
+    line = " ".join(f"{k} {100 * d[k]:.2f}" if d[k] is not None else f"{k} -" for k in evaluate.METRICS)
+    return f"{line}   ({label})" if label else line
+
+
+def smoke_baseline(args, train_set, test_set, split, device):
+    """--smoke: the same stream with --peft none (the untrained tiny CLIP), written to OUT/untrained."""
+    base = argparse.Namespace(**{**vars(args), "peft": "none", "grad_analysis": False, "quiet": True,
+                                 "out": os.path.join(args.out, "untrained")})
+    torch.manual_seed(0)
+    model = apply_peft(clip_model.CLIP(SMOKE_CONFIG).eval(), base).to(device)
+    results = Results(base.out, dict(vars(base)), base.prompt_names,
+                      {"disjoint": split.disjoint_classes, "blurry": split.blurry_classes})
+    train(base, model, train_set, test_set, split, results, device)
+    results.write(status="finished")
+    return results.data
+
+
 def zero_shot_eval(args, model, device):
-    """Zero-shot transfer of the tuned model (PAPER.md), written to OUT/zero_shot.json as evaluate.py does."""
+    """Zero-shot transfer of the tuned model (the paper's five datasets), written to OUT/zero_shot.json as
+    evaluate.py does, with the run's preprocessing."""
     accs = evaluate.zero_shot_transfer(model, args.zero_shot_datasets.split(","), args.data_root, args.prompt,
-                                       device, workers=args.workers)
+                                       device, workers=args.workers, mean=args.mean, std=args.std,
+                                       resize=args.test_resize)
     peft_weights = os.path.join(args.out, "peft.pt") if args.peft != "none" else None
     evaluate.write_zero_shot(args.out, accs, args.model, args.prompt, peft_weights)
     print(evaluate.zero_shot_markdown(accs))

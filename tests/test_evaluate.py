@@ -378,7 +378,7 @@ def save_peft(tmp_path, peft):
     import adapter
     import lora
     checkpoint = tiny_checkpoint(tmp_path)
-    model = clip_model.load(checkpoint)
+    model = clip_model.load(checkpoint, act="quickgelu")
     if peft == "lora":
         peft_args = {"r": 2, "alpha": 1.0, "targets": ("q", "v", "out")}
         lora.apply_lora(model, encoder="both", **peft_args)
@@ -392,7 +392,7 @@ def save_peft(tmp_path, peft):
     state_dict = lora.lora_state_dict(model) if peft == "lora" else adapter.adapter_state_dict(model)
     path = tmp_path / "run" / "peft.pt"
     path.parent.mkdir()
-    torch.save({"model": checkpoint, "peft": peft, "encoder": "both", "peft_args": peft_args,
+    torch.save({"model": checkpoint, "act": "quickgelu", "peft": peft, "encoder": "both", "peft_args": peft_args,
                 "state_dict": state_dict, "prompt": "a photo of {}.", "dataset": "imagefolder",
                 "class_names": ["a", "b"]}, path)
     return model.eval(), path

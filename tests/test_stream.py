@@ -249,18 +249,21 @@ def test_imagenet_r_split_is_fixed_80_20_drawn_with_seed_0(tmp_path):
     assert load_dataset("imagenet-r", str(tmp_path), train=True, download=False).paths == train.paths
 
 
-def test_synthetic_dataset_is_deterministic_and_coloured_by_class():
-    train, again = SyntheticDataset(5, 4, image_size=16, seed=3), SyntheticDataset(5, 4, image_size=16, seed=3)
-    test = SyntheticDataset(5, 4, image_size=16, seed=3, train=False)
-    assert len(train) == 20 and train.classes[2] == "class 2" and train.targets[:6] == [0, 1, 2, 3, 4, 0]
+def test_synthetic_dataset_is_deterministic_with_one_grey_grating_per_class():
+    train, again = SyntheticDataset(10, 2, image_size=32, seed=3), SyntheticDataset(10, 2, image_size=32, seed=3)
+    test = SyntheticDataset(10, 2, image_size=32, seed=3, train=False)
+    assert len(train) == 20 and train.targets[:11] == list(range(10)) + [0]
+    assert train.classes[:2] == ["1 horizontal stripe", "3 horizontal stripes"] and train.classes[9] == "10 vertical stripes"
+    assert len(set(SyntheticDataset(100, 1).classes)) == 100  # beyond ten classes the names stay distinct
     pixels = [TF.pil_to_tensor(train[i][0]).float() for i in range(20)]
-    assert train[7][0].mode == "RGB" and pixels[7].shape == (3, 16, 16)
+    assert train[7][0].mode == "RGB" and pixels[7].shape == (3, 32, 32)
     assert torch.equal(pixels[7], TF.pil_to_tensor(again[7][0]).float())
     assert not torch.equal(pixels[7], TF.pil_to_tensor(test[7][0]).float())
-    # same class: close mean colour; another class: farther away
-    same = (pixels[0].mean((1, 2)) - pixels[5].mean((1, 2))).abs().max()
-    other = (pixels[0].mean((1, 2)) - pixels[1].mean((1, 2))).abs().max()
-    assert same < 5 < other
+    for i, image in enumerate(pixels):
+        assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])  # grey: colour tells nothing
+        vertical, stripes = train.pattern(train.targets[i])
+        profile = image[0].mean(0 if vertical else 1)  # the intensity across the stripes
+        assert torch.fft.rfft(profile - profile.mean()).abs().argmax() == stripes  # the class's stripe count
 
 
 # ---------------------------------------------------------------------------------------------------------------------

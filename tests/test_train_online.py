@@ -272,15 +272,14 @@ def test_bad_input_exits_cleanly(data, tmp_path, case):
     assert not os.path.exists(tmp_path / "bad")  # nothing started
 
 
-def test_a_leading_empty_task_gets_no_task_end(tmp_path):
-    # seed 13 cuts the smoke stream into tasks of 0, 150 and 120 samples
-    assert train_online.main(["--smoke", "--seed", "13", "--workers", "0", "--device", "cpu", "--quiet",
-                              "--out", str(tmp_path / "empty")]) == 0
-    assert read(tmp_path / "empty")["task_end_samples"] == [150, 270]
+def test_a_leading_empty_task_gets_no_task_end(data, tmp_path):
+    # seed 21 cuts the image folder's stream into tasks of 0 and 96 samples
+    assert train_online.main(run_args(data, tmp_path / "empty", "--seed", "21")) == 0
+    assert read(tmp_path / "empty")["task_end_samples"] == [96]
 
 
 def test_smoke_run_finishes(tmp_path):
     result = cli("--smoke", "--workers", "0", "--device", "cpu", "--quiet", "--out", str(tmp_path / "smoke"))
     assert result.returncode == 0, result.stderr
-    assert "meaningless" in result.stdout
-    assert read(tmp_path / "smoke")["status"] == "finished"
+    assert result.stdout.strip().splitlines()[-1].endswith("(untrained)")
+    assert read(tmp_path / "smoke")["status"] == read(tmp_path / "smoke" / "untrained")["status"] == "finished"
