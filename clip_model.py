@@ -515,6 +515,11 @@ def bpe_vocab_path(path=None):
     return download(_BPE_URL, cache_dir(), _BPE_SHA256, what="the BPE vocabulary of CLIP's tokenizer")
 
 
+def is_openai_vocabulary(path):
+    """Whether a BPE vocabulary file is OpenAI's, byte for byte (its SHA256)."""
+    return sha256sum(path) == _BPE_SHA256
+
+
 def read_merges(path, n):
     """The first n merges (pairs of symbols) of a BPE vocabulary file, after its header line."""
     with gzip.open(path, "rt", encoding="utf-8") as f:

@@ -450,22 +450,66 @@ VISIBLE_CLASSES = ("batch", "all")
 SEEDS = (1, 2, 3, 4, 5)
 
 
-def grid_commands(dataset, data_root=None, seeds=SEEDS, zero_shot_eval=False):
-    """train_online.py commands of the paper's comparison: {LoRA, adapter} x {image, text, both} x {batch (SIT),
-    all}, plus zero-shot CLIP (--peft none), each for every seed, each with its own --out folder."""
+REPOSITORY = os.path.dirname(os.path.abspath(__file__))  # where `python train_online.py` runs from
+
+
+def grid_runs(dataset, data_root=None, seeds=SEEDS, zero_shot_eval=False, recipe="ours", runs_root="runs"):
+    """(out folder, train_online.py command) of each run of the paper's comparison: {LoRA, adapter} x {image, text,
+    both} x {batch (SIT), all}, plus zero-shot CLIP (--peft none), for every seed, each with its own --out folder
+    under runs_root/<dataset>/ (runs_root/<dataset>-released/ for the released recipe)."""
     configs = [(p, e, v) for p in PEFTS for e in ENCODERS for v in VISIBLE_CLASSES] + [("none", None, None)]
-    commands = []
+    folder = os.path.join(runs_root, dataset if recipe == "ours" else f"{dataset}-{recipe}")
+    runs = []
     for peft, encoder, visible in configs:
         name = "zero-shot" if peft == "none" else f"{peft}-{encoder}-{visible}"
         for seed in seeds:
+            out = os.path.join(folder, name, f"seed{seed}")
             args = ["python", "train_online.py", "--dataset", dataset]
             args += ["--data-root", data_root] if data_root else []
+            args += ["--recipe", recipe] if recipe != "ours" else []
             args += ["--peft", peft]
             args += ["--encoder", encoder, "--visible-classes", visible] if peft != "none" else []
-            args += ["--seed", str(seed), "--out", f"runs/{dataset}/{name}/seed{seed}"]
+            args += ["--seed", str(seed), "--out", out]
             args += ["--zero-shot-eval"] if zero_shot_eval else []
-            commands.append(shlex.join(args))
-    return commands
+            runs.append((out, shlex.join(args)))
+    return runs
+
+
+def grid_commands(dataset, data_root=None, seeds=SEEDS, zero_shot_eval=False, recipe="ours", runs_root="runs"):
+    """The train_online.py commands of `grid_runs`, one string each."""
+    return [command for _, command in grid_runs(dataset, data_root, seeds, zero_shot_eval, recipe, runs_root)]
+
+
+def is_finished(run_dir):
+    """Whether a run folder holds a results.json with status "finished" (paths relative to the repository)."""
+    path = os.path.join(REPOSITORY, run_dir, "results.json")
+    try:
+        with open(path) as f:
+            return json.load(f).get("status") == "finished"
+    except (OSError, ValueError, AttributeError):
+        return False  # missing, half-written or malformed: run it (again)
+
+
+def slurm_script(commands, job_name, log_dir, time="02:00:00", cpus=8, partition=None):
+    """A SLURM batch script that runs `commands` as a job array, one run (and one GPU) per array task: task k runs
+    commands[k]. The commands are written into the script, so it needs no other file."""
+    lines = ["#!/bin/bash",
+             f"#SBATCH --job-name={job_name}",
+             f"#SBATCH --array=0-{len(commands) - 1}",
+             "#SBATCH --gres=gpu:1",
+             "#SBATCH --ntasks=1",
+             f"#SBATCH --cpus-per-task={cpus}",
+             f"#SBATCH --time={time}",
+             f"#SBATCH --output={os.path.join(log_dir, '%x-%A_%a.log')}"]
+    lines += [f"#SBATCH --partition={partition}"] if partition else []
+    lines += [f"# {len(commands)} runs of `python evaluate.py grid`. Submit with: sbatch THIS_FILE",
+              "# After failures or a time limit, print the grid again with --skip-finished and submit that.",
+              "set -euo pipefail",
+              f"cd {shlex.quote(REPOSITORY)}",
+              'case "${SLURM_ARRAY_TASK_ID:?run this script with sbatch}" in']
+    lines += [f"  {k}) {command} ;;" for k, command in enumerate(commands)]
+    lines += ['  *) echo "no run for array task $SLURM_ARRAY_TASK_ID" >&2; exit 1 ;;', "esac"]
+    return "\n".join(lines) + "\n"
 
 
 GRAD_KEYS = ("step", "task", "classes", "in_batch", "pos", "neg")
@@ -679,9 +723,22 @@ def cmd_table(args):
 
 
 def cmd_grid(args):
-    """grid: one train_online.py command per line."""
-    for command in grid_commands(args.dataset, args.data_root, zero_shot_eval=args.zero_shot_eval):
-        print(command)
+    """grid: one train_online.py command per line, or (--slurm) one SLURM job-array script that runs them."""
+    runs = grid_runs(args.dataset, args.data_root, zero_shot_eval=args.zero_shot_eval, recipe=args.recipe,
+                     runs_root=args.runs_root)
+    if args.skip_finished:
+        done = [out for out, _ in runs if is_finished(out)]
+        runs = [(out, command) for out, command in runs if out not in done]
+        print(f"skipping {len(done)} finished run(s); {len(runs)} to run", file=sys.stderr)
+    commands = [command for _, command in runs]
+    if not args.slurm:
+        print("\n".join(commands))
+    elif commands:
+        folder = os.path.dirname(os.path.dirname(runs[0][0]))  # runs_root/<dataset>[-released]
+        log_dir = os.path.join(REPOSITORY, folder, "slurm-logs")
+        os.makedirs(log_dir, exist_ok=True)  # SLURM does not create it: without it the job logs would be lost
+        print(slurm_script(commands, f"sit-{os.path.basename(folder)}", log_dir, args.time, args.cpus, args.partition),
+              end="")
 
 
 def cmd_plot(args):
@@ -738,6 +795,15 @@ def build_parser():
     p.add_argument("--dataset", default="cifar100", choices=stream.DATASETS)
     p.add_argument("--data-root", help="passed on to train_online.py")
     p.add_argument("--zero-shot-eval", action="store_true", help="add --zero-shot-eval to every command")
+    p.add_argument("--recipe", default="ours", choices=("ours", "released"), help="passed on to every command")
+    p.add_argument("--runs-root", default="runs",
+                   help="the runs go to RUNS_ROOT/<dataset>[-released]/<config>/seed<k> (relative to the repository)")
+    p.add_argument("--skip-finished", action="store_true",
+                   help="leave out the runs whose folder holds a finished results.json")
+    p.add_argument("--slurm", action="store_true", help="print a SLURM job-array script instead (one GPU per run)")
+    p.add_argument("--time", default="02:00:00", help="--slurm: the time limit of each run")
+    p.add_argument("--cpus", type=int, default=8, help="--slurm: CPU cores per run (data-loading workers)")
+    p.add_argument("--partition", help="--slurm: the SLURM partition to submit to")
     p.set_defaults(func=cmd_grid)
 
     p = commands.add_parser("plot", help="PNG of anytime accuracy curves and per-class accuracy at task ends")

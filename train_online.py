@@ -629,7 +629,8 @@ def download_only(args):
     print(f"model {args.model}: {os.path.abspath(path)}" + (" (SHA256 verified)" if path != args.model else ""))
     if model.config.vocab_size == clip_model.OPENAI_VOCAB_SIZE:
         vocab = clip_model.bpe_vocab_path()
-        print(f"BPE vocabulary: {vocab}" + (" (SHA256 verified)" if clip_model.bpe_vocab_verified(vocab) else ""))
+        verified = "SHA256 verified" if clip_model.is_openai_vocabulary(vocab) else "NOT OpenAI's: its SHA256 differs"
+        print(f"BPE vocabulary: {vocab} ({verified})")
     if args.zero_shot_eval:
         for name, n in evaluate.fetch_zero_shot(args.zero_shot_datasets.split(","), args.data_root).items():
             print(f"zero-shot {name}: {n} test images under {os.path.abspath(args.data_root)}")

@@ -75,10 +75,10 @@ CLASS_NAMES = [f"class number {i}" for i in range(100)]
 def our_step_fn(model, encoder, device, compile_model=False, batch=64):
     """The trainer's own step (train_online.sit_step, its text cache, fused AdamW, bf16 on CUDA), CIFAR-shaped."""
     args = train_online.parse_args(["--encoder", encoder])
-    args.tunes_image = "image" in train_online.tuned_towers(args)
+    tunes_image = "image" in train_online.tuned_towers(args)
     if compile_model:
         train_online.compile_towers(model, args)
-    optimizer = train_online.make_optimizer(model, args)
+    optimizer = train_online.make_optimizer(model, args.lr, args.weight_decay)
     text_features = train_online.TextFeatures(model, CLASS_NAMES, args.prompt,
                                               trainable="text" in train_online.tuned_towers(args))
     augment = stream.BatchAugment(model.visual.input_resolution, seed=0)
@@ -89,7 +89,7 @@ def our_step_fn(model, encoder, device, compile_model=False, batch=64):
     visible = torch.unique(labels)  # the trainer's bookkeeping is on the host
     scale = model.logit_scale.exp().detach()
     return lambda: train_online.sit_step(model, optimizer, images, labels, visible, text_features, augment, scale,
-                                         args, amp)
+                                         amp, tunes_image, args.double_softmax)
 
 
 def encode_text_full_context(model, tokens):
@@ -141,6 +141,8 @@ def full_run(device, fraction, workers, precision, compile_model=False):
                                     "--precision", precision, "--eval-period", str(max(64, int(1000 * fraction)))]
                                    + ["--compile"] * compile_model)
     args.image_size, args.dataset, args.policy = None, "cifar100", "cifar10"
+    args.prompt_names, args.act = train_set.classes, "quickgelu"
+    args.mean, args.std = clip_model.CLIP_MEAN, clip_model.CLIP_STD
     args.out = os.path.join("runs", "benchmark")
     split = stream.si_blurry_split(train_set.targets, 100, args.n_tasks, args.n, args.m, args.seed, args.stochastic)
     model = train_online.apply_peft(vit_b16(device, encoder=None).requires_grad_(True), args).to(device)

@@ -2,6 +2,9 @@
 analysis commands (table, grid, plot, plot-grad) on small hand-made run folders."""
 
 import json
+import os
+import shlex
+import subprocess
 import sys
 
 import pytest
@@ -210,6 +213,70 @@ def test_grid_includes_the_zero_shot_baseline_for_each_seed(capsys):
 def test_grid_passes_the_data_root_on(capsys):
     _, out, _ = run_cli(capsys, "grid", "--dataset", "imagenet-r", "--data-root", "/data/my images")
     assert all("--data-root '/data/my images'" in line for line in out.splitlines())
+
+
+def test_grid_passes_the_released_recipe_on_into_its_own_folders(capsys, tmp_path):
+    _, out, _ = run_cli(capsys, "grid", "--dataset", "cifar100", "--recipe", "released", "--runs-root", tmp_path)
+    lines = out.splitlines()
+    assert len(lines) == 65 and all("--recipe released" in line for line in lines)
+    assert all(f"--out {tmp_path}/cifar100-released/" in line for line in lines)
+
+
+def finish(out, status):
+    """A run folder as train_online.py leaves it, with this status."""
+    os.makedirs(out)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"status": status}, f)
+
+
+def test_grid_skip_finished_prints_only_what_is_missing(capsys, tmp_path):
+    commands = evaluate.grid_commands("cifar100", runs_root=str(tmp_path))
+    finish(tmp_path / "cifar100" / "lora-image-batch" / "seed1", "finished")
+    finish(tmp_path / "cifar100" / "lora-image-batch" / "seed2", "interrupted")
+    finish(tmp_path / "cifar100" / "zero-shot" / "seed5", "failed")
+    (tmp_path / "cifar100" / "lora-image-batch" / "seed3").mkdir()  # started, nothing written yet
+    _, out, err = run_cli(capsys, "grid", "--dataset", "cifar100", "--runs-root", tmp_path, "--skip-finished")
+    assert out.splitlines() == commands[1:] and "skipping 1 finished" in err
+
+
+def slurm(capsys, tmp_path, *extra):
+    code, script, _ = run_cli(capsys, "grid", "--dataset", "cifar100", "--runs-root", tmp_path, "--slurm", *extra)
+    assert code == 0
+    path = tmp_path / "grid.sbatch"
+    path.write_text(script)
+    return script, path
+
+
+def test_grid_slurm_script_is_valid_bash_with_one_array_task_per_command(capsys, tmp_path):
+    finish(tmp_path / "cifar100" / "lora-image-batch" / "seed1", "finished")
+    script, path = slurm(capsys, tmp_path, "--skip-finished", "--partition", "gpu", "--time", "01:00:00")
+    assert subprocess.run(["bash", "-n", path]).returncode == 0
+    headers = [line for line in script.splitlines() if line.startswith("#SBATCH")]
+    assert "#SBATCH --array=0-63" in headers and "#SBATCH --gres=gpu:1" in headers
+    assert "#SBATCH --partition=gpu" in headers and "#SBATCH --time=01:00:00" in headers
+    log = next(line for line in headers if line.startswith("#SBATCH --output="))
+    assert os.path.isdir(os.path.dirname(log.split("=", 1)[1]))  # SLURM would not create it
+
+
+@pytest.mark.parametrize("task", [0, 17, 63])
+def test_grid_slurm_array_task_k_runs_the_kth_command(capsys, tmp_path, task):
+    finish(tmp_path / "cifar100" / "lora-image-batch" / "seed1", "finished")
+    commands = evaluate.grid_commands("cifar100", runs_root=str(tmp_path))[1:]  # what --skip-finished leaves
+    _, path = slurm(capsys, tmp_path, "--skip-finished")
+    bin_dir = tmp_path / "bin"  # a stand-in python on PATH that records its arguments
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/called\n')
+    (bin_dir / "python").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": str(task)}
+    assert subprocess.run(["bash", path], env=env).returncode == 0
+    assert (tmp_path / "called").read_text().splitlines() == shlex.split(commands[task])[1:]
+
+
+def test_grid_slurm_script_refuses_a_task_without_a_command(capsys, tmp_path):
+    _, path = slurm(capsys, tmp_path)
+    result = subprocess.run(["bash", path], env={**os.environ, "SLURM_ARRAY_TASK_ID": "65"}, capture_output=True,
+                            text=True)
+    assert result.returncode == 1 and "no run for array task 65" in result.stderr
 
 
 # -----------------------------------------------------------------------------

@@ -192,3 +192,21 @@ def test_trainable_parameter_count_vit_b16():
     # Per block of width D: q/k/v share A (r x D) with B (3D x r), out_proj has A (r x D) and B (D x r): 6 r D.
     # Image tower 12 blocks of D = 768, text tower 12 blocks of D = 512: 6 * 4 * (12 * 768 + 12 * 512) = 368,640.
     assert lora.count_trainable(model) == 6 * 4 * (12 * 768 + 12 * 512) == 368_640
+
+
+def test_released_init_draws_the_qkv_update_at_random_so_step_0_is_not_zero_shot_clip(plain, batch):
+    model = tuned(plain, encoder="both", init="released")
+    for ours, reference in zip(features(model, batch), features(plain, batch)):
+        assert not torch.allclose(ours, reference, rtol=0, atol=1e-6)
+    for attn in [block.attn for tower in (model.visual.transformer, model.transformer) for block in tower.resblocks]:
+        r, width = attn.lora_A.shape
+        for matrix, fan_in, fan_out in ((attn.lora_A, width, r), (attn.lora_B, r, 3 * width)):  # xavier, gain 1
+            bound = (6 / (fan_in + fan_out)) ** 0.5
+            assert matrix.abs().max() <= bound and matrix.abs().max() > 0.8 * bound
+        assert torch.equal(attn.out_proj.lora_B, torch.zeros_like(attn.out_proj.lora_B))  # out_proj: B = 0
+        assert 0 < attn.out_proj.lora_A.abs().max() <= 1 / width ** 0.5  # kaiming-uniform(a=sqrt 5): 1/sqrt(fan_in)
+
+
+def test_unknown_init_is_refused(plain):
+    with pytest.raises(ValueError, match="init='xavier'"):
+        tuned(plain, init="xavier")

@@ -253,7 +253,8 @@ def test_synthetic_dataset_is_deterministic_with_one_grey_grating_per_class():
     train, again = SyntheticDataset(10, 2, image_size=32, seed=3), SyntheticDataset(10, 2, image_size=32, seed=3)
     test = SyntheticDataset(10, 2, image_size=32, seed=3, train=False)
     assert len(train) == 20 and train.targets[:11] == list(range(10)) + [0]
-    assert train.classes[:2] == ["1 horizontal stripe", "3 horizontal stripes"] and train.classes[9] == "10 vertical stripes"
+    assert train.classes[:2] == ["1 horizontal stripe", "3 horizontal stripes"]
+    assert train.classes[9] == "10 vertical stripes"
     assert len(set(SyntheticDataset(100, 1).classes)) == 100  # beyond ten classes the names stay distinct
     pixels = [TF.pil_to_tensor(train[i][0]).float() for i in range(20)]
     assert train[7][0].mode == "RGB" and pixels[7].shape == (3, 32, 32)
@@ -390,6 +391,69 @@ def test_eval_transform_matches_openai_pil_preprocessing():
     ours = eval_transform(smooth[None], 24)[0]
     assert ours.shape == expected.shape == (3, 24, 24)
     assert (ours - expected).abs().max() <= 1.5 / 255 / min(CLIP_STD)  # at most one grey level apart
+
+
+def test_squashed_test_images_equal_pil_bilinear_resize_within_uint8_rounding():
+    for shape, n_px in (((3, 10, 15), 24), ((3, 64, 40), 24)):  # upsampled (CIFAR-like) and downsampled
+        image = TF.resize(torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0)),
+                          [2 * shape[1], 2 * shape[2]], antialias=True)  # smooth, as photographs are
+        released = T.Compose([T.Resize((n_px, n_px), interpolation=T.InterpolationMode.BILINEAR), T.ToTensor(),
+                              T.Normalize(CLIP_MEAN, CLIP_STD)])
+        expected = released(TF.to_pil_image(image))
+        ours = eval_transform(image[None], n_px, resize="squash")[0]
+        assert ours.shape == expected.shape == (3, n_px, n_px)
+        assert (ours - expected).abs().max() <= 1.5 / 255 / min(CLIP_STD)  # at most one grey level apart
+
+
+def test_eval_transform_normalises_with_the_given_mean_and_std():
+    mean, std = stream.DATASET_STATS["cifar100"]
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    expected = (images.float() / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    torch.testing.assert_close(eval_transform(images, 8, resize="squash", mean=mean, std=std), expected)
+
+
+class Same(torch.utils.data.Dataset):
+    """Every index holds the same image: what per-batch and per-sample augmentation do is then easy to see."""
+    def __init__(self, n):
+        self.targets, self.classes, self.image = [i % 2 for i in range(n)], ["a", "b"], DATA[0][0]
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.image, self.targets[i]
+
+
+@pytest.mark.parametrize("per", ["batch", "sample"])
+def test_augmentation_per_batch_treats_identical_images_identically(per):
+    data = Same(16)
+    (batch,) = stream_batches(data, [list(range(16))], batch_size=16, online_iter=2, workers=0, seed=3,
+                              augment_per=per)
+    augment = BatchAugment(12, seed=3, per=per)
+    for copy in batch.images:  # each online iteration
+        out = augment(copy)
+        identical = all(torch.equal(copy[0], image) for image in copy) and all(torch.equal(out[0], x) for x in out)
+        assert identical == (per == "batch")
+    assert not torch.equal(batch.images[0], batch.images[1])  # a fresh draw at every online iteration
+
+
+def test_random_fit_is_the_released_resize_then_random_crop_drawn_once_per_seed():
+    image = TF.to_pil_image(torch.randint(0, 256, (3, 30, 50), dtype=torch.uint8,
+                                          generator=torch.Generator().manual_seed(0)))
+    resized = TF.pil_to_tensor(TF.resize(image, 16 * 8 // 7, T.InterpolationMode.BILINEAR))  # (3, 18, 30)
+    crops = [TF.pil_to_tensor(stream.fit_image(image, 16, "random", seed=s)) for s in range(8)]
+    for crop in crops:
+        assert crop.shape == (3, 16, 16)
+        assert any(torch.equal(crop, resized[:, t:t + 16, l:l + 16]) for t in range(3) for l in range(15))
+    assert torch.equal(crops[0], TF.pil_to_tensor(stream.fit_image(image, 16, "random", seed=0)))
+    assert len({tuple(c.flatten().tolist()) for c in crops}) > 1
+
+
+def test_channel_stats_are_the_pixel_mean_and_std():
+    mean, std = stream.channel_stats(Same(4))
+    pixels = TF.pil_to_tensor(DATA[0][0]).flatten(1).double() / 255
+    assert mean == pytest.approx(pixels.mean(1).tolist(), abs=1e-4)
+    assert std == pytest.approx(pixels.std(1, unbiased=False).tolist(), abs=1e-4)
 
 
 def test_eval_batches_come_in_index_order():
