@@ -3,7 +3,7 @@ Evaluation of SIT-tuned CLIP: the lifelong metrics, accuracy on the seen classes
 paper's analyses over run folders written by train_online.py.
 
 Contents, top to bottom:
-  1. the four lifelong metrics A_auc, A_avg, A_last, F_last (the released code's formulas; README, "Outputs")
+  1. the four lifelong metrics A_auc, A_avg, A_last, F_last (the released code's formulas, each in its docstring)
   2. top-1 accuracy among the seen classes (what train_online.py calls at every evaluation)
   3. zero-shot transfer to other datasets, and rebuilding a tuned model from OUT/peft.pt
   4. analyses of run folders: seed tables, the experiment grid, the gradient timeline (Figure 2), plots
@@ -12,6 +12,7 @@ Contents, top to bottom:
     python evaluate.py zero-shot --peft-weights runs/x/peft.pt --datasets food101,eurosat --data-root data
     python evaluate.py table runs/cifar100            # a folder of run folders, or run folders themselves
     python evaluate.py grid --dataset cifar100        # the commands that reproduce the paper's comparison
+    python evaluate.py grid --dataset cifar100 --recipe released --slurm > grid.sbatch   # as a SLURM job array
     python evaluate.py plot runs/x runs/y             # anytime accuracy and per-class accuracy (needs matplotlib)
     python evaluate.py plot-grad runs/x               # gradient timeline of a --grad-analysis run (needs matplotlib)
 
@@ -355,7 +356,9 @@ def load_peft_model(path, device="cpu"):
 METRICS = ("A_auc", "A_avg", "A_last", "F_last")
 GROUP_KEYS = ("dataset", "peft", "encoder", "visible_classes", "scenario")
 # Settings that should agree within a table row; the table warns when they do not.
-MUST_AGREE = ("model", "n_tasks", "n", "m", "batch_size", "online_iter", "lr", "eval_period", "memory_size")
+MUST_AGREE = ("model", "act", "n_tasks", "n", "m", "batch_size", "online_iter", "lr", "eval_period", "memory_size",
+              "recipe", "lora_init", "double_softmax", "augment_per", "normalize", "test_resize", "class_names",
+              "image_fit", "precision")
 
 
 def read_json(path, what):
@@ -402,7 +405,10 @@ def group_runs(results):
     """Runs grouped by configuration (dataset, PEFT, tower, visible classes, scenario), in order of first appearance."""
     groups = {}
     for r in results:
-        groups.setdefault(tuple(r["config"].get(k) for k in GROUP_KEYS), []).append(r)
+        c = r["config"]
+        key = tuple(None if c.get("peft") == "none" and k in ("encoder", "visible_classes") else c.get(k)
+                    for k in GROUP_KEYS)  # zero-shot CLIP trains no tower and has no loss
+        groups.setdefault(key, []).append(r)
     return groups
 
 
@@ -696,7 +702,8 @@ def cmd_zero_shot(args):
         out = args.out or os.path.dirname(os.path.abspath(args.peft_weights))
     else:
         act = None if args.act == "auto" else args.act
-        model, prompt, name, resize = clip_model.load(args.model, device, act=act), clip_model.PROMPT, args.model, "clip"
+        model, name, resize = clip_model.load(args.model, device, act=act), args.model, "clip"
+        prompt = clip_model.PROMPT
         slug = os.path.splitext(os.path.basename(args.model))[0] if os.path.isfile(args.model) else args.model
         out = args.out or os.path.join("runs", "zero-shot", slug.replace("/", "-").replace("@", "-"))
     accs = zero_shot_transfer(model, datasets, args.data_root, prompt, device, args.batch_size, args.workers,

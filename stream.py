@@ -2,9 +2,11 @@
 
 Top to bottom:
   1. the Si-Blurry sampler, index for index as the released sampler (KHU-AGI/Si-Blurry, Debatrix/LifeLong-CLIP),
-  2. datasets by name: `targets`, human-readable `classes`, and (PIL RGB image, int label) items,
-  3. batches: the augmented stream (AutoAugment per sample in DataLoader workers), the training transform batched
-     on the device, evaluation batches and OpenAI's evaluation transform, the seen-class test set.
+  2. datasets by name: `targets`, human-readable `classes` (and `raw_classes`, the released code's prompt names),
+     (PIL RGB image, int label) items, downloads that fail with one clear line,
+  3. batches: the augmented stream (AutoAugment in DataLoader workers, drawn per sample or per batch), the training
+     transform batched on the device, evaluation batches and the test transforms (OpenAI's, or the released
+     squash), the dataset statistics for normalising, the seen-class test set.
 """
 import functools
 import hashlib

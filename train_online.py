@@ -12,6 +12,7 @@ the anytime / task-end evaluation, the results that are written as they are meas
 """
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -291,9 +292,9 @@ def sit_step(model, optimizer, images, labels, visible, text_features, augment, 
 def label_batches(targets, tasks, batch_size):
     """The stream's batches without their images, for --peft none (nothing trains, so nothing is augmented)."""
     for t, task in enumerate(tasks):
-        for b in range(0, len(task), batch_size):
-            indices = torch.tensor(task[b:b + batch_size])
-            yield stream.StreamBatch(t, None, torch.tensor([targets[i] for i in task[b:b + batch_size]]), indices)
+        for b in range(0, len(task), batch_size):  # as stream.stream_batches: never across a task boundary
+            chunk = task[b:b + batch_size]
+            yield stream.StreamBatch(t, None, torch.tensor([targets[i] for i in chunk]), torch.tensor(chunk))
 
 
 def train(args, model, train_set, test_set, split, results, device):
@@ -309,9 +310,10 @@ def train(args, model, train_set, test_set, split, results, device):
     test_batches = stream.eval_batches(test_set, range(len(test_set)), args.eval_batch_size, args.workers,
                                        size=args.image_size, resize=args.test_resize, image_fit=args.image_fit,
                                        seed=args.seed)
-    test = TestImages(model, test_batches, lambda x: stream.eval_transform(x, n_px, args.test_resize, args.mean,
-                                                                          args.std),
-                      tunes_image, args.eval_batch_size, device, cache=not args.no_cache)
+    test_transform = functools.partial(stream.eval_transform, n_px=n_px, resize=args.test_resize, mean=args.mean,
+                                       std=args.std)
+    test = TestImages(model, test_batches, test_transform, tunes_image, args.eval_batch_size, device,
+                      cache=not args.no_cache)
     augment = stream.BatchAugment(n_px, seed=args.seed, mean=args.mean, std=args.std, per=args.augment_per)
     memory = ReservoirMemory(args.memory_size, args.seed) if args.memory_size > 0 else None
     logit_scale = model.logit_scale.exp().detach()  # s, frozen
@@ -671,9 +673,11 @@ def main(argv=None):
         raise
     results.data["config"]["wall_time_s"] = round(time.time() - start, 1)
     results.write(status="finished")
-    print(metrics_line(results.data))
     if args.smoke and args.peft != "none":
-        print(metrics_line(smoke_baseline(args, train_set, test_set, split, device), "untrained"))
+        print(metrics_line(results.data, tuned_name(args)))
+        print(metrics_line(smoke_baseline(args, train_set, test_set, split, device), "untrained, same stream"))
+    else:
+        print(metrics_line(results.data))
     if args.zero_shot_eval:
         try:
             zero_shot_eval(args, model, device)
@@ -684,9 +688,16 @@ def main(argv=None):
 
 
 def metrics_line(d, label=None):
-    """'A_auc 52.10 A_avg ... F_last -' (percent), optionally labelled."""
-    line = " ".join(f"{k} {100 * d[k]:.2f}" if d[k] is not None else f"{k} -" for k in evaluate.METRICS)
+    """'A_auc  52.10 A_avg ... F_last      -' (percent, aligned), optionally labelled."""
+    line = " ".join(f"{k} {100 * d[k]:6.2f}" if d[k] is not None else f"{k}      -" for k in evaluate.METRICS)
     return f"{line}   ({label})" if label else line
+
+
+def tuned_name(args):
+    """'SIT-LoRA on both towers', 'adapter on the text tower, softmax over all seen classes'."""
+    name = ("SIT-" if args.visible_classes == "batch" else "") + {"lora": "LoRA", "adapter": "adapter"}[args.peft]
+    towers = "both towers" if args.encoder == "both" else f"the {args.encoder} tower"
+    return f"{name} on {towers}" + (", softmax over all seen classes" if args.visible_classes == "all" else "")
 
 
 def smoke_baseline(args, train_set, test_set, split, device):

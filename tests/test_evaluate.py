@@ -103,13 +103,14 @@ def test_per_class_accuracy_only_for_seen_classes_with_test_images():
 
 
 def write_run(path, peft="lora", encoder="image", visible="batch", seed=1, metrics=(0.5, 0.5, 0.5, 0.1),
-              status="finished", dataset="cifar100"):
+              status="finished", dataset="cifar100", **config):
     """A results.json as train_online.py writes it: 4 classes, 2 tasks (classes 0, 1 disjoint; 2, 3 blurry)."""
     path.mkdir(parents=True)
     results = {
         "config": {"dataset": dataset, "data_root": "data", "model": "ViT-B/16", "peft": peft, "encoder": encoder,
                    "visible_classes": visible, "scenario": "si-blurry", "n_tasks": 2, "n": 50, "m": 10,
-                   "seed": seed, "batch_size": 4, "online_iter": 1, "lr": 5e-4, "eval_period": 8, "memory_size": 0},
+                   "seed": seed, "batch_size": 4, "online_iter": 1, "lr": 5e-4, "eval_period": 8, "memory_size": 0,
+                   **config},
         "status": status, "class_names": ["apple", "bus", "cat", "dog"],
         "seen_classes": [2, 0, 1, 3], "disjoint_classes": [[0], [1]], "blurry_classes": [[2], [3]],
         "anytime": [{"samples": 8, "acc": 0.5}, {"samples": 16, "acc": 0.4}, {"samples": 24, "acc": 0.45}],
@@ -155,6 +156,13 @@ def test_table_groups_runs_by_configuration(tmp_path, capsys):
     _, out, _ = run_cli(capsys, "table", tmp_path)  # a parent folder is searched for run folders
     seeds = {row.split(" | ")[3]: row.split(" | ")[5] for row in out.splitlines()[2:]}
     assert seeds == {"batch": "2", "all": "1"}
+
+
+def test_table_warns_when_a_row_mixes_the_two_recipes(tmp_path, capsys):
+    write_run(tmp_path / "ours", seed=1, recipe="ours", double_softmax=False)
+    write_run(tmp_path / "released", seed=2, recipe="released", double_softmax=True)
+    _, _, err = run_cli(capsys, "table", tmp_path)
+    assert "mixes runs with different recipe, double_softmax" in err
 
 
 def test_table_marks_a_metric_defined_by_only_some_seeds(tmp_path, capsys):
