@@ -436,7 +436,8 @@ def open_clip_settings(path):
         raise CheckpointError(f"{path}: a custom-text, CoCa or SigLIP model; only CLIP ViTs are supported")
     for tower, options in (("vision_cfg", vision), ("text_cfg", text)):
         for key, default in {**_OPEN_CLIP_DEFAULTS[tower], **_OPEN_CLIP_DEFAULTS["both"]}.items():
-            if options.get(key, default) not in (default, "default") and options.get(key) != {}:
+            value = options.get(key) or default  # absent, None, False or {}: open_clip's default
+            if value not in (default, "default"):  # ("default" is how block_type names its default)
                 raise CheckpointError(f"{path}: {tower}.{key} = {options[key]!r} is not supported "
                                       f"(only {default!r}): this model would not compute what open_clip computes")
     preprocess = cfg.get("preprocess_cfg", {})

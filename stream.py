@@ -473,10 +473,10 @@ DATASET_STATS = {
 
 
 def channel_stats(dataset, limit=10_000) -> tuple[tuple, tuple]:
-    """Per-channel mean and std of a dataset's pixels in [0, 1], over (the first `limit` of) its images:
-    the statistics DATASET_STATS does not list (image folders, the synthetic smoke data)."""
+    """Per-channel mean and std of a dataset's pixels in [0, 1], over its images (at most about `limit` of them,
+    evenly spaced: image folders are sorted by class): the statistics DATASET_STATS does not list."""
     total, total_sq, count = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0
-    for i in range(min(len(dataset), limit)):
+    for i in range(0, len(dataset), max(1, len(dataset) // limit)):
         pixels = TF.pil_to_tensor(dataset[i][0]).flatten(1).double() / 255  # (3, H*W)
         total, total_sq, count = total + pixels.sum(1), total_sq + (pixels ** 2).sum(1), count + pixels.shape[1]
     mean = total / count

@@ -567,14 +567,16 @@ def compile_towers(model, args):
 
 def fetch(args):
     """The datasets, the CLIP checkpoint, its tokenizer's vocabulary and the zero-shot datasets: downloaded (and
-    verified) where missing, so that nothing after this needs the network. Returns (model, train_set, test_set)."""
+    verified) where missing, so that nothing after this needs the network.
+    Returns (model, train_set, test_set, {zero-shot dataset: number of images})."""
     train_set = stream.load_dataset(args.dataset, args.data_root, train=True)  # before the model: a bad data
     test_set = stream.load_dataset(args.dataset, args.data_root, train=False)  # root fails before a download
     model = clip_model.load(args.model, act=None if args.act == "auto" else args.act)
     clip_model.get_tokenizer(model.config.vocab_size)  # OpenAI's BPE vocabulary: found, or downloaded now
+    zero_shot = {}
     if args.zero_shot_eval:
-        evaluate.fetch_zero_shot(args.zero_shot_datasets.split(","), args.data_root)
-    return model, train_set, test_set
+        zero_shot = evaluate.fetch_zero_shot(args.zero_shot_datasets.split(","), args.data_root)
+    return model, train_set, test_set, zero_shot
 
 
 def normalization(args, model, train_set):
@@ -598,7 +600,7 @@ def setup(args):
         args.out = args.out or default_out(args)
         model, train_set, test_set = smoke_setup(args)
     else:
-        model, train_set, test_set = fetch(args)
+        model, train_set, test_set, _ = fetch(args)
     if list(train_set.classes) != list(test_set.classes):
         raise stream.DataError(f"{args.data_root}: train and test splits have different classes")
     args.act = model.config.act  # what auto resolved to, for results.json and peft.pt
@@ -623,19 +625,17 @@ def download_only(args):
     if args.smoke:
         print("--smoke needs nothing from the network: its model, vocabulary and images are made on the spot")
         return
-    train_set, test_set = (stream.load_dataset(args.dataset, args.data_root, train=t) for t in (True, False))
+    model, train_set, test_set, zero_shot = fetch(args)
     print(f"dataset {args.dataset}: {len(train_set)} training and {len(test_set)} test images under "
           f"{os.path.abspath(args.data_root)}")
-    path = clip_model.checkpoint_path(args.model)
-    model = clip_model.load(path, act=None if args.act == "auto" else args.act)
+    path = clip_model.checkpoint_path(args.model)  # local by now: no connection
     print(f"model {args.model}: {os.path.abspath(path)}" + (" (SHA256 verified)" if path != args.model else ""))
-    if model.config.vocab_size == clip_model.OPENAI_VOCAB_SIZE:
+    if model.config.vocab_size > clip_model.BYTE_VOCAB_SIZE:  # a tokenizer with merges: it needs the BPE file
         vocab = clip_model.bpe_vocab_path()
         verified = "SHA256 verified" if clip_model.is_openai_vocabulary(vocab) else "NOT OpenAI's: its SHA256 differs"
         print(f"BPE vocabulary: {vocab} ({verified})")
-    if args.zero_shot_eval:
-        for name, n in evaluate.fetch_zero_shot(args.zero_shot_datasets.split(","), args.data_root).items():
-            print(f"zero-shot {name}: {n} test images under {os.path.abspath(args.data_root)}")
+    for name, n in zero_shot.items():
+        print(f"zero-shot {name}: {n} test images under {os.path.abspath(args.data_root)}")
     print("everything this run needs is local: the same command without --download-only runs offline")
 
 
@@ -650,7 +650,7 @@ def main(argv=None):
             FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(stream.describe_stream(split, train_set.targets, train_set.classes))
+    print(stream.describe_stream(split, train_set.targets, args.prompt_names))
     if args.smoke:
         print("--smoke: a tiny random CLIP learns a synthetic stream of gratings; its untrained self is the baseline")
     results = Results(args.out, dict(vars(args)), args.prompt_names,
