@@ -297,6 +297,25 @@ def test_recipe_released_runs_end_to_end_and_records_its_switches(data, tmp_path
     assert list(model.config.image_mean) == saved["mean"] and model.config.act == "quickgelu"
 
 
+def test_an_open_clip_checkpoint_trains_and_rebuilds_with_its_activation_and_mean_std(data, tmp_path):
+    folder = tmp_path / "open_clip"  # the tiny checkpoint with the config open_clip's hubs put beside weights
+    folder.mkdir()
+    shutil.copy(data / "tiny.pt", folder / "tiny.pt")
+    vision = {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8}  # TINY_CONFIG, no quick_gelu: GELU
+    config = {"model_cfg": {"embed_dim": 32, "vision_cfg": vision, "text_cfg": {"width": 64, "heads": 1, "layers": 2}},
+              "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    out = tmp_path / "run"
+    args = run_args(data, out)
+    args[args.index("--model") + 1] = str(folder / "tiny.pt")
+    assert train_online.main(args) == 0
+    results = read(out)
+    assert results["config"]["act"] == "gelu" and results["config"]["mean"] == [0.5, 0.5, 0.5]
+    model, _ = evaluate.load_peft_model(str(out / "peft.pt"))
+    assert model.config.act == "gelu" and isinstance(model.visual.transformer.resblocks[0].mlp.gelu, torch.nn.GELU)
+    assert model.config.image_std == (0.25, 0.25, 0.25)
+
+
 def test_raw_class_names_go_into_the_prompts(data, tmp_path, monkeypatch):
     prompts = []
     original = clip_model.tokenize
