@@ -107,8 +107,9 @@ def test_smoke_runs_on_a_bare_offline_install(machine):
     assert result.returncode == 0, result.stderr
     *_, trained, untrained = result.stdout.strip().splitlines()
     assert trained.startswith("A_auc") and untrained.endswith("(untrained, same stream)")
-    with open(machine.work / "smoke" / "results.json") as f:
-        assert json.load(f)["status"] == "finished"
+    for run in ("smoke", "smoke/untrained"):
+        with open(machine.work / run / "results.json") as f:
+            assert json.load(f)["status"] == "finished"
     assert machine.connections() == [] and not os.listdir(machine.home)
 
 

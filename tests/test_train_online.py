@@ -67,6 +67,15 @@ def test_loss_is_cross_entropy_over_visible_classes():
     torch.testing.assert_close(loss, expected)
 
 
+def test_double_softmax_is_cross_entropy_on_probabilities_as_released():
+    f, text = features()
+    labels, visible = torch.tensor([4, 1, 1, 4, 4, 1]), torch.tensor([1, 4])
+    probabilities = (100 * f @ text[visible].t()).softmax(dim=-1)
+    expected = F.cross_entropy(probabilities, torch.tensor([1, 0, 0, 1, 1, 0]))
+    loss = symmetric_loss(f, text[visible], labels, visible, torch.tensor(100.0), double_softmax=True)
+    torch.testing.assert_close(loss, expected)
+
+
 def test_gradient_parts_sum_to_the_autograd_gradient():
     f, text = features()
     labels = torch.tensor([0, 2, 2, 3, 0, 3])
@@ -356,10 +365,3 @@ def test_a_leading_empty_task_gets_no_task_end(data, tmp_path):
     # seed 21 cuts the image folder's stream into tasks of 0 and 96 samples
     assert train_online.main(run_args(data, tmp_path / "empty", "--seed", "21")) == 0
     assert read(tmp_path / "empty")["task_end_samples"] == [96]
-
-
-def test_smoke_run_finishes(tmp_path):
-    result = cli("--smoke", "--workers", "0", "--device", "cpu", "--quiet", "--out", str(tmp_path / "smoke"))
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1].endswith("(untrained, same stream)")
-    assert read(tmp_path / "smoke")["status"] == read(tmp_path / "smoke" / "untrained")["status"] == "finished"
