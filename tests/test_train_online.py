@@ -262,7 +262,7 @@ def test_grad_analysis_records_only_batch_classes_under_sit(data, tmp_path):
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_sit_lifts_accuracy_far_above_the_untrained_model(tmp_path, seed):
-    # Measured on seeds 1-5 the smallest lift is 20 points of A_auc (LoRA on the text tower); we ask for 15.
+    # Measured on seeds 1-5 the smallest lift is 19.5 points of A_auc (LoRA on the text tower, seed 4); we ask for 15.
     for peft, encoder in (("lora", "image"), ("lora", "text"), ("lora", "both"), ("adapter", "both")):
         out = tmp_path / f"{peft}-{encoder}"
         assert train_online.main(["--smoke", "--seed", str(seed), "--peft", peft, "--encoder", encoder,
