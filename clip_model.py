@@ -19,7 +19,6 @@ import importlib.util
 import json
 import os
 import sys
-import urllib.error
 import urllib.request
 import warnings
 import zipfile
@@ -320,7 +319,8 @@ class CheckpointError(RuntimeError):
 class DownloadError(OSError):
     """A file that had to be downloaded and could not be: what, from where, why, and where to put it by hand."""
 
-    def __init__(self, what, url, reason, put_at):
+    def __init__(self, what, url, error, put_at):
+        reason = getattr(error, "reason", error)  # urllib's URLError wraps the OS error that says why
         super().__init__(f"could not download {what} from {url} ({reason}); without network, fetch it elsewhere "
                          f"and put it at {put_at}")
 
@@ -354,10 +354,10 @@ def download(url, root, sha256, what=None):
                 for chunk in iter(lambda: source.read(1 << 16), b""):
                     out.write(chunk)
                     bar.update(len(chunk))
-    except (urllib.error.URLError, OSError) as e:  # no network, DNS, HTTP error, or the connection broke
+    except OSError as e:  # no network, DNS, HTTP error (a URLError is an OSError), or a broken connection
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise DownloadError(what or os.path.basename(url), url, getattr(e, "reason", e), path) from None
+        raise DownloadError(what or os.path.basename(url), url, e, path) from None
     if sha256sum(tmp) != sha256:
         os.remove(tmp)
         raise CheckpointError(f"{url}: downloaded file does not match its SHA256 {sha256}")

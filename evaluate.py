@@ -26,7 +26,6 @@ import os
 import shlex
 import statistics
 import sys
-import urllib.error
 
 from dataclasses import replace
 
@@ -215,8 +214,7 @@ def zero_shot_dataset(name, data_root, transform=None):
                               f"(pip install {e.name or 'scipy'})") from None
     except OSError as e:  # no network (urllib's URLError is an OSError), or a file that cannot be written
         url, put_at = ZERO_SHOT_SOURCES[name]
-        reason = e.reason if isinstance(e, urllib.error.URLError) else e
-        raise clip_model.DownloadError(name, url, reason, os.path.join(data_root, put_at)) from None
+        raise clip_model.DownloadError(name, url, e, os.path.join(data_root, put_at)) from None
     except RuntimeError as e:  # torchvision: corrupt or incomplete files
         raise EvaluationError(f"{name}: could not load it under {data_root}: {e}") from None
 

@@ -11,7 +11,6 @@ Top to bottom:
 import functools
 import hashlib
 import os
-import urllib.error
 from typing import NamedTuple
 
 import torch
@@ -292,8 +291,7 @@ def download_archive(what: str, url: str, root: str, md5: str, filename: str = N
         raise DataError(f"the {what} archive downloaded from {url} is corrupt ({err}); delete "
                         f"{os.path.join(root, filename)} and try again") from None
     except OSError as err:  # no network, DNS, HTTP error (urllib's URLError is an OSError), full disk
-        reason = err.reason if isinstance(err, urllib.error.URLError) else err
-        raise clip_model.DownloadError(what, url, reason, os.path.join(root, filename)) from None
+        raise clip_model.DownloadError(what, url, err, os.path.join(root, filename)) from None
 
 
 def _fetch(root: str, folder: str, url: str, md5: str, download: bool, what: str) -> str:
