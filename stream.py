@@ -507,17 +507,22 @@ def stream_batches(dataset, tasks, batch_size=64, online_iter=3, policy="cifar10
     stream = [(t, i) for t, task in enumerate(tasks) for i in task]
     if any(not 0 <= i < len(dataset) for _, i in stream):
         raise ValueError(f"tasks hold indices outside the dataset's 0..{len(dataset) - 1}")
-    batches, start = [], 0
-    for task in tasks:
-        batches += [list(range(start + b, start + min(b + batch_size, len(task))))
-                    for b in range(0, len(task), batch_size)]  # the last batch of a task may be short
-        start += len(task)
+    batches, start = [], 0  # the batches as stream positions, for the DataLoader
+    for _, indices in task_batches(tasks, batch_size):
+        batches.append(list(range(start, start + len(indices))))
+        start += len(indices)
     # Each sample's AutoAugment draws are a function of this key: its stream position, or its batch's number.
     keys = list(range(len(stream))) if augment_per == "sample" else [b for b, bat in enumerate(batches) for _ in bat]
     items = _AugmentedStream(dataset, stream, keys, online_iter, POLICIES[policy], seed, size, image_fit)
     return DataLoader(items, batch_sampler=batches, num_workers=workers, collate_fn=_collate_stream,
                       pin_memory=torch.cuda.is_available(),
                       generator=torch.Generator())  # the loader draws a seed from it; the caller's RNG stays untouched
+
+
+def task_batches(tasks, batch_size) -> list[tuple[int, list[int]]]:
+    """(task, dataset indices) of each batch of the stream: tasks in order, a batch never crosses a task boundary,
+    and the last batch of a task may be short."""
+    return [(t, task[b:b + batch_size]) for t, task in enumerate(tasks) for b in range(0, len(task), batch_size)]
 
 
 def _check_int(name: str, value, minimum: int) -> None:

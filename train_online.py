@@ -291,10 +291,8 @@ def sit_step(model, optimizer, images, labels, visible, text_features, augment, 
 
 def label_batches(targets, tasks, batch_size):
     """The stream's batches without their images, for --peft none (nothing trains, so nothing is augmented)."""
-    for t, task in enumerate(tasks):
-        for b in range(0, len(task), batch_size):  # as stream.stream_batches: never across a task boundary
-            chunk = task[b:b + batch_size]
-            yield stream.StreamBatch(t, None, torch.tensor([targets[i] for i in chunk]), torch.tensor(chunk))
+    for t, indices in stream.task_batches(tasks, batch_size):  # the batches of stream.stream_batches
+        yield stream.StreamBatch(t, None, torch.tensor([targets[i] for i in indices]), torch.tensor(indices))
 
 
 def train(args, model, train_set, test_set, split, results, device):
