@@ -500,10 +500,8 @@ def stream_batches(dataset, tasks, batch_size=64, online_iter=3, policy="cifar10
         _check_int(name, value, minimum=1)
     _check_int("workers", workers, minimum=0)
     _check_geometry(size, image_fit)
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
-    if augment_per not in AUGMENT_PER:
-        raise ValueError(f"augment_per must be one of {', '.join(AUGMENT_PER)}; got {augment_per!r}")
+    _check_choice("policy", policy, POLICIES)
+    _check_choice("augment_per", augment_per, AUGMENT_PER)
     stream = [(t, i) for t, task in enumerate(tasks) for i in task]
     if any(not 0 <= i < len(dataset) for _, i in stream):
         raise ValueError(f"tasks hold indices outside the dataset's 0..{len(dataset) - 1}")
@@ -531,11 +529,16 @@ def _check_int(name: str, value, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def _check_choice(name: str, value, choices) -> None:
+    """A ValueError naming the argument unless it is one of `choices`."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
 def _check_geometry(size, image_fit) -> None:
     if size is not None:
         _check_int("size", size, minimum=1)
-    if image_fit not in IMAGE_FITS:
-        raise ValueError(f"image_fit must be one of {', '.join(IMAGE_FITS)}; got {image_fit!r}")
+    _check_choice("image_fit", image_fit, IMAGE_FITS)
 
 
 def fit_image(image: Image.Image, size, image_fit="centre", seed=0) -> Image.Image:
@@ -631,8 +634,7 @@ class BatchAugment:
 
     def __init__(self, n_px: int, seed: int, padding: int = 4, mean=clip_model.CLIP_MEAN, std=clip_model.CLIP_STD,
                  per="sample"):
-        if per not in AUGMENT_PER:
-            raise ValueError(f"per must be one of {', '.join(AUGMENT_PER)}; got {per!r}")
+        _check_choice("per", per, AUGMENT_PER)
         self.n_px, self.seed, self.padding, self.mean, self.std, self.per = n_px, seed, padding, mean, std, per
         self.generator = None  # made on the device of the first batch, seeded with the run seed
 
@@ -696,16 +698,11 @@ def eval_batches(dataset, indices, batch_size=512, workers=2, size=None, resize=
     _check_int("batch_size", batch_size, minimum=1)
     _check_int("workers", workers, minimum=0)
     _check_geometry(size, image_fit)
-    _check_resize(resize)
+    _check_choice("resize", resize, clip_model.TEST_RESIZES)
     indices = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
     return DataLoader(_EvalItems(dataset, indices, size, resize, image_fit, seed), batch_size=batch_size,
                       num_workers=workers, collate_fn=_collate_eval, pin_memory=torch.cuda.is_available(),
                       generator=torch.Generator())
-
-
-def _check_resize(resize) -> None:
-    if resize not in clip_model.TEST_RESIZES:
-        raise ValueError(f"resize must be one of {', '.join(clip_model.TEST_RESIZES)}; got {resize!r}")
 
 
 def eval_transform(images: torch.Tensor, n_px: int, resize="clip", mean=clip_model.CLIP_MEAN,
@@ -713,7 +710,7 @@ def eval_transform(images: torch.Tensor, n_px: int, resize="clip", mean=clip_mod
     """Test preprocessing, batched: OpenAI CLIP's (bicubic resize of the shorter side to n_px, centre crop) or, with
     resize="squash", the released code's (the whole image resized to n_px x n_px, bilinear); then normalise."""
     _check_images(images)
-    _check_resize(resize)
+    _check_choice("resize", resize, clip_model.TEST_RESIZES)
     if resize == "clip":  # on uint8: rounded and clamped, as PIL
         images = TF.center_crop(TF.resize(images, n_px, InterpolationMode.BICUBIC, antialias=True), n_px)
     else:
