@@ -101,26 +101,17 @@ def lifelong_metrics(anytime_accs, task_accs, class_acc):
 def top1_on_seen(image_features, labels, text_features, seen_classes):
     """Top-1 accuracy on the test images of the seen classes, predicting among the seen classes only.
 
-    image_features (N, D) and text_features (C_all, D) are L2-normalised; row c of text_features is class c.
-    Test images of unseen classes are ignored. Returns (accuracy, {class: accuracy}) for the seen classes that
-    have test images; everything stays on the features' device until one transfer at the end."""
-    seen_list = [int(c) for c in seen_classes]
-    if not seen_list:
-        raise ValueError("top1_on_seen needs at least one seen class")
-    device = image_features.device
-    seen = torch.tensor(seen_list, device=device)  # (S,)
-    labels = labels.to(device=device, dtype=torch.long)
-    logits = image_features.float() @ text_features[seen].float().t()  # (N, S)
-    predicted = seen[logits.argmax(dim=1)]  # (N,) class ids, never an unseen class
-    # Counts per class with index_add_ rather than boolean masks or bincount, which would sync with the GPU;
-    # images of unseen classes are counted in rows we never read.
-    total = torch.zeros(text_features.shape[0], dtype=torch.long, device=device)  # (C_all,)
-    correct = torch.zeros_like(total).index_add_(0, labels, (predicted == labels).long())
-    total.index_add_(0, labels, torch.ones_like(labels))
-    total, correct = torch.stack([total[seen], correct[seen]]).tolist()  # the one device -> host transfer
+    image_features (N, D) and text_features (S, D) are L2-normalised; row j of text_features is class
+    seen_classes[j]. Test images of unseen classes are ignored. Returns (accuracy, {class: accuracy}) for the seen
+    classes that have test images; everything stays on the features' device until one transfer at the end."""
+    seen = torch.as_tensor(seen_classes, device=image_features.device)  # (S,)
+    is_class = labels.to(seen.device)[:, None] == seen[None, :]  # (N, S) one-hot; all False for an unseen class
+    predicted = (image_features.float() @ text_features.float().t()).argmax(dim=1)  # (N,) positions in seen
+    hit = is_class & F.one_hot(predicted, len(seen)).bool()
+    total, correct = torch.stack([is_class.sum(0), hit.sum(0)]).tolist()  # the one device -> host transfer
     if sum(total) == 0:
         raise ValueError("no test images of the seen classes to evaluate on")
-    per_class = {c: k / n for c, n, k in zip(seen_list, total, correct) if n > 0}
+    per_class = {c: k / n for c, n, k in zip(seen.tolist(), total, correct) if n > 0}
     return sum(correct) / sum(total), per_class
 
 

@@ -71,31 +71,37 @@ def unit(*v):
     return F.normalize(torch.tensor(v, dtype=torch.float32), dim=-1)
 
 
-TEXT = torch.eye(3)  # class c's text feature is e_c
+TEXT = torch.eye(3)  # class c's text feature is e_c; top1_on_seen takes the rows of the seen classes
 
 
 def test_top1_on_seen_counts_correct_predictions_per_class():
     images = torch.stack([unit(1, 0.1, 0), unit(1, 0, 0.2),      # class 0, both right
                           unit(0.1, 1, 0), unit(0.5, 0.1, 0)])   # class 1: right, then predicted 0
-    acc, per_class = top1_on_seen(images, torch.tensor([0, 0, 1, 1]), TEXT, [0, 1])
+    acc, per_class = top1_on_seen(images, torch.tensor([0, 0, 1, 1]), TEXT[[0, 1]], [0, 1])
     assert (acc, per_class) == (pytest.approx(0.75), {0: 1.0, 1: 0.5})
 
 
 def test_an_unseen_class_is_never_predicted():
     images = torch.stack([unit(0.3, 0, 1), unit(0, 0.3, 1)])  # nearest text: class 2, which is unseen
-    acc, _ = top1_on_seen(images, torch.tensor([0, 1]), TEXT, [0, 1])
+    acc, _ = top1_on_seen(images, torch.tensor([0, 1]), TEXT[[0, 1]], [0, 1])
     assert acc == 1.0
 
 
 def test_test_images_of_unseen_classes_are_not_evaluated():
     images = torch.stack([unit(1, 0, 0), unit(0, 0, 1)])
-    acc, per_class = top1_on_seen(images, torch.tensor([0, 2]), TEXT, [0, 1])
+    acc, per_class = top1_on_seen(images, torch.tensor([0, 2]), TEXT[[0, 1]], [0, 1])
     assert (acc, per_class) == (1.0, {0: 1.0})
 
 
 def test_per_class_accuracy_only_for_seen_classes_with_test_images():
     _, per_class = top1_on_seen(torch.stack([unit(1, 0, 0)]), torch.tensor([0]), TEXT, [0, 1, 2])
     assert set(per_class) == {0}
+
+
+def test_text_rows_follow_the_order_of_the_seen_classes():
+    images = torch.stack([unit(0, 0, 1), unit(1, 0.2, 0)])  # classes 2 and 0
+    acc, per_class = top1_on_seen(images, torch.tensor([2, 0]), TEXT[[2, 0]], [2, 0])  # seen in order 2, 0
+    assert (acc, per_class) == (1.0, {2: 1.0, 0: 1.0})
 
 
 # -----------------------------------------------------------------------------

@@ -76,14 +76,18 @@ def test_double_softmax_is_cross_entropy_on_probabilities_as_released():
     torch.testing.assert_close(loss, expected)
 
 
-def test_gradient_parts_sum_to_the_autograd_gradient():
+@pytest.mark.parametrize("double_softmax", [False, True])
+def test_gradient_parts_sum_to_the_autograd_gradient_of_the_loss_trained(double_softmax):
     f, text = features()
     labels = torch.tensor([0, 2, 2, 3, 0, 3])
     visible = torch.tensor([3, 0, 4, 2, 1])
     g = text[visible].clone().requires_grad_(True)
-    symmetric_loss(f, g, labels, visible, torch.tensor(100.0)).backward()
-    positive, negative = text_gradient_parts(f, g, labels, visible, torch.tensor(100.0))
+    symmetric_loss(f, g, labels, visible, torch.tensor(100.0), double_softmax).backward()
+    positive, negative = text_gradient_parts(f, g, labels, visible, torch.tensor(100.0), double_softmax)
     torch.testing.assert_close(positive + negative, g.grad)
+    # the parts are those of this loss: the other loss's closed form gives another gradient
+    other = sum(text_gradient_parts(f, g, labels, visible, torch.tensor(100.0), not double_softmax))
+    assert not torch.allclose(other, g.grad)
     absent = ~torch.isin(visible, labels)
     assert torch.all(positive[absent] == 0) and torch.all(negative[absent].norm(dim=-1) > 0)
 
@@ -166,9 +170,8 @@ def test_feature_caches_do_not_change_the_numbers(data, tmp_path):
     ("lora", "both", False, {"image", "text"}), ("lora", "image", False, {"image"}),
     ("adapter", "text", False, {"text"}), ("none", "both", False, set()), ("lora", "image", True, {"image", "text"})])
 def test_compile_only_the_towers_that_run_at_every_step(peft, encoder, no_cache, compiled):
-    args = train_online.parse_args(["--peft", peft, "--encoder", encoder, "--compile"] + ["--no-cache"] * no_cache)
-    model = clip_model.CLIP(TINY)
-    train_online.compile_towers(model, args)  # lazy: nothing is compiled before the first call
+    model = train_online.apply_peft(clip_model.CLIP(TINY), peft, encoder)
+    train_online.compile_towers(model, cache=not no_cache)  # lazy: nothing is compiled before the first call
     towers = {"image": model.visual, "text": model.transformer}
     assert {name for name, tower in towers.items() if tower._compiled_call_impl is not None} == compiled
 
@@ -179,7 +182,7 @@ def test_compiled_towers_give_the_same_features_and_gradients():
     for module in lora.lora_modules(eager):  # B = 0 at the start would leave the low-rank path untested
         torch.nn.init.normal_(module.lora_B, std=0.1)
     compiled = copy.deepcopy(eager)
-    train_online.compile_towers(compiled, train_online.parse_args(["--compile"]))
+    train_online.compile_towers(compiled)
     assert compiled.visual._compiled_call_impl is not None and compiled.transformer._compiled_call_impl is not None
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     tokens = clip_model.trim_padding(clip_model.tokenize([f"a bad photo of a {c}." for c in "abc"]))
@@ -276,17 +279,47 @@ def test_sit_lifts_accuracy_far_above_the_untrained_model(tmp_path, seed):
 
 
 RELEASED = dict(lora_init="released", double_softmax=True, augment_per="batch", normalize="dataset",
-                test_resize="squash", class_names="raw", image_fit="random", precision="fp32")
+                test_resize="squash", class_names="raw", image_fit="random", precision="fp32", eval_split="test",
+                zero_shot_protocol="released")  # eval_split "train" is CIFAR-100's alone
 
 
 def test_recipe_released_sets_every_switch_and_an_explicit_flag_wins():
     args = train_online.parse_args(["--recipe", "released"])
-    assert {k: getattr(args, k) for k in RELEASED} == RELEASED
+    assert {k: getattr(args, k) for k in RELEASED} == {**RELEASED, "eval_split": "train"}  # CIFAR-100
     args = train_online.parse_args(["--recipe", "released", "--no-double-softmax", "--augment-per", "sample"])
     assert (args.double_softmax, args.augment_per, args.lora_init) == (False, "sample", "released")
     ours = train_online.parse_args([])
     assert (ours.lora_init, ours.double_softmax, ours.normalize, ours.class_names) == ("zero", False, "clip",
                                                                                       "readable")
+
+
+def test_an_explicit_flag_wins_over_the_smoke_defaults(tmp_path):
+    config = train_online.parse_args(["--smoke", "--lr", "0.003", "--n-tasks", "3"])
+    assert (config.lr, config.n_tasks, config.batch_size) == (0.003, 3, train_online.SMOKE_SETTINGS["batch_size"])
+    out = tmp_path / "smoke"
+    assert train_online.main(["--smoke", "--lr", "0.003", "--batch-size", "32", "--eval-period", "500",
+                              "--peft", "none", "--workers", "0", "--device", "cpu", "--quiet", "--out", str(out)]) == 0
+    recorded = read(out)["config"]
+    assert (recorded["lr"], recorded["batch_size"], recorded["eval_period"]) == (0.003, 32, 500)
+
+
+@pytest.mark.parametrize("recipe, dataset, split", [("ours", "cifar100", "test"), ("released", "cifar100", "train"),
+                                                    ("released", "tinyimagenet", "test")])
+def test_cifar100_is_evaluated_on_its_training_split_only_under_the_released_recipe(recipe, dataset, split,
+                                                                                   monkeypatch):
+    config = train_online.parse_args(["--recipe", recipe, "--dataset", dataset])
+    assert config.eval_split == split
+    loaded = []
+
+    def load_dataset(name, root, train):
+        loaded.append(train)
+        if len(loaded) == 2:
+            raise stream.DataError("enough: only the splits asked for are checked here")
+
+    monkeypatch.setattr(stream, "load_dataset", load_dataset)
+    with pytest.raises(stream.DataError):
+        train_online.fetch(config)
+    assert loaded == [True, split == "train"]  # the stream's split, then the evaluation's
 
 
 def test_recipe_released_runs_end_to_end_and_records_its_switches(data, tmp_path):
