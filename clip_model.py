@@ -59,7 +59,6 @@ class Attention(nn.Module):
 
     def __init__(self, width, heads):
         super().__init__()
-        assert width % heads == 0
         self.heads = heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))  # q, k, v stacked
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
@@ -244,7 +243,6 @@ class CLIP(nn.Module):
         return logits_per_image, logits_per_image.t()
 
 
-
 def build_model(state_dict, act="quickgelu", **settings) -> CLIP:
     """Build a CLIP whose every size is read off OpenAI-layout tensors, then load them strictly (fp32).
 
@@ -310,12 +308,13 @@ def load_tensors(own, state_dict, what, settings):
     missing, unexpected = sorted(own.keys() - state_dict.keys()), sorted(state_dict.keys() - own.keys())
     if missing or unexpected:
         keys, problem = (missing, "missing") if missing else (unexpected, "unexpected")
-        raise ValueError(f"{what} state dict: {keys[0]!r} {problem} ({len(keys)} keys in all; other {settings}?)")
+        raise ValueError(f"{what} state dict: {len(keys)} {problem} keys, e.g. {keys[0]!r} "
+                         f"(saved with other {settings}?)")
     for name, tensor in state_dict.items():
         if not isinstance(tensor, torch.Tensor) or tensor.shape != own[name].shape:
             got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise ValueError(f"{what} state dict: {name!r} is {got}, the model expects {tuple(own[name].shape)} "
-                             f"(other {settings}?)")
+                             f"(saved with other {settings}?)")
     with torch.no_grad():
         for name, tensor in state_dict.items():
             own[name].copy_(tensor)
@@ -564,8 +563,8 @@ def clean_text(text):
 class Tokenizer:
     """Byte-level BPE with the given merges (OpenAI's 48,894, or none) and <|startoftext|>/<|endoftext|> tokens."""
 
-    pattern = re.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
-                         re.IGNORECASE)
+    pattern = re.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
+                         r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", re.IGNORECASE)
 
     def __init__(self, merges):
         self.byte_encoder = bytes_to_unicode()
@@ -587,11 +586,10 @@ class Tokenizer:
             best = min(pairs, key=lambda p: self.bpe_ranks.get(p, float("inf")))
             if best not in self.bpe_ranks:
                 break
-            first, second = best
             merged, i = [], 0
             while i < len(word):
-                if i < len(word) - 1 and word[i] == first and word[i + 1] == second:
-                    merged.append(first + second)
+                if word[i:i + 2] == best:
+                    merged.append(best[0] + best[1])
                     i += 2
                 else:
                     merged.append(word[i])

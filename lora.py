@@ -29,9 +29,8 @@ INITS = ("zero", "released")
 
 def init_lora_(A, B, init="zero"):
     """A as loralib (kaiming-uniform, nn.Linear's default) and B = 0, so that B A = 0 at the start; or, with
-    init="released", A and B both xavier-uniform (gain 1), as the released code draws its q/k/v update."""
-    # The released draw moves the q/k/v weights by about 1e-3 per entry before any training: its step 0 is not
-    # zero-shot CLIP. We keep B = 0 by default so that it is, exactly.
+    init="released", A and B both xavier-uniform (gain 1) as the released code draws its q/k/v update, which
+    moves those weights by about 1e-3 per entry before any training (step 0 is then not zero-shot CLIP)."""
     if init == "released":
         nn.init.xavier_uniform_(A)
         nn.init.xavier_uniform_(B)
@@ -121,9 +120,7 @@ def lora_modules(model):
 
 
 def apply_lora(model, encoder="both", r=4, alpha=1.0, targets=TARGETS, dropout=0.0, mlp=False, init="zero"):
-    """Add LoRA to every block of the chosen tower(s) and freeze everything else (in place; returns model).
-
-    init="zero" starts at zero-shot CLIP (B = 0); init="released" draws the q/k/v update as the released code."""
+    """Add LoRA to every block of the chosen tower(s) and freeze everything else (in place; returns model)."""
     towers = clip_model.towers(model, encoder)
     if isinstance(targets, str) or not set(targets) <= set(TARGETS) or not (targets or mlp):
         raise ValueError(f"targets={targets!r} with mlp={mlp}; expected a tuple of names from {TARGETS}, e.g. "
