@@ -425,8 +425,6 @@ def checkpoint_path(name_or_path, download_root=None):
     raise CheckpointError(f"{name_or_path}: no such checkpoint file, nor a model name in {available_models()}")
 
 
-
-
 OPEN_CLIP_CONFIG = "open_clip_config.json"  # beside open_clip's weights, as on its model hubs
 # open_clip options that change the forward pass without changing the state-dict keys, or that we do not implement:
 # a config that sets any of them to another value than this is refused, never loaded as a different model.
