@@ -10,19 +10,11 @@ Each residual block gets ONE adapter, used twice (after attention and after the 
 
 Since `up` starts at zero, Ad = 0 and the tuned model starts exactly at zero-shot CLIP. The block keeps its
 submodules (same objects, same OpenAI state-dict names); the new parameters are named `*.adapter.*`.
-
-Contents, top to bottom: Adapter, AdapterBlock, apply_adapter, adapter_state_dict / load_adapter_state_dict.
 """
 
-import torch
 import torch.nn as nn
 
 import clip_model
-
-ENCODERS = ("image", "text", "both")
-
-# -----------------------------------------------------------------------------
-# adapter modules
 
 
 class Adapter(nn.Module):
@@ -41,7 +33,6 @@ class Adapter(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, h):
-        """Ad(h) = up(dropout(relu(down(h))))."""
         return self.up(self.dropout(self.relu(self.down(h))))
 
 
@@ -56,44 +47,25 @@ class AdapterBlock(clip_model.ResidualAttentionBlock):
         self.scale = scale
 
     def forward(self, x, attn_mask=None):
-        """x + h + scale Ad(h) with h = Attn(LN1(x)), then x + m + scale Ad(m) with m = MLP(LN2(x))."""
         h = self.attn(self.ln_1(x), attn_mask)
         x = x + h + self.scale * self.adapter(h)  # x + h + scale * Ad(h)
         m = self.mlp(self.ln_2(x))
         return x + m + self.scale * self.adapter(m)  # x + m + scale * Ad(m), the same adapter
 
 
-# -----------------------------------------------------------------------------
-# applying and saving
-
-
-def towers(model, encoder):
-    """The transformer of the image tower, of the text tower, or both."""
-    return {"image": [model.visual.transformer], "text": [model.transformer],
-            "both": [model.visual.transformer, model.transformer]}[encoder]
-
-
-def check_adapter_args(model, encoder, bottleneck, scale, dropout):
-    """Raise a ValueError (TypeError for a wrong model) naming the first bad argument."""
-    if not isinstance(model, clip_model.CLIP):
-        raise TypeError(f"model is a {type(model).__name__}; expected a clip_model.CLIP")
-    if encoder not in ENCODERS:
-        raise ValueError(f"encoder={encoder!r}; expected one of {ENCODERS}")
-    if isinstance(bottleneck, bool) or not isinstance(bottleneck, int) or bottleneck < 1:
+def apply_adapter(model, encoder="both", bottleneck=64, scale=0.1, dropout=0.1):
+    """Give every block of the chosen tower(s) an adapter and freeze everything else (in place; returns model)."""
+    towers = clip_model.towers(model, encoder)
+    if not isinstance(bottleneck, int) or bottleneck < 1:
         raise ValueError(f"bottleneck={bottleneck!r}; expected an integer >= 1")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale == 0:
+    if scale == 0:
         raise ValueError(f"scale={scale!r}; expected a non-zero number (the released code uses 0.1)")
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout={dropout!r}; expected a probability in [0, 1)")
     if any(isinstance(m, AdapterBlock) for m in model.modules()):
         raise ValueError("model already has adapters; apply_adapter once per model")
-
-
-def apply_adapter(model, encoder="both", bottleneck=64, scale=0.1, dropout=0.1):
-    """Give every block of the chosen tower(s) an adapter and freeze everything else (in place; returns model)."""
-    check_adapter_args(model, encoder, bottleneck, scale, dropout)
     model.requires_grad_(False)  # every CLIP weight, logit_scale included, stays frozen
-    for tower in towers(model, encoder):
+    for tower in towers:
         for i, block in enumerate(tower.resblocks):
             tower.resblocks[i] = AdapterBlock(block, bottleneck, scale, dropout)
     return model
@@ -104,28 +76,6 @@ def adapter_state_dict(model):
     return {name: tensor for name, tensor in model.state_dict().items() if ".adapter." in name}
 
 
-def some(names, n=3):
-    """'a', 'b', 'c' and 5 more: a short list of names for an error message."""
-    names = sorted(names)
-    shown = ", ".join(repr(name) for name in names[:n])
-    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
-
-
 def load_adapter_state_dict(model, state_dict):
     """Restore tensors saved by adapter_state_dict; refuse missing, unexpected or mis-shaped keys before copying any."""
-    own = adapter_state_dict(model)
-    if not own:
-        raise ValueError("model has no adapters; call apply_adapter with the saved settings first")
-    missing, unexpected = own.keys() - state_dict.keys(), state_dict.keys() - own.keys()
-    if missing:
-        raise ValueError(f"adapter state dict is missing {some(missing)} (different encoder?)")
-    if unexpected:
-        raise ValueError(f"adapter state dict has unexpected {some(unexpected)} (different encoder?)")
-    for name, tensor in state_dict.items():
-        if not isinstance(tensor, torch.Tensor) or tensor.shape != own[name].shape:
-            got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            raise ValueError(f"adapter state dict: {name!r} is {got}, the model expects {tuple(own[name].shape)} "
-                             f"(different bottleneck?)")
-    with torch.no_grad():
-        for name, tensor in state_dict.items():
-            own[name].copy_(tensor)
+    clip_model.load_tensors(adapter_state_dict(model), state_dict, "adapter", "encoder or bottleneck")

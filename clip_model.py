@@ -2,11 +2,10 @@
 OpenAI's CLIP (ViT image tower + text transformer) in one readable file.
 
 Parameter names equal the keys of OpenAI's released state dicts, so their weights load with
-`load_state_dict(strict=True)` and no renaming. Contents, top to bottom: the building blocks
-(LayerNorm, QuickGELU, Attention, ResidualAttentionBlock, Transformer), the two towers and CLIP,
-`build_model` (every size inferred from the tensors), checkpoint loading with checksums (OpenAI's
-TorchScript archives, plain state dicts, open_clip checkpoints with their `open_clip_config.json`), the
-byte-level BPE tokenizer, and the image/text helpers used for zero-shot classification.
+`load_state_dict(strict=True)` and no renaming. Top to bottom: the building blocks, the two towers and CLIP,
+`build_model` (every size inferred from the tensors), checkpoints (SHA256-verified downloads, OpenAI's TorchScript
+archives, plain state dicts, open_clip checkpoints with their `open_clip_config.json`), the byte-level BPE
+tokenizer, and the helpers for zero-shot classification.
 
 References: Radford et al., "Learning Transferable Visual Models From Natural Language Supervision",
 and OpenAI's `clip/model.py`, `clip/clip.py`, `clip/simple_tokenizer.py`.
@@ -22,7 +21,7 @@ import sys
 import urllib.request
 import warnings
 import zipfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 
 import ftfy
@@ -55,17 +54,11 @@ class QuickGELU(nn.Module):
 ACTIVATIONS = ("quickgelu", "gelu")  # OpenAI's CLIP; most open_clip checkpoints (LAION, DataComp, MetaCLIP) use GELU
 
 
-def activation(act):
-    """The MLP non-linearity a checkpoint was trained with: QuickGELU or the exact (erf) GELU."""
-    return QuickGELU() if act == "quickgelu" else nn.GELU()
-
-
 class Attention(nn.Module):
     """Batch-first multi-head self-attention with nn.MultiheadAttention's parameter names."""
 
     def __init__(self, width, heads):
         super().__init__()
-        assert width % heads == 0
         self.heads = heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))  # q, k, v stacked
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
@@ -94,7 +87,8 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_2 = LayerNorm(width)
         self.mlp = nn.Sequential()
         self.mlp.add_module("c_fc", nn.Linear(width, mlp_width))
-        self.mlp.add_module("gelu", activation(act))  # named "gelu" whatever it is, as in OpenAI's layout
+        # named "gelu" whatever it is, as in OpenAI's layout
+        self.mlp.add_module("gelu", QuickGELU() if act == "quickgelu" else nn.GELU())
         self.mlp.add_module("c_proj", nn.Linear(mlp_width, width))
 
     def forward(self, x, attn_mask=None):
@@ -153,6 +147,10 @@ class CLIPConfig:
         self.vision_mlp_width = self.vision_mlp_width or 4 * self.vision_width
         self.transformer_mlp_width = self.transformer_mlp_width or 4 * self.transformer_width
         self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
+        for tower, width, heads in (("image", self.vision_width, self.vision_heads),
+                                    ("text", self.transformer_width, self.transformer_heads)):
+            if heads < 1 or width % heads:
+                raise ValueError(f"the {tower} tower's width {width} does not split into {heads} attention heads")
 
 
 # The same layout at toy size (width 64, 2 layers, one head, 32 px): for tests and `train_online.py --smoke`.
@@ -262,7 +260,7 @@ def build_model(state_dict, act="quickgelu", **settings) -> CLIP:
     try:
         patch = sd["visual.conv1.weight"].shape[-1]
         grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-        config = CLIPConfig(
+        inferred = dict(
             embed_dim=sd["text_projection"].shape[1],
             image_resolution=patch * grid,
             vision_layers=n_blocks("visual.transformer.resblocks."),
@@ -275,23 +273,51 @@ def build_model(state_dict, act="quickgelu", **settings) -> CLIP:
             transformer_layers=n_blocks("transformer.resblocks."),
             vision_mlp_width=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
             transformer_mlp_width=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-            act=act,
         )
-        config = replace(config, **settings)
+        model = CLIP(CLIPConfig(**{**inferred, "act": act, **settings}))
     except KeyError as e:
         raise CheckpointError(f"incomplete CLIP state dict: missing key {e}") from None
-    except (TypeError, ValueError) as e:  # an unknown setting or activation
+    except (TypeError, ValueError) as e:  # an unknown setting, activation or head count
         raise CheckpointError(f"cannot build this CLIP: {e}") from None
-    for tower, width, heads in (("image", config.vision_width, config.vision_heads),
-                                ("text", config.transformer_width, config.transformer_heads)):
-        if heads < 1 or width % heads:
-            raise CheckpointError(f"the {tower} tower's width {width} does not split into {heads} attention heads")
-    model = CLIP(config)
     try:
         model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"state dict does not match a ViT CLIP of the inferred sizes: {e}") from None
     return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# what lora.py and adapter.py share: the tower(s) to tune, strict loading of the tuned tensors
+
+ENCODERS = ("image", "text", "both")
+
+
+def towers(model: CLIP, encoder):
+    """The transformer of the image tower, of the text tower, or both."""
+    if encoder not in ENCODERS:
+        raise ValueError(f"encoder={encoder!r}; expected one of {ENCODERS}")
+    return {"image": [model.visual.transformer], "text": [model.transformer],
+            "both": [model.visual.transformer, model.transformer]}[encoder]
+
+
+def load_tensors(own, state_dict, what, settings):
+    """Copy `state_dict` into the tensors `own` (name -> tensor) once every key and shape matches; otherwise a
+    ValueError naming the first bad key (the `what` tensors were saved with other `settings`)."""
+    if not own:
+        raise ValueError(f"the model has no {what} parameters; add them with the saved settings first")
+    missing, unexpected = sorted(own.keys() - state_dict.keys()), sorted(state_dict.keys() - own.keys())
+    if missing or unexpected:
+        keys, problem = (missing, "missing") if missing else (unexpected, "unexpected")
+        raise ValueError(f"{what} state dict: {len(keys)} {problem} keys, e.g. {keys[0]!r} "
+                         f"(saved with other {settings}?)")
+    for name, tensor in state_dict.items():
+        if not isinstance(tensor, torch.Tensor) or tensor.shape != own[name].shape:
+            got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"{what} state dict: {name!r} is {got}, the model expects {tuple(own[name].shape)} "
+                             f"(saved with other {settings}?)")
+    with torch.no_grad():
+        for name, tensor in state_dict.items():
+            own[name].copy_(tensor)
 
 
 # -----------------------------------------------------------------------------
@@ -305,11 +331,7 @@ _MODELS = {
     "ViT-L/14": f"{_BASE}/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
     "ViT-L/14@336px": f"{_BASE}/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
 }
-
-
-def cache_dir():
-    """~/.cache/clip, where OpenAI's weights and the BPE vocabulary go (read at each call: $HOME may change)."""
-    return os.path.expanduser("~/.cache/clip")
+CACHE_DIR = os.path.expanduser("~/.cache/clip")  # OpenAI's weights and the BPE vocabulary
 
 
 class CheckpointError(RuntimeError):
@@ -339,9 +361,8 @@ def sha256sum(path):
 
 
 def download(url, root, sha256, what=None):
-    """Download `url` into `root` with a progress bar unless a verified copy is there; return the path.
-
-    With a verified copy in place no connection is opened; a failed connection is a DownloadError."""
+    """The path of `url`'s file in `root`: a verified copy already there (no connection opened), or downloaded with
+    a progress bar and verified; a failed connection is a DownloadError."""
     os.makedirs(root, exist_ok=True)
     path = os.path.join(root, os.path.basename(url))
     if os.path.isfile(path) and sha256sum(path) == sha256:
@@ -376,8 +397,6 @@ def is_torchscript(path):
 def read_state_dict(path):
     """Tensors of a TorchScript archive (how OpenAI ships CLIP), a plain state dict, or a training checkpoint
     {"state_dict": {...}} (open_clip's epoch_N.pt, whose keys carry DistributedDataParallel's "module." prefix)."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         if is_torchscript(path):
             with warnings.catch_warnings():
@@ -400,8 +419,7 @@ def checkpoint_path(name_or_path, download_root=None):
     """The local file of an OpenAI model name (downloaded once, SHA256-verified) or of a checkpoint path."""
     if name_or_path in _MODELS:
         url = _MODELS[name_or_path]
-        return download(url, download_root or cache_dir(), sha256=url.split("/")[-2],
-                        what=f"the CLIP {name_or_path} weights")
+        return download(url, download_root or CACHE_DIR, url.split("/")[-2], f"the CLIP {name_or_path} weights")
     if os.path.isfile(name_or_path):
         return name_or_path
     raise CheckpointError(f"{name_or_path}: no such checkpoint file, nor a model name in {available_models()}")
@@ -500,12 +518,10 @@ BYTE_VOCAB_SIZE = 2 * 256 + 2
 
 def bpe_vocab_path(path=None):
     """Find the BPE vocabulary: argument, $CLIP_BPE_PATH, ~/.cache/clip, open_clip or clip package, download."""
-    explicit = path or os.environ.get("CLIP_BPE_PATH")
-    if explicit:
-        if not os.path.isfile(explicit):
-            raise FileNotFoundError(f"{explicit}: BPE vocabulary file not found")
-        return explicit
-    candidates = [os.path.join(cache_dir(), _BPE_NAME)]
+    path = path or os.environ.get("CLIP_BPE_PATH")
+    if path and not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: BPE vocabulary file not found")
+    candidates = [path] if path else [os.path.join(CACHE_DIR, _BPE_NAME)]
     for package in ("open_clip", "clip"):  # located without importing them
         spec = importlib.util.find_spec(package)
         if spec and spec.submodule_search_locations:
@@ -513,7 +529,7 @@ def bpe_vocab_path(path=None):
     for candidate in candidates:
         if os.path.isfile(candidate):
             return candidate
-    return download(_BPE_URL, cache_dir(), _BPE_SHA256, what="the BPE vocabulary of CLIP's tokenizer")
+    return download(_BPE_URL, CACHE_DIR, _BPE_SHA256, what="the BPE vocabulary of CLIP's tokenizer")
 
 
 def is_openai_vocabulary(path):
@@ -530,15 +546,9 @@ def read_merges(path, n):
 
 def bytes_to_unicode():
     """Map every byte to a printable unicode character, so BPE works on strings without spaces/controls."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]  # spaces and controls: moved to 256, 257, ...
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
 
 
 def clean_text(text):
@@ -551,8 +561,8 @@ def clean_text(text):
 class Tokenizer:
     """Byte-level BPE with the given merges (OpenAI's 48,894, or none) and <|startoftext|>/<|endoftext|> tokens."""
 
-    pattern = re.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
-                         re.IGNORECASE)
+    pattern = re.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
+                         r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", re.IGNORECASE)
 
     def __init__(self, merges):
         self.byte_encoder = bytes_to_unicode()
@@ -574,11 +584,10 @@ class Tokenizer:
             best = min(pairs, key=lambda p: self.bpe_ranks.get(p, float("inf")))
             if best not in self.bpe_ranks:
                 break
-            first, second = best
             merged, i = [], 0
             while i < len(word):
-                if i < len(word) - 1 and word[i] == first and word[i + 1] == second:
-                    merged.append(first + second)
+                if word[i:i + 2] == best:
+                    merged.append(best[0] + best[1])
                     i += 2
                 else:
                     merged.append(word[i])

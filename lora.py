@@ -6,15 +6,10 @@ A frozen linear map y = W x + b is tuned as
     y = W x + b + (alpha / r) * B A x,    A: (r, in) random,  B: (out, r) zero,
 
 so only A and B train, and at initialisation B A = 0: the tuned model starts exactly at zero-shot CLIP.
-(`init="released"` reproduces the released SIT code instead: A and B of the fused q/k/v update both
-xavier-uniform, so its tuned model does not start at zero-shot CLIP.)
 `apply_lora` puts this on the q, k, v rows of each block's fused attention input projection (`in_proj_weight`),
 on its output projection (`out_proj`), and optionally on the MLP, in the image tower, the text tower or both.
 Every original parameter keeps its object and its OpenAI state-dict name; the new ones are named `*lora_A`,
-`*lora_B`. `merge_lora` folds B A into W for inference, explicitly (no merging on `.eval()`, unlike loralib).
-
-Contents, top to bottom: LoRALinear (out_proj, MLP), LoRAAttention (q/k/v of in_proj), apply_lora, merge_lora,
-lora_state_dict / load_lora_state_dict, count_trainable.
+`*lora_B`. `merge_lora` folds B A into W for inference.
 """
 
 import math
@@ -25,19 +20,17 @@ import torch.nn.functional as F
 
 import clip_model
 
-ENCODERS = ("image", "text", "both")
 TARGETS = ("q", "k", "v", "out")
-INITS = ("zero", "released")  # B = 0 everywhere (ours), or the released code's random q/k/v update
+INITS = ("zero", "released")
 
 # -----------------------------------------------------------------------------
 # LoRA modules
 
 
 def init_lora_(A, B, init="zero"):
-    """A as loralib (kaiming-uniform, nn.Linear's default), B = 0, so that B A = 0 at the start; or, with
-    init="released", A and B both xavier-uniform (gain 1), as the released code draws its q/k/v update."""
-    # The released draw moves the q/k/v weights by about 1e-3 per entry before any training, so its tuned model
-    # does not start at zero-shot CLIP; by default we keep B = 0 so that step 0 is zero-shot CLIP exactly.
+    """A as loralib (kaiming-uniform, nn.Linear's default) and B = 0, so that B A = 0 at the start; or, with
+    init="released", A and B both xavier-uniform (gain 1) as the released code draws its q/k/v update, which
+    moves those weights by about 1e-3 per entry before any training (step 0 is then not zero-shot CLIP)."""
     if init == "released":
         nn.init.xavier_uniform_(A)
         nn.init.xavier_uniform_(B)
@@ -61,7 +54,6 @@ class LoRALinear(nn.Linear):
         self.merged = False
 
     def forward(self, x):
-        """y = W x + b + (alpha/r) B A dropout(x), or W x + b once merged."""
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
@@ -100,7 +92,6 @@ class LoRAAttention(clip_model.Attention):
         if len(self.lora_slots) == 3:
             return self.lora_B  # the default: q, k and v all targeted, nothing to place
         n, width, r = len(self.lora_slots), self.in_proj_weight.shape[1], self.lora_B.shape[1]
-        # Only (3*width, r): the (3*width, width) matrix B A is still never built during training.
         placed = self.lora_B.new_zeros(3, width, r).index_copy(0, self.lora_slots, self.lora_B.view(n, width, r))
         return placed.flatten(0, 1)
 
@@ -123,31 +114,18 @@ class LoRAAttention(clip_model.Attention):
 # applying, merging, saving
 
 
-def towers(model, encoder):
-    """The transformer of the image tower, of the text tower, or both."""
-    return {"image": [model.visual.transformer], "text": [model.transformer],
-            "both": [model.visual.transformer, model.transformer]}[encoder]
-
-
 def lora_modules(model):
     """Every LoRA module in the model."""
     return [m for m in model.modules() if isinstance(m, (LoRALinear, LoRAAttention))]
 
 
-def check_lora_args(model, encoder, r, alpha, targets, dropout, mlp, init="zero"):
-    """Raise a ValueError (TypeError for a wrong model) naming the first bad argument."""
-    if not isinstance(model, clip_model.CLIP):
-        raise TypeError(f"model is a {type(model).__name__}; expected a clip_model.CLIP")
-    if encoder not in ENCODERS:
-        raise ValueError(f"encoder={encoder!r}; expected one of {ENCODERS}")
-    if isinstance(targets, str):
-        raise ValueError(f"targets={targets!r}; expected a tuple of names from {TARGETS}, e.g. ('q', 'v')")
-    unknown = [t for t in targets if t not in TARGETS]
-    if unknown:
-        raise ValueError(f"targets: unknown {unknown}; expected names from {TARGETS}")
-    if not targets and not mlp:
-        raise ValueError("targets=() and mlp=False: LoRA would adapt nothing")
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+def apply_lora(model, encoder="both", r=4, alpha=1.0, targets=TARGETS, dropout=0.0, mlp=False, init="zero"):
+    """Add LoRA to every block of the chosen tower(s) and freeze everything else (in place; returns model)."""
+    towers = clip_model.towers(model, encoder)
+    if isinstance(targets, str) or not set(targets) <= set(TARGETS) or not (targets or mlp):
+        raise ValueError(f"targets={targets!r} with mlp={mlp}; expected a tuple of names from {TARGETS}, e.g. "
+                         "('q', 'v'), empty only with mlp=True")
+    if not isinstance(r, int) or r < 1:
         raise ValueError(f"r={r!r}; expected an integer rank >= 1")
     if not alpha > 0:
         raise ValueError(f"alpha={alpha!r}; expected a number > 0 (the update is scaled by alpha/r)")
@@ -157,17 +135,9 @@ def check_lora_args(model, encoder, r, alpha, targets, dropout, mlp, init="zero"
         raise ValueError(f"init={init!r}; expected one of {INITS}")
     if lora_modules(model):
         raise ValueError("model already has LoRA modules; apply_lora once per model")
-
-
-def apply_lora(model, encoder="both", r=4, alpha=1.0, targets=("q", "k", "v", "out"), dropout=0.0, mlp=False,
-               init="zero"):
-    """Add LoRA to every block of the chosen tower(s) and freeze everything else (in place; returns model).
-
-    init="zero" starts at zero-shot CLIP (B = 0); init="released" draws the q/k/v update as the released code."""
-    check_lora_args(model, encoder, r, alpha, targets, dropout, mlp, init)
     model.requires_grad_(False)  # every CLIP weight, logit_scale included, stays frozen
     slots = [i for i, name in enumerate(("q", "k", "v")) if name in targets]
-    for tower in towers(model, encoder):
+    for tower in towers:
         for block in tower.resblocks:
             if slots:
                 block.attn = LoRAAttention(block.attn, slots, r, alpha, dropout, init)
@@ -196,33 +166,11 @@ def lora_state_dict(model):
     return {name: tensor for name, tensor in model.state_dict().items() if "lora_" in name}
 
 
-def some(names, n=3):
-    """'a', 'b', 'c' and 5 more: a short list of names for an error message."""
-    names = sorted(names)
-    shown = ", ".join(repr(name) for name in names[:n])
-    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
-
-
 def load_lora_state_dict(model, state_dict):
     """Restore tensors saved by lora_state_dict; refuse missing, unexpected or mis-shaped keys before copying any."""
-    own = lora_state_dict(model)
-    if not own:
-        raise ValueError("model has no LoRA parameters; call apply_lora with the saved settings first")
     if any(m.merged for m in lora_modules(model)):
         raise ValueError("model's LoRA updates are merged into its weights; load into an unmerged model")
-    missing, unexpected = own.keys() - state_dict.keys(), state_dict.keys() - own.keys()
-    if missing:
-        raise ValueError(f"LoRA state dict is missing {some(missing)} (different encoder, targets or mlp?)")
-    if unexpected:
-        raise ValueError(f"LoRA state dict has unexpected {some(unexpected)} (different encoder, targets or mlp?)")
-    for name, tensor in state_dict.items():
-        if not isinstance(tensor, torch.Tensor) or tensor.shape != own[name].shape:
-            got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            raise ValueError(f"LoRA state dict: {name!r} is {got}, the model expects {tuple(own[name].shape)} "
-                             f"(different r?)")
-    with torch.no_grad():
-        for name, tensor in state_dict.items():
-            own[name].copy_(tensor)
+    clip_model.load_tensors(lora_state_dict(model), state_dict, "LoRA", "encoder, targets, mlp or r")
 
 
 def count_trainable(model) -> int:

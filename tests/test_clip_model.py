@@ -144,6 +144,11 @@ def test_incomplete_state_dict_raises_a_clear_error():
         clip_model.build_model(sd)
 
 
+def test_heads_that_do_not_split_the_width_raise_a_clear_error():
+    with pytest.raises(CheckpointError, match="width 64 does not split into 3 attention heads"):
+        clip_model.build_model(openai_state_dict(TINY), vision_heads=3)
+
+
 def test_unknown_model_name_raises():
     with pytest.raises(CheckpointError, match="ViT-B/16"):
         clip_model.load("ViT-H/99")

@@ -166,6 +166,12 @@ def test_bad_arguments_are_refused_naming_the_argument(plain, kwargs, argument):
         tuned(plain, **kwargs)
 
 
+def test_loading_into_a_merged_model_is_refused(plain):
+    model = lora.merge_lora(tuned(plain))
+    with pytest.raises(ValueError, match="merged"):
+        lora.load_lora_state_dict(model, lora.lora_state_dict(tuned(plain)))
+
+
 def test_applying_twice_is_refused(plain):
     with pytest.raises(ValueError, match="already"):
         lora.apply_lora(tuned(plain))
