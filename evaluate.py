@@ -140,8 +140,7 @@ ZERO_SHOT_SOURCES = {
     "oxford_pets": ("https://www.robots.ox.ac.uk/~vgg/data/pets/data/{images.tar.gz,annotations.tar.gz}",
                     "oxford-iiit-pet/ (both archives)"),
 }
-# The released protocol's image lists and class names for these two come from CoOp's split files (folder under
-# DATA_ROOT, file, part), which torchvision does not fetch.
+# CoOp's split files, which the released protocol reads and torchvision does not fetch: folder, file, part read.
 COOP_SPLITS = {"oxford_pets": ("oxford-iiit-pet", "split_zhou_OxfordPets.json", "val"),
                "flowers102": ("flowers-102", "split_zhou_OxfordFlowers.json", "test")}
 COOP_URL = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
@@ -162,22 +161,21 @@ EUROSAT_NAMES = {
 }
 # Flowers102 in label order (torchvision < 0.22 has no names; its later ones differ from CLIP's in three).
 FLOWERS102_NAMES = [
-    "pink primrose", "hard-leaved pocket orchid", "canterbury bells", "sweet pea", "english marigold",
-    "tiger lily", "moon orchid", "bird of paradise", "monkshood", "globe thistle", "snapdragon", "colt's foot",
-    "king protea", "spear thistle", "yellow iris", "globe flower", "purple coneflower", "peruvian lily",
-    "balloon flower", "giant white arum lily", "fire lily", "pincushion flower", "fritillary", "red ginger",
-    "grape hyacinth", "corn poppy", "prince of wales feathers", "stemless gentian", "artichoke", "sweet william",
-    "carnation", "garden phlox", "love in the mist", "mexican aster", "alpine sea holly", "ruby-lipped cattleya",
-    "cape flower", "great masterwort", "siam tulip", "lenten rose", "barbeton daisy", "daffodil", "sword lily",
-    "poinsettia", "bolero deep blue", "wallflower", "marigold", "buttercup", "oxeye daisy", "common dandelion",
-    "petunia", "wild pansy", "primula", "sunflower", "pelargonium", "bishop of llandaff", "gaura", "geranium",
-    "orange dahlia", "pink and yellow dahlia", "cautleya spicata", "japanese anemone", "black-eyed susan",
-    "silverbush", "californian poppy", "osteospermum", "spring crocus", "bearded iris", "windflower", "tree poppy",
-    "gazania", "azalea", "water lily", "rose", "thorn apple", "morning glory", "passion flower", "lotus",
-    "toad lily", "anthurium", "frangipani", "clematis", "hibiscus", "columbine", "desert-rose", "tree mallow",
-    "magnolia", "cyclamen", "watercress", "canna lily", "hippeastrum", "bee balm", "air plant", "foxglove",
-    "bougainvillea", "camellia", "mallow", "mexican petunia", "bromelia", "blanket flower", "trumpet creeper",
-    "blackberry lily",
+    "pink primrose", "hard-leaved pocket orchid", "canterbury bells", "sweet pea", "english marigold", "tiger lily",
+    "moon orchid", "bird of paradise", "monkshood", "globe thistle", "snapdragon", "colt's foot", "king protea",
+    "spear thistle", "yellow iris", "globe flower", "purple coneflower", "peruvian lily", "balloon flower",
+    "giant white arum lily", "fire lily", "pincushion flower", "fritillary", "red ginger", "grape hyacinth",
+    "corn poppy", "prince of wales feathers", "stemless gentian", "artichoke", "sweet william", "carnation",
+    "garden phlox", "love in the mist", "mexican aster", "alpine sea holly", "ruby-lipped cattleya", "cape flower",
+    "great masterwort", "siam tulip", "lenten rose", "barbeton daisy", "daffodil", "sword lily", "poinsettia",
+    "bolero deep blue", "wallflower", "marigold", "buttercup", "oxeye daisy", "common dandelion", "petunia",
+    "wild pansy", "primula", "sunflower", "pelargonium", "bishop of llandaff", "gaura", "geranium", "orange dahlia",
+    "pink and yellow dahlia", "cautleya spicata", "japanese anemone", "black-eyed susan", "silverbush",
+    "californian poppy", "osteospermum", "spring crocus", "bearded iris", "windflower", "tree poppy", "gazania",
+    "azalea", "water lily", "rose", "thorn apple", "morning glory", "passion flower", "lotus", "toad lily", "anthurium",
+    "frangipani", "clematis", "hibiscus", "columbine", "desert-rose", "tree mallow", "magnolia", "cyclamen",
+    "watercress", "canna lily", "hippeastrum", "bee balm", "air plant", "foxglove", "bougainvillea", "camellia",
+    "mallow", "mexican petunia", "bromelia", "blanket flower", "trumpet creeper", "blackberry lily",
 ]
 
 
@@ -190,9 +188,8 @@ def check_zero_shot_names(names):
 
 
 def zero_shot_dataset(name, data_root, protocol="ours"):
-    """A zero-shot dataset as `protocol` evaluates it: (dataset, the indices of its evaluation images, {label: class
-    name} of the classes ranked). torchvision downloads what is missing into data_root; a download that cannot happen
-    is a clip_model.DownloadError naming the file to put in place."""
+    """(dataset, indices of its evaluation images, {label: name} of the classes ranked) as `protocol` evaluates it;
+    torchvision downloads what is missing, or raises a clip_model.DownloadError naming the file to put in place."""
     if protocol not in ZERO_SHOT_PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(ZERO_SHOT_PROTOCOLS)}; got {protocol!r}")
     try:
@@ -238,11 +235,10 @@ def _zero_shot_dataset(name, data_root, released):
     if name == "flowers102":
         ds = tv.Flowers102(data_root, split="test", download=True)
         return ds, range(len(ds)), coop_names if released else FLOWERS102_NAMES
+    # Oxford Pets: ours, the test split; released, the trainval images that CoOp's split lists for validation (~736).
+    ds = tv.OxfordIIITPet(data_root, split="trainval" if released else "test", target_types="category", download=True)
     if not released:
-        ds = tv.OxfordIIITPet(data_root, split="test", target_types="category", download=True)
         return ds, range(len(ds)), ds.classes  # already readable ("American Pit Bull Terrier")
-    # Released: the trainval images that CoOp's split lists for validation (about 736).
-    ds = tv.OxfordIIITPet(data_root, split="trainval", target_types="category", download=True)
     files = {file for file, _, _ in coop}
     return ds, [i for i, path in enumerate(ds._images) if os.path.basename(path) in files], coop_names
 
@@ -256,13 +252,12 @@ def fetch_zero_shot(names, data_root, protocol="ours"):
 @torch.inference_mode()
 def zero_shot_transfer(model, datasets, data_root, prompt, device, batch_size=256, workers=2, mean=None, std=None,
                        resize="clip", protocol="ours", precision="auto"):
-    """Zero-shot transfer check (the paper's): top-1 among all classes of each dataset, with the run's prompt.
+    """Zero-shot transfer check (the paper's): {dataset: top-1 among all its classes}, with the run's prompt.
 
-    Returns {dataset: accuracy}. `model` must already be on `device`. Test images go through the anytime evaluation's
-    path (stream.eval_batches, stream.eval_transform) at the model's resolution: protocol="ours" with `resize` and
-    `mean`/`std` (default: the model's own), "released" squashed and normalized with ImageNet's statistics, as the
-    released code does for all five. precision: auto (bf16 autocast on CUDA), bf16 or fp32. Every dataset is opened
-    (and downloaded) before any is evaluated: a failed download loses no measurement."""
+    Test images take the anytime evaluation's path (stream.eval_batches, eval_transform) at the model's resolution:
+    protocol "ours" with `resize` and `mean`/`std` (default: the model's), "released" squashed and normalized with
+    ImageNet's statistics, as released for all five. precision: auto (bf16 on CUDA), bf16 or fp32. Every dataset is
+    opened (downloaded) before any is evaluated: a failed download loses no measurement. `model` is on `device`."""
     check_zero_shot_names(datasets)
     loaded = {name: zero_shot_dataset(name, data_root, protocol) for name in datasets}
     clip_model.get_tokenizer(model.config.vocab_size)  # the vocabulary too, before any work
@@ -309,8 +304,7 @@ def write_json(path, obj):
 
 
 def write_zero_shot(out_dir, accs, model, prompt, peft_weights=None, protocol="ours"):
-    """OUT/zero_shot.json: {"model", "peft_weights", "prompt", "protocol", "accuracy": {dataset: fraction}}; returns
-    its path."""
+    """OUT/zero_shot.json: {model, peft_weights, prompt, protocol, accuracy: {dataset: fraction}}; returns its path."""
     path = os.path.join(out_dir, "zero_shot.json")
     write_json(path, {"model": model, "peft_weights": peft_weights, "prompt": prompt, "protocol": protocol,
                       "accuracy": accs})
@@ -792,9 +786,8 @@ def build_parser():
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--protocol", choices=ZERO_SHOT_PROTOCOLS,
-                   help="ours (readable names) or released (the released code's images, names and preprocessing); "
-                        "default: the run's (peft.pt), else ours")
+    p.add_argument("--protocol", choices=ZERO_SHOT_PROTOCOLS, help="ours, or released (the released code's images, "
+                   "class names and preprocessing); default: the run's (peft.pt), else ours")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
                    help="auto = bf16 autocast on CUDA; default: the run's (peft.pt), else auto")
     p.add_argument("--out", help="folder for zero_shot.json (default: next to --peft-weights, "
