@@ -589,6 +589,18 @@ def test_zero_shot_cli_writes_zero_shot_json_next_to_the_weights(tmp_path, capsy
     assert code == 0 and json.loads((path.parent / "zero_shot.json").read_text())["prompt"] == "a photo of {}."
 
 
+def test_zero_shot_cli_follows_the_protocol_peft_pt_recorded_unless_told_otherwise(tmp_path, capsys):
+    _, path = save_peft(tmp_path, "lora")
+    saved = torch.load(path, weights_only=True)
+    saved["recipe"] = {"zero_shot_protocol": "released", "precision": "fp32"}
+    torch.save(saved, path)
+    root = image_folder(tmp_path / "images")
+    for extra, protocol in (((), "released"), (("--protocol", "ours"), "ours")):
+        code, _, _ = run_cli(capsys, "zero-shot", "--peft-weights", path, "--datasets", "imagefolder",
+                             "--data-root", root, "--device", "cpu", "--workers", 0, *extra)
+        assert code == 0 and json.loads((path.parent / "zero_shot.json").read_text())["protocol"] == protocol
+
+
 def test_peft_weights_that_do_not_fit_their_settings_are_one_clear_line(tmp_path, capsys):
     _, path = save_peft(tmp_path, "lora")
     saved = torch.load(path, weights_only=True)
