@@ -179,19 +179,20 @@ FLOWERS102_NAMES = [
 ]
 
 
-def check_zero_shot_names(names):
-    """Reject unknown zero-shot dataset names before any work starts."""
+def check_zero_shot_names(names, protocol="ours"):
+    """Reject unknown zero-shot dataset names or protocol before any work starts."""
     unknown = [n for n in names if n not in ZERO_SHOT_CHOICES]
     if unknown or not names:
         raise stream.DataError(f"unknown zero-shot dataset(s) {unknown or names}; "
                                f"expected a comma-separated list from {', '.join(ZERO_SHOT_CHOICES)}")
+    if protocol not in ZERO_SHOT_PROTOCOLS:
+        raise stream.DataError(f"unknown zero-shot protocol {protocol!r}; expected {' or '.join(ZERO_SHOT_PROTOCOLS)}")
 
 
 def zero_shot_dataset(name, data_root, protocol="ours"):
     """(dataset, indices of its evaluation images, {label: name} of the classes ranked) as `protocol` evaluates it;
     torchvision downloads what is missing, or raises a clip_model.DownloadError naming the file to put in place."""
-    if protocol not in ZERO_SHOT_PROTOCOLS:
-        raise ValueError(f"protocol must be one of {', '.join(ZERO_SHOT_PROTOCOLS)}; got {protocol!r}")
+    check_zero_shot_names([name], protocol)
     try:
         ds, indices, names = _zero_shot_dataset(name, data_root, protocol == "released")
     except ImportError as e:  # torchvision reads Flowers102's labels with scipy, which we do not require
@@ -222,8 +223,7 @@ def _zero_shot_dataset(name, data_root, released):
         ds = tv.Food101(data_root, split="test", download=True)
         return ds, range(len(ds)), ds.classes if released else [c.replace("_", " ") for c in ds.classes]
     if name == "caltech101":
-        # torchvision defines no test split: all images, as released. Released drops Faces_easy (100 classes); we
-        # keep it ("centered face"), as CLIP's own evaluation does.
+        # No test split: all images. The released code drops Faces_easy; we keep it, as CLIP's evaluation does.
         ds = tv.Caltech101(data_root, target_type="category", download=True)
         if released:
             names = {c: n for c, n in enumerate(ds.categories) if n != "Faces_easy"}
@@ -245,7 +245,7 @@ def _zero_shot_dataset(name, data_root, released):
 
 def fetch_zero_shot(names, data_root, protocol="ours"):
     """Download (where missing) and open each zero-shot dataset: {name: number of evaluation images}."""
-    check_zero_shot_names(names)
+    check_zero_shot_names(names, protocol)
     return {name: len(zero_shot_dataset(name, data_root, protocol)[1]) for name in names}
 
 
@@ -258,7 +258,7 @@ def zero_shot_transfer(model, datasets, data_root, prompt, device, batch_size=25
     protocol "ours" with `resize` and `mean`/`std` (default: the model's), "released" squashed and normalized with
     ImageNet's statistics, as released for all five. precision: auto (bf16 on CUDA), bf16 or fp32. Every dataset is
     opened (downloaded) before any is evaluated: a failed download loses no measurement. `model` is on `device`."""
-    check_zero_shot_names(datasets)
+    check_zero_shot_names(datasets, protocol)
     loaded = {name: zero_shot_dataset(name, data_root, protocol) for name in datasets}
     clip_model.get_tokenizer(model.config.vocab_size)  # the vocabulary too, before any work
     if protocol == "released":

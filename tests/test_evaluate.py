@@ -532,6 +532,12 @@ def test_unknown_zero_shot_dataset_fails_before_any_work():
         evaluate.zero_shot_transfer(None, ["food101", "imagenet"], "data", "{}", "cpu")
 
 
+def test_unknown_zero_shot_protocol_fails_before_any_work(tmp_path):
+    with pytest.raises(stream.DataError, match="'release'"):
+        evaluate.fetch_zero_shot(["food101"], str(tmp_path), protocol="release")
+    assert not os.listdir(tmp_path)  # nothing downloaded
+
+
 def test_zero_shot_cli_writes_zero_shot_json(tmp_path, capsys):
     root = image_folder(tmp_path / "images")
     code, out, _ = run_cli(capsys, "zero-shot", "--model", tiny_checkpoint(tmp_path), "--datasets", "imagefolder",
