@@ -635,24 +635,7 @@ def tokenize(texts, context_length=77, truncate=False, vocab_size=OPENAI_VOCAB_S
 # zero-shot classification helpers
 
 PROMPT = "a bad photo of a {}."
-
-
-TEST_RESIZES = ("clip", "squash")
-
-
-def image_transform(n_px, mean=CLIP_MEAN, std=CLIP_STD, resize="clip"):
-    """Test-image preprocessing on PIL images: OpenAI's (bicubic resize of the shorter side, centre crop) or, with
-    resize="squash", the released SIT code's (the whole image resized to n_px x n_px, bilinear); then RGB, mean/std."""
-    if resize not in TEST_RESIZES:
-        raise ValueError(f"resize={resize!r}; expected one of {TEST_RESIZES}")
-    mode = transforms.InterpolationMode
-    geometry = ([transforms.Resize(n_px, interpolation=mode.BICUBIC), transforms.CenterCrop(n_px)] if resize == "clip"
-                else [transforms.Resize((n_px, n_px), interpolation=mode.BILINEAR)])
-    return transforms.Compose(geometry + [
-        lambda image: image.convert("RGB"),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
+TEST_RESIZES = ("clip", "squash")  # TODO(lead): drop after stream merge (stream.TEST_RESIZES)
 
 
 def trim_padding(tokens):

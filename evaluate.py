@@ -32,7 +32,6 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 import torchvision
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import adapter
@@ -41,8 +40,7 @@ import lora
 import stream
 
 
-class EvaluationError(ValueError):
-    """A user-facing problem with evaluate.py's inputs: a run folder, a results/grad/peft file, a dataset name."""
+EvaluationError = stream.DataError  # TODO(lead): use stream.DataError in sections 4-5 and drop this alias
 
 
 # -----------------------------------------------------------------------------
@@ -120,6 +118,7 @@ def top1_on_seen(image_features, labels, text_features, seen_classes):
 
 ZERO_SHOT_DATASETS = ("food101", "caltech101", "eurosat", "flowers102", "oxford_pets")
 ZERO_SHOT_CHOICES = ZERO_SHOT_DATASETS + ("imagefolder",)
+ZERO_SHOT_PROTOCOLS = ("ours", "released")
 # Where torchvision downloads each dataset from, and where, under DATA_ROOT, a copy put there by hand is found
 # (torchvision checks its md5 and unpacks it without a connection).
 ZERO_SHOT_SOURCES = {
@@ -132,6 +131,10 @@ ZERO_SHOT_SOURCES = {
     "oxford_pets": ("https://www.robots.ox.ac.uk/~vgg/data/pets/data/{images.tar.gz,annotations.tar.gz}",
                     "oxford-iiit-pet/ (both archives)"),
 }
+# CoOp's split files, which the released protocol reads and torchvision does not fetch: folder, file, part read.
+COOP_SPLITS = {"oxford_pets": ("oxford-iiit-pet", "split_zhou_OxfordPets.json", "val"),
+               "flowers102": ("flowers-102", "split_zhou_OxfordFlowers.json", "test")}
+COOP_URL = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 
 # Readable class names: CLIP's prompt names (openai/CLIP data/prompts.md) where torchvision's are not readable.
 # Caltech101: torchvision's folder names, except these; the rest only need "_" -> " ".
@@ -147,131 +150,130 @@ EUROSAT_NAMES = {
     "Pasture": "pasture land", "PermanentCrop": "permanent crop land",
     "Residential": "residential buildings or homes or apartments", "River": "river", "SeaLake": "lake or sea",
 }
-# Flowers102 in label order (older torchvision has no names at all).
+# Flowers102 in label order (torchvision < 0.22 has no names; its later ones differ from CLIP's in three).
 FLOWERS102_NAMES = [
-    "pink primrose", "hard-leaved pocket orchid", "canterbury bells", "sweet pea", "english marigold",
-    "tiger lily", "moon orchid", "bird of paradise", "monkshood", "globe thistle", "snapdragon", "colt's foot",
-    "king protea", "spear thistle", "yellow iris", "globe flower", "purple coneflower", "peruvian lily",
-    "balloon flower", "giant white arum lily", "fire lily", "pincushion flower", "fritillary", "red ginger",
-    "grape hyacinth", "corn poppy", "prince of wales feathers", "stemless gentian", "artichoke", "sweet william",
-    "carnation", "garden phlox", "love in the mist", "mexican aster", "alpine sea holly", "ruby-lipped cattleya",
-    "cape flower", "great masterwort", "siam tulip", "lenten rose", "barbeton daisy", "daffodil", "sword lily",
-    "poinsettia", "bolero deep blue", "wallflower", "marigold", "buttercup", "oxeye daisy", "common dandelion",
-    "petunia", "wild pansy", "primula", "sunflower", "pelargonium", "bishop of llandaff", "gaura", "geranium",
-    "orange dahlia", "pink and yellow dahlia", "cautleya spicata", "japanese anemone", "black-eyed susan",
-    "silverbush", "californian poppy", "osteospermum", "spring crocus", "bearded iris", "windflower", "tree poppy",
-    "gazania", "azalea", "water lily", "rose", "thorn apple", "morning glory", "passion flower", "lotus",
-    "toad lily", "anthurium", "frangipani", "clematis", "hibiscus", "columbine", "desert-rose", "tree mallow",
-    "magnolia", "cyclamen", "watercress", "canna lily", "hippeastrum", "bee balm", "air plant", "foxglove",
-    "bougainvillea", "camellia", "mallow", "mexican petunia", "bromelia", "blanket flower", "trumpet creeper",
-    "blackberry lily",
+    "pink primrose", "hard-leaved pocket orchid", "canterbury bells", "sweet pea", "english marigold", "tiger lily",
+    "moon orchid", "bird of paradise", "monkshood", "globe thistle", "snapdragon", "colt's foot", "king protea",
+    "spear thistle", "yellow iris", "globe flower", "purple coneflower", "peruvian lily", "balloon flower",
+    "giant white arum lily", "fire lily", "pincushion flower", "fritillary", "red ginger", "grape hyacinth",
+    "corn poppy", "prince of wales feathers", "stemless gentian", "artichoke", "sweet william", "carnation",
+    "garden phlox", "love in the mist", "mexican aster", "alpine sea holly", "ruby-lipped cattleya", "cape flower",
+    "great masterwort", "siam tulip", "lenten rose", "barbeton daisy", "daffodil", "sword lily", "poinsettia",
+    "bolero deep blue", "wallflower", "marigold", "buttercup", "oxeye daisy", "common dandelion", "petunia",
+    "wild pansy", "primula", "sunflower", "pelargonium", "bishop of llandaff", "gaura", "geranium", "orange dahlia",
+    "pink and yellow dahlia", "cautleya spicata", "japanese anemone", "black-eyed susan", "silverbush",
+    "californian poppy", "osteospermum", "spring crocus", "bearded iris", "windflower", "tree poppy", "gazania",
+    "azalea", "water lily", "rose", "thorn apple", "morning glory", "passion flower", "lotus", "toad lily", "anthurium",
+    "frangipani", "clematis", "hibiscus", "columbine", "desert-rose", "tree mallow", "magnolia", "cyclamen",
+    "watercress", "canna lily", "hippeastrum", "bee balm", "air plant", "foxglove", "bougainvillea", "camellia",
+    "mallow", "mexican petunia", "bromelia", "blanket flower", "trumpet creeper", "blackberry lily",
 ]
 
 
-class Transformed(Dataset):
-    """(PIL image, label) items of `dataset` with `transform` applied to the image."""
-
-    def __init__(self, dataset, transform):
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        image, label = self.dataset[i]
-        return self.transform(image), label
-
-
-def check_zero_shot_names(names):
-    """Reject unknown zero-shot dataset names before any work starts."""
+def check_zero_shot_names(names, protocol="ours"):
+    """Reject unknown zero-shot dataset names or protocol before any work starts."""
     unknown = [n for n in names if n not in ZERO_SHOT_CHOICES]
     if unknown or not names:
-        raise EvaluationError(f"unknown zero-shot dataset(s) {unknown or names}; "
-                              f"expected a comma-separated list from {', '.join(ZERO_SHOT_CHOICES)}")
+        raise stream.DataError(f"unknown zero-shot dataset(s) {unknown or names}; "
+                               f"expected a comma-separated list from {', '.join(ZERO_SHOT_CHOICES)}")
+    if protocol not in ZERO_SHOT_PROTOCOLS:
+        raise stream.DataError(f"unknown zero-shot protocol {protocol!r}; expected {' or '.join(ZERO_SHOT_PROTOCOLS)}")
 
 
-def zero_shot_dataset(name, data_root, transform=None):
-    """Evaluation images of a zero-shot dataset (torchvision downloads it into data_root when missing) and readable
-    class names; a download that cannot happen is a clip_model.DownloadError naming the file to put in place."""
-    if name == "imagefolder":
-        ds = stream.load_dataset("imagefolder", data_root, train=False)  # DATA_ROOT/test/<class>/*
-        return Transformed(ds, transform), list(ds.classes)
-    if name not in ZERO_SHOT_SOURCES:
-        raise EvaluationError(f"unknown zero-shot dataset {name!r}")
+def zero_shot_dataset(name, data_root, protocol="ours"):
+    """(dataset, indices of its evaluation images, {label: name} of the classes ranked) as `protocol` evaluates it;
+    torchvision downloads what is missing, or raises a clip_model.DownloadError naming the file to put in place."""
+    check_zero_shot_names([name], protocol)
     try:
-        return _torchvision_zero_shot(name, data_root, transform)
+        ds, indices, names = _zero_shot_dataset(name, data_root, protocol == "released")
     except ImportError as e:  # torchvision reads Flowers102's labels with scipy, which we do not require
-        raise EvaluationError(f"{name}: torchvision needs {e.name or 'a missing package'} to read it "
-                              f"(pip install {e.name or 'scipy'})") from None
+        raise stream.DataError(f"{name}: torchvision needs {e.name or 'a missing package'} to read it "
+                               f"(pip install {e.name or 'scipy'})") from None
     except OSError as e:  # no network (urllib's URLError is an OSError), or a file that cannot be written
         url, put_at = ZERO_SHOT_SOURCES[name]
         raise clip_model.DownloadError(name, url, e, os.path.join(data_root, put_at)) from None
     except RuntimeError as e:  # torchvision: corrupt or incomplete files
-        raise EvaluationError(f"{name}: could not load it under {data_root}: {e}") from None
+        raise stream.DataError(f"{name}: could not load it under {data_root}: {e}") from None
+    if not indices:
+        raise stream.DataError(f"{name}: no images to evaluate under {data_root}")
+    return ds, list(indices), names if isinstance(names, dict) else dict(enumerate(names))
 
 
-def _torchvision_zero_shot(name, data_root, transform):
+def _zero_shot_dataset(name, data_root, released):
+    """(dataset, indices, class names in label order or as {label: name}); released: as the released code."""
+    if released and name in COOP_SPLITS:  # before any download: the file a user must fetch by hand
+        folder, file, part = COOP_SPLITS[name]
+        coop = read_json(os.path.join(data_root, folder, file), "the released zero-shot protocol reads it; put CoOp's "
+                         f"split file there, as CoOp's dataset instructions say: {COOP_URL}")[part]
+        coop_names = {label: class_name for _, label, class_name in coop}  # entries [image file, label, name]
     tv = torchvision.datasets
+    if name == "imagefolder":
+        ds = stream.load_dataset("imagefolder", data_root, train=False)  # DATA_ROOT/test/<class>/*
+        return ds, range(len(ds)), ds.raw_classes if released else ds.classes
     if name == "food101":
-        ds = tv.Food101(data_root, split="test", transform=transform, download=True)
-        return ds, [c.replace("_", " ") for c in ds.classes]
+        ds = tv.Food101(data_root, split="test", download=True)
+        return ds, range(len(ds)), ds.classes if released else [c.replace("_", " ") for c in ds.classes]
     if name == "caltech101":
-        # torchvision defines no test split: all images, as in the released code. Unlike it we keep
-        # Faces_easy ("centered face"), as CLIP's own evaluation does.
-        ds = tv.Caltech101(data_root, target_type="category", transform=transform, download=True)
-        return ds, [CALTECH101_RENAMES.get(c, c.replace("_", " ")) for c in ds.categories]
+        # No test split: all images. The released code drops Faces_easy; we keep it, as CLIP's evaluation does.
+        ds = tv.Caltech101(data_root, target_type="category", download=True)
+        if released:
+            names = {c: n for c, n in enumerate(ds.categories) if n != "Faces_easy"}
+            return ds, [i for i, c in enumerate(ds.y) if c in names], names
+        return ds, range(len(ds)), [CALTECH101_RENAMES.get(c, c.replace("_", " ")) for c in ds.categories]
     if name == "eurosat":
-        ds = tv.EuroSAT(data_root, transform=transform, download=True)  # no split either: all images
-        return ds, [EUROSAT_NAMES[c] for c in ds.classes]
+        ds = tv.EuroSAT(data_root, download=True)  # no split either: all images
+        return ds, range(len(ds)), ds.classes if released else [EUROSAT_NAMES[c] for c in ds.classes]
     if name == "flowers102":
-        return tv.Flowers102(data_root, split="test", transform=transform, download=True), list(FLOWERS102_NAMES)
-    ds = tv.OxfordIIITPet(data_root, split="test", target_types="category", transform=transform, download=True)
-    return ds, list(ds.classes)  # already readable ("American Pit Bull Terrier")
+        ds = tv.Flowers102(data_root, split="test", download=True)
+        return ds, range(len(ds)), coop_names if released else FLOWERS102_NAMES
+    # Oxford Pets: ours, the test split; released, the trainval images that CoOp's split lists for validation (~736).
+    ds = tv.OxfordIIITPet(data_root, split="trainval" if released else "test", target_types="category", download=True)
+    if not released:
+        return ds, range(len(ds)), ds.classes  # already readable ("American Pit Bull Terrier")
+    files = {file for file, _, _ in coop}
+    return ds, [i for i, path in enumerate(ds._images) if os.path.basename(path) in files], coop_names
 
 
-def fetch_zero_shot(names, data_root):
+def fetch_zero_shot(names, data_root, protocol="ours"):
     """Download (where missing) and open each zero-shot dataset: {name: number of evaluation images}."""
-    check_zero_shot_names(names)
-    return {name: len(zero_shot_dataset(name, data_root)[0]) for name in names}
+    check_zero_shot_names(names, protocol)
+    return {name: len(zero_shot_dataset(name, data_root, protocol)[1]) for name in names}
 
 
 @torch.inference_mode()
-def zero_shot_accuracy(model, dataset, class_names, prompt, device, batch_size=256, workers=2, desc=None):
-    """Top-1 accuracy of the zero-shot classifier over all `class_names` (one text feature per class, computed once)."""
-    device = torch.device(device)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=device.type == "cuda")
-    correct, seen = torch.zeros((), dtype=torch.long, device=device), 0
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        text = clip_model.class_text_features(model, class_names, prompt).float()  # (C, D)
-        for images, labels in tqdm(loader, desc=desc, leave=False):
-            image = F.normalize(model.encode_image(images.to(device, non_blocking=True)).float(), dim=-1)  # (B, D)
-            correct += ((image @ text.t()).argmax(dim=1) == labels.to(device)).sum()
-            seen += len(labels)
-    if seen == 0:
-        raise EvaluationError(f"{desc or 'zero-shot dataset'}: no images to evaluate")
-    return correct.item() / seen
-
-
 def zero_shot_transfer(model, datasets, data_root, prompt, device, batch_size=256, workers=2, mean=None, std=None,
-                       resize="clip"):
-    """Zero-shot transfer check (the paper's): top-1 over all classes of each dataset, with the run's prompt.
+                       resize="clip", protocol="ours", precision="auto"):
+    """Zero-shot transfer check (the paper's): {dataset: top-1 among all its classes}, with the run's prompt.
 
-    Returns {dataset: accuracy}. `model` must already be on `device`. Test images are preprocessed at the model's
-    resolution by clip_model.image_transform with `resize` and `mean`/`std` (default: the model's own). Every
-    dataset is opened (and downloaded) before any is evaluated: a failed download loses no measurement."""
-    check_zero_shot_names(datasets)
-    mean, std = mean or model.config.image_mean, std or model.config.image_std
-    transform = clip_model.image_transform(model.visual.input_resolution, mean, std, resize)
-    loaded = {name: zero_shot_dataset(name, data_root, transform) for name in datasets}
+    Test images take the anytime evaluation's path (stream.eval_batches, eval_transform) at the model's resolution:
+    protocol "ours" with `resize` and `mean`/`std` (default: the model's), "released" squashed and normalized with
+    ImageNet's statistics, as released for all five. precision: auto (bf16 on CUDA), bf16 or fp32. Every dataset is
+    opened (downloaded) before any is evaluated: a failed download loses no measurement. `model` is on `device`."""
+    check_zero_shot_names(datasets, protocol)
+    loaded = {name: zero_shot_dataset(name, data_root, protocol) for name in datasets}
     clip_model.get_tokenizer(model.config.vocab_size)  # the vocabulary too, before any work
-    was_training = model.training
+    if protocol == "released":
+        (mean, std), resize = stream.DATASET_STATS["imagenet-r"], "squash"  # ImageNet's statistics
+    mean, std, n_px = mean or model.config.image_mean, std or model.config.image_std, model.visual.input_resolution
+    device = torch.device(device)
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    was_training, accs = model.training, {}
     model.eval()
     try:
-        return {name: zero_shot_accuracy(model, ds, class_names, prompt, device, batch_size, workers, desc=name)
-                for name, (ds, class_names) in loaded.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            for name, (ds, indices, class_names) in loaded.items():
+                classes = torch.tensor(list(class_names), device=device)  # (C,) the labels ranked
+                text = clip_model.class_text_features(model, list(class_names.values()), prompt).float()  # (C, D)
+                correct = torch.zeros((), dtype=torch.long, device=device)
+                batches = stream.eval_batches(ds, indices, batch_size, workers, size=n_px, resize=resize)
+                for images, labels in tqdm(batches, desc=name, leave=False):
+                    images = stream.eval_transform(images.to(device, non_blocking=True), n_px, resize, mean, std)
+                    image = F.normalize(model.encode_image(images).float(), dim=-1)  # (B, D)
+                    correct += (classes[(image @ text.t()).argmax(dim=1)] == labels.to(device)).sum()
+                accs[name] = correct.item() / len(indices)
     finally:
         model.train(was_training)
+    return accs
 
 
 def zero_shot_markdown(accs):
@@ -292,10 +294,11 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
-def write_zero_shot(out_dir, accs, model, prompt, peft_weights=None):
-    """OUT/zero_shot.json: {"model", "peft_weights", "prompt", "accuracy": {dataset: fraction}}; returns its path."""
+def write_zero_shot(out_dir, accs, model, prompt, peft_weights=None, protocol="ours"):
+    """OUT/zero_shot.json: {model, peft_weights, prompt, protocol, accuracy: {dataset: fraction}}; returns its path."""
     path = os.path.join(out_dir, "zero_shot.json")
-    write_json(path, {"model": model, "peft_weights": peft_weights, "prompt": prompt, "accuracy": accs})
+    write_json(path, {"model": model, "peft_weights": peft_weights, "prompt": prompt, "protocol": protocol,
+                      "accuracy": accs})
     return path
 
 
@@ -303,27 +306,21 @@ PEFT_FILE_KEYS = ("model", "peft", "encoder", "peft_args", "state_dict", "prompt
 
 
 def read_peft_file(path):
-    """The dict saved by train_online.py in OUT/peft.pt, checked for the keys needed to rebuild the model."""
-    if not os.path.isfile(path):
-        raise EvaluationError(f"{path}: no such PEFT weights file (train_online.py writes OUT/peft.pt)")
+    """The dict saved by train_online.py in OUT/peft.pt, checked for what is needed to rebuild the model."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a corrupt file; all mean the same to the user
-        raise EvaluationError(f"{path}: not a readable peft.pt ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
-    if not isinstance(saved, dict):
-        raise EvaluationError(f"{path}: holds a {type(saved).__name__}, expected the dict train_online.py saves")
-    missing = [k for k in PEFT_FILE_KEYS if k not in saved]
-    if missing:
-        raise EvaluationError(f"{path}: missing key(s) {missing}; expected {list(PEFT_FILE_KEYS)}")
-    if saved["peft"] not in ("lora", "adapter"):
-        raise EvaluationError(f"{path}: peft is {saved['peft']!r}, expected 'lora' or 'adapter'")
+    except Exception as e:  # torch raises many types for a missing or corrupt file; all mean the same to the user
+        raise stream.DataError(f"{path}: not a readable peft.pt, which train_online.py writes to OUT/peft.pt "
+                               f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    if not (isinstance(saved, dict) and set(PEFT_FILE_KEYS) <= saved.keys() and saved["peft"] in ("lora", "adapter")):
+        raise stream.DataError(f"{path}: not the dict train_online.py saves (keys {list(PEFT_FILE_KEYS)}, "
+                               f"peft 'lora' or 'adapter')")
     return saved
 
 
 def load_peft_model(path, device="cpu"):
     """Rebuild a tuned model from OUT/peft.pt: its CLIP (with the run's activation and, in model.config, the mean
-    and std the run normalised with), its LoRA/adapter, the saved weights -> (model, prompt)."""
+    and std the run normalized with), its LoRA/adapter, the saved weights -> (model, prompt)."""
     saved = read_peft_file(path)
     model = clip_model.load(saved["model"], device="cpu", act=saved.get("act"))  # CheckpointError names the path
     if "mean" in saved:
@@ -334,8 +331,8 @@ def load_peft_model(path, device="cpu"):
         apply(model, encoder=saved["encoder"], **saved["peft_args"])
         load_weights(model, saved["state_dict"])
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
-        raise EvaluationError(f"{path}: its {saved['peft']} weights do not fit {saved['model']} "
-                              f"({type(e).__name__}: {e})") from None
+        raise stream.DataError(f"{path}: its {saved['peft']} weights do not fit {saved['model']} "
+                               f"({type(e).__name__}: {e})") from None
     return model.to(device).eval(), saved["prompt"]
 
 
@@ -686,19 +683,21 @@ def cmd_zero_shot(args):
     device = resolve_device(args.device)
     if args.peft_weights:
         saved = read_peft_file(args.peft_weights)
-        name, resize = saved["model"], saved.get("test_resize", "clip")  # the run's test preprocessing
-        model, prompt = load_peft_model(args.peft_weights, device)
+        name, resize, recipe = saved["model"], saved.get("test_resize", "clip"), saved.get("recipe", {})
+        model, prompt = load_peft_model(args.peft_weights, device)  # with the run's mean/std
         out = args.out or os.path.dirname(os.path.abspath(args.peft_weights))
     else:
         act = None if args.act == "auto" else args.act
-        model, name, resize = clip_model.load(args.model, device, act=act), args.model, "clip"
+        model, name, resize, recipe = clip_model.load(args.model, device, act=act), args.model, "clip", {}
         prompt = clip_model.PROMPT
         slug = os.path.splitext(os.path.basename(args.model))[0] if os.path.isfile(args.model) else args.model
         out = args.out or os.path.join("runs", "zero-shot", slug.replace("/", "-").replace("@", "-"))
+    protocol = args.protocol or recipe.get("zero_shot_protocol", "ours")  # the run's, unless told otherwise
+    precision = args.precision or recipe.get("precision", "auto")
     accs = zero_shot_transfer(model, datasets, args.data_root, prompt, device, args.batch_size, args.workers,
-                              resize=resize)
+                              resize=resize, protocol=protocol, precision=precision)
     print(zero_shot_markdown(accs))
-    print(f"wrote {write_zero_shot(out, accs, name, prompt, args.peft_weights)}")
+    print(f"wrote {write_zero_shot(out, accs, name, prompt, args.peft_weights, protocol)}")
 
 
 def cmd_table(args):
@@ -778,6 +777,10 @@ def build_parser():
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--protocol", choices=ZERO_SHOT_PROTOCOLS, help="ours, or released (the released code's images, "
+                   "class names and preprocessing); default: the run's (peft.pt), else ours")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                   help="auto = bf16 autocast on CUDA; default: the run's (peft.pt), else auto")
     p.add_argument("--out", help="folder for zero_shot.json (default: next to --peft-weights, "
                                  "or runs/zero-shot/<model> for --model)")
     p.set_defaults(func=cmd_zero_shot)

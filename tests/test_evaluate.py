@@ -14,6 +14,7 @@ from PIL import Image
 
 import clip_model
 import evaluate
+import stream
 from evaluate import a_auc, a_avg, a_last, f_last, lifelong_metrics, top1_on_seen
 
 TINY = clip_model.TINY_CONFIG
@@ -381,13 +382,13 @@ def image_folder(root, classes=("red apple", "blue sky", "green leaf"), per_clas
 
 
 def test_zero_shot_transfer_equals_per_image_classification(tmp_path):
-    import stream
+    import open_clip
     root = image_folder(tmp_path / "images")
     model = clip_model.load(tiny_checkpoint(tmp_path))
     accs = evaluate.zero_shot_transfer(model, ["imagefolder"], str(root), "a photo of {}.", "cpu",
                                        batch_size=4, workers=0)
     test = stream.load_dataset("imagefolder", str(root), train=False)
-    transform = clip_model.image_transform(TINY.image_resolution)
+    transform = open_clip.transform.image_transform(TINY.image_resolution, is_train=False)  # OpenAI's, on PIL
     with torch.no_grad():
         text = clip_model.class_text_features(model, test.classes, "a photo of {}.")
         correct = [(F.normalize(model.encode_image(transform(img)[None]), dim=-1) @ text.t()).argmax().item() == y
@@ -418,23 +419,114 @@ def fake_tree(folder, classes, filename):
 
 def test_caltech101_class_names_are_clips_readable_names(tmp_path):
     fake_tree(tmp_path / "caltech101" / "101_ObjectCategories", CALTECH101_FOLDERS, "image_0001.jpg")
-    _, names = evaluate.zero_shot_dataset("caltech101", str(tmp_path), transform=None)
-    assert (len(names), names[:3], names[-1]) == (101, ["off-center face", "centered face", "leopard"],
-                                                  "yin and yang symbol")
+    _, indices, names = evaluate.zero_shot_dataset("caltech101", str(tmp_path))
+    names = list(names.values())
+    assert (len(indices), len(names), names[:3], names[-1]) == (
+        101, 101, ["off-center face", "centered face", "leopard"], "yin and yang symbol")
 
 
 def test_caltech101_class_names_have_no_underscores(tmp_path):
     fake_tree(tmp_path / "caltech101" / "101_ObjectCategories", CALTECH101_FOLDERS, "image_0001.jpg")
-    _, names = evaluate.zero_shot_dataset("caltech101", str(tmp_path), transform=None)
-    assert not [n for n in names if "_" in n]
+    _, _, names = evaluate.zero_shot_dataset("caltech101", str(tmp_path))
+    assert not [n for n in names.values() if "_" in n]
+
+
+def test_caltech101_released_drops_faces_easy_and_prompts_with_the_folder_names(tmp_path):
+    fake_tree(tmp_path / "caltech101" / "101_ObjectCategories", CALTECH101_FOLDERS, "image_0001.jpg")
+    ds, indices, names = evaluate.zero_shot_dataset("caltech101", str(tmp_path), protocol="released")
+    assert (len(names), len(indices)) == (100, 100) and "Faces_easy" not in names.values()
+    assert {ds[i][1] for i in indices} == set(names)  # the images of the ranked classes, and only those
+    assert [names[c] for c in sorted(names)][:3] == ["Faces", "Leopards", "Motorbikes"] and "car_side" in names.values()
 
 
 def test_eurosat_zero_shot_reads_torchvision_layout_with_clips_names(tmp_path):
     fake_tree(tmp_path / "eurosat" / "2750", EUROSAT_FOLDERS, "a.jpg")
     model = clip_model.load(tiny_checkpoint(tmp_path))
     accs = evaluate.zero_shot_transfer(model, ["eurosat"], str(tmp_path), "{}", "cpu", workers=0)
-    _, names = evaluate.zero_shot_dataset("eurosat", str(tmp_path), transform=None)
+    _, _, names = evaluate.zero_shot_dataset("eurosat", str(tmp_path))
     assert (set(accs), names[2]) == ({"eurosat"}, "brushland or shrubland")
+
+
+@pytest.mark.parametrize("protocol, prompt", [("ours", "a bad photo of a brushland or shrubland."),
+                                              ("released", "a bad photo of a HerbaceousVegetation.")])
+def test_zero_shot_prompts_use_the_protocols_class_names(tmp_path, monkeypatch, protocol, prompt):
+    fake_tree(tmp_path / "eurosat" / "2750", EUROSAT_FOLDERS, "a.jpg")
+    model = clip_model.load(tiny_checkpoint(tmp_path))
+    prompts, tokenize = [], clip_model.tokenize
+    monkeypatch.setattr(clip_model, "tokenize", lambda texts, *args, **kw: prompts.extend(texts) or tokenize(texts,
+                                                                                                   *args, **kw))
+    evaluate.zero_shot_transfer(model, ["eurosat"], str(tmp_path), clip_model.PROMPT, "cpu", workers=0,
+                                protocol=protocol)
+    assert len(prompts) == 10 and prompt in prompts
+
+
+@pytest.mark.parametrize("protocol, precision, expected", [
+    ("ours", "bf16", [("clip", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), torch.bfloat16]),
+    ("ours", "auto", [("clip", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), torch.float32]),  # auto: bf16 on CUDA only
+    ("released", "fp32", [("squash", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), torch.float32])])
+def test_zero_shot_normalizes_and_computes_as_the_protocol_and_precision_say(tmp_path, monkeypatch, protocol,
+                                                                             precision, expected):
+    fake_tree(tmp_path / "eurosat" / "2750", EUROSAT_FOLDERS, "a.jpg")
+    model = clip_model.load(tiny_checkpoint(tmp_path))
+    used, transform, encode = [], stream.eval_transform, model.encode_image
+    monkeypatch.setattr(stream, "eval_transform", lambda images, n_px, resize, mean, std: used.append(
+        (resize, tuple(mean), tuple(std))) or transform(images, n_px, resize, mean, std))
+    monkeypatch.setattr(model, "encode_image", lambda images: used.append(encode(images).dtype) or encode(images))
+    evaluate.zero_shot_transfer(model, ["eurosat"], str(tmp_path), "{}", "cpu", workers=0, mean=(0.5,) * 3,
+                                std=(0.25,) * 3, protocol=protocol, precision=precision)
+    assert used == expected  # one batch: its preprocessing, then its image features' dtype
+
+
+def fake_pets(root):
+    """Oxford-IIIT Pet as torchvision lays it out (two breeds, three trainval and one test image each) and CoOp's
+    split file, which lists one trainval image of each breed for validation."""
+    pets = root / "oxford-iiit-pet"
+    (pets / "annotations").mkdir(parents=True)
+    (pets / "images").mkdir()
+    ids = {"trainval": [f"{b}_{i}" for b in ("Abyssinian", "american_bulldog") for i in (1, 2, 3)],
+           "test": ["Abyssinian_4", "american_bulldog_4"]}
+    for split, names in ids.items():
+        (pets / "annotations" / f"{split}.txt").write_text(
+            "".join(f"{n} {1 if n[0] == 'A' else 2} 1 1\n" for n in names))
+        for n in names:
+            Image.new("RGB", (40, 30), (200, 90, 20)).save(pets / "images" / f"{n}.jpg")
+    val = [["Abyssinian_2.jpg", 0, "abyssinian"], ["american_bulldog_3.jpg", 1, "american_bulldog"]]
+    (pets / "split_zhou_OxfordPets.json").write_text(json.dumps({"train": [], "val": val, "test": []}))
+
+
+def test_oxford_pets_released_is_the_trainval_images_coops_split_validates_with_its_names(tmp_path):
+    fake_pets(tmp_path)
+    ds, indices, names = evaluate.zero_shot_dataset("oxford_pets", str(tmp_path), protocol="released")
+    assert sorted(os.path.basename(ds._images[i]) for i in indices) == ["Abyssinian_2.jpg", "american_bulldog_3.jpg"]
+    assert [ds[i][1] for i in indices] == [0, 1] and names == {0: "abyssinian", 1: "american_bulldog"}
+
+
+def test_oxford_pets_ours_is_the_test_split_with_readable_names(tmp_path):
+    fake_pets(tmp_path)
+    ds, indices, names = evaluate.zero_shot_dataset("oxford_pets", str(tmp_path))
+    assert (len(indices), names) == (2, {0: "Abyssinian", 1: "American Bulldog"})
+
+
+def test_flowers102_released_names_come_from_coops_split_file(tmp_path, monkeypatch):
+    import torchvision
+    monkeypatch.setattr(torchvision.datasets, "Flowers102", lambda root, split, download: [(None, 1), (None, 0)])
+    (tmp_path / "flowers-102").mkdir()
+    test = [["jpg/image_06734.jpg", 1, "hard-leaved pocket orchid"], ["jpg/image_06735.jpg", 0, "pink primrose"]]
+    (tmp_path / "flowers-102" / "split_zhou_OxfordFlowers.json").write_text(json.dumps({"test": test}))
+    _, _, names = evaluate.zero_shot_dataset("flowers102", str(tmp_path), protocol="released")
+    assert names == {1: "hard-leaved pocket orchid", 0: "pink primrose"}
+
+
+@pytest.mark.parametrize("dataset, path", [("oxford_pets", "oxford-iiit-pet/split_zhou_OxfordPets.json"),
+                                           ("flowers102", "flowers-102/split_zhou_OxfordFlowers.json")])
+def test_a_missing_coop_split_file_is_one_clear_line_before_any_download(tmp_path, capsys, dataset, path):
+    code, _, err = run_cli(capsys, "zero-shot", "--model", tiny_checkpoint(tmp_path), "--act", "quickgelu",
+                           "--datasets", dataset, "--protocol", "released", "--data-root", tmp_path / "data")
+    assert (code, len(err.splitlines())) == (1, 1)
+    assert str(tmp_path / "data" / path) in err and "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md" in err
+    assert not (tmp_path / "data").exists()  # nothing was downloaded
+    with pytest.raises(stream.DataError, match=os.path.basename(path)):  # train_online.py: before training
+        evaluate.fetch_zero_shot([dataset], str(tmp_path / "data"), protocol="released")
 
 
 def test_flowers102_has_a_name_for_each_of_its_102_classes():
@@ -442,8 +534,14 @@ def test_flowers102_has_a_name_for_each_of_its_102_classes():
 
 
 def test_unknown_zero_shot_dataset_fails_before_any_work():
-    with pytest.raises(evaluate.EvaluationError, match="imagenet"):
+    with pytest.raises(stream.DataError, match="imagenet"):
         evaluate.zero_shot_transfer(None, ["food101", "imagenet"], "data", "{}", "cpu")
+
+
+def test_unknown_zero_shot_protocol_fails_before_any_work(tmp_path):
+    with pytest.raises(stream.DataError, match="'release'"):
+        evaluate.fetch_zero_shot(["food101"], str(tmp_path), protocol="release")
+    assert not os.listdir(tmp_path)  # nothing downloaded
 
 
 def test_zero_shot_cli_writes_zero_shot_json(tmp_path, capsys):
@@ -501,6 +599,18 @@ def test_zero_shot_cli_writes_zero_shot_json_next_to_the_weights(tmp_path, capsy
     code, _, _ = run_cli(capsys, "zero-shot", "--peft-weights", path, "--datasets", "imagefolder",
                          "--data-root", root, "--device", "cpu", "--workers", 0)
     assert code == 0 and json.loads((path.parent / "zero_shot.json").read_text())["prompt"] == "a photo of {}."
+
+
+def test_zero_shot_cli_follows_the_protocol_peft_pt_recorded_unless_told_otherwise(tmp_path, capsys):
+    _, path = save_peft(tmp_path, "lora")
+    saved = torch.load(path, weights_only=True)
+    saved["recipe"] = {"zero_shot_protocol": "released", "precision": "fp32"}
+    torch.save(saved, path)
+    root = image_folder(tmp_path / "images")
+    for extra, protocol in (((), "released"), (("--protocol", "ours"), "ours")):
+        code, _, _ = run_cli(capsys, "zero-shot", "--peft-weights", path, "--datasets", "imagefolder",
+                             "--data-root", root, "--device", "cpu", "--workers", 0, *extra)
+        assert code == 0 and json.loads((path.parent / "zero_shot.json").read_text())["protocol"] == protocol
 
 
 def test_peft_weights_that_do_not_fit_their_settings_are_one_clear_line(tmp_path, capsys):
