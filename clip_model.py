@@ -29,7 +29,6 @@ import regex as re
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision import transforms
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------

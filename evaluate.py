@@ -20,6 +20,7 @@ All accuracies are fractions in code and files, percentages in printed tables.
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -40,7 +41,6 @@ import lora
 import stream
 
 
-EvaluationError = stream.DataError  # TODO(lead): use stream.DataError in sections 4-5 and drop this alias
 
 
 # -----------------------------------------------------------------------------
@@ -241,6 +241,12 @@ def fetch_zero_shot(names, data_root, protocol="ours"):
 
 
 @torch.inference_mode()
+def autocast(device, precision):
+    """bf16 autocast on CUDA by default (precision "auto"), plain fp32 elsewhere: a context-manager factory."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
 def zero_shot_transfer(model, datasets, data_root, prompt, device, batch_size=256, workers=2, mean=None, std=None,
                        resize="clip", protocol="ours", precision="auto"):
     """Zero-shot transfer check (the paper's): {dataset: top-1 among all its classes}, with the run's prompt.
@@ -256,11 +262,10 @@ def zero_shot_transfer(model, datasets, data_root, prompt, device, batch_size=25
         (mean, std), resize = stream.DATASET_STATS["imagenet-r"], "squash"  # ImageNet's statistics
     mean, std, n_px = mean or model.config.image_mean, std or model.config.image_std, model.visual.input_resolution
     device = torch.device(device)
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     was_training, accs = model.training, {}
     model.eval()
     try:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with autocast(device, precision)():
             for name, (ds, indices, class_names) in loaded.items():
                 classes = torch.tensor(list(class_names), device=device)  # (C,) the labels ranked
                 text = clip_model.class_text_features(model, list(class_names.values()), prompt).float()  # (C, D)
@@ -350,24 +355,24 @@ MUST_AGREE = ("model", "act", "n_tasks", "n", "m", "batch_size", "online_iter", 
 def read_json(path, what):
     """Parse a JSON file, with one clear error line when it is missing or malformed."""
     if not os.path.isfile(path):
-        raise EvaluationError(f"{path}: no such file ({what})")
+        raise stream.DataError(f"{path}: no such file ({what})")
     try:
         with open(path) as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EvaluationError(f"{path}: malformed JSON ({e})") from None
+        raise stream.DataError(f"{path}: malformed JSON ({e})") from None
 
 
 def read_results(run_dir):
     """OUT/results.json of one run, checked for the keys the analyses read."""
     if not os.path.isdir(run_dir):
-        raise EvaluationError(f"{run_dir}: no such run folder")
+        raise stream.DataError(f"{run_dir}: no such run folder")
     path = os.path.join(run_dir, "results.json")
     results = read_json(path, "train_online.py writes it in every run folder")
     needed = ("config", "status", "seen_classes", "anytime", "task_end_samples", "class_acc") + METRICS
     missing = [k for k in needed if k not in results] if isinstance(results, dict) else list(needed)
     if missing:
-        raise EvaluationError(f"{path}: missing key(s) {missing}")
+        raise stream.DataError(f"{path}: missing key(s) {missing}")
     return results
 
 
@@ -376,13 +381,13 @@ def find_run_dirs(paths):
     runs = []
     for path in paths:
         if not os.path.isdir(path):
-            raise EvaluationError(f"{path}: no such run folder")
+            raise stream.DataError(f"{path}: no such run folder")
         if os.path.isfile(os.path.join(path, "results.json")):
             runs.append(path)
             continue
         found = sorted(root for root, _, files in os.walk(path) if "results.json" in files)
         if not found:
-            raise EvaluationError(f"{path}: no results.json in it or below it (not a train_online.py run folder)")
+            raise stream.DataError(f"{path}: no results.json in it or below it (not a train_online.py run folder)")
         runs += found
     return runs
 
@@ -467,11 +472,6 @@ def grid_runs(dataset, data_root=None, seeds=SEEDS, zero_shot_eval=False, recipe
     return runs
 
 
-def grid_commands(dataset, data_root=None, seeds=SEEDS, zero_shot_eval=False, recipe="ours", runs_root="runs"):
-    """The train_online.py commands of `grid_runs`, one string each."""
-    return [command for _, command in grid_runs(dataset, data_root, seeds, zero_shot_eval, recipe, runs_root)]
-
-
 def is_finished(run_dir):
     """Whether a run folder holds a results.json with status "finished" (paths relative to the repository)."""
     path = os.path.join(REPOSITORY, run_dir, "results.json")
@@ -510,7 +510,7 @@ GRAD_KEYS = ("step", "task", "classes", "in_batch", "pos", "neg")
 def read_grad(path):
     """The records of OUT/grad.jsonl (one per gradient step), checked line by line."""
     if not os.path.isfile(path):
-        raise EvaluationError(f"{path}: no such file (train_online.py --grad-analysis writes it)")
+        raise stream.DataError(f"{path}: no such file (train_online.py --grad-analysis writes it)")
     records = []
     with open(path) as f:
         for i, line in enumerate(f, start=1):
@@ -519,14 +519,14 @@ def read_grad(path):
             try:
                 r = json.loads(line)
             except json.JSONDecodeError as e:
-                raise EvaluationError(f"{path}:{i}: malformed JSON ({e})") from None
+                raise stream.DataError(f"{path}:{i}: malformed JSON ({e})") from None
             if not isinstance(r, dict) or any(k not in r for k in GRAD_KEYS):
-                raise EvaluationError(f"{path}:{i}: expected an object with keys {list(GRAD_KEYS)}")
+                raise stream.DataError(f"{path}:{i}: expected an object with keys {list(GRAD_KEYS)}")
             if not len(r["classes"]) == len(r["in_batch"]) == len(r["pos"]) == len(r["neg"]):
-                raise EvaluationError(f"{path}:{i}: classes, in_batch, pos and neg differ in length")
+                raise stream.DataError(f"{path}:{i}: classes, in_batch, pos and neg differ in length")
             records.append(r)
     if not records:
-        raise EvaluationError(f"{path}: no gradient steps recorded")
+        raise stream.DataError(f"{path}: no gradient steps recorded")
     return records
 
 
@@ -558,7 +558,7 @@ def matplotlib_figure():
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise EvaluationError("plotting needs matplotlib, an optional extra: pip install matplotlib") from None
+        raise stream.DataError("plotting needs matplotlib, an optional extra: pip install matplotlib") from None
     return Figure
 
 
@@ -672,7 +672,7 @@ def resolve_device(name):
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise EvaluationError("--device cuda, but torch sees no CUDA GPU; use --device cpu or auto")
+        raise stream.DataError("--device cuda, but torch sees no CUDA GPU; use --device cpu or auto")
     return name
 
 
@@ -710,7 +710,7 @@ def cmd_table(args):
             continue
         results.append(r)
     if not results:
-        raise EvaluationError("no finished runs to tabulate (--unfinished includes the others)")
+        raise stream.DataError("no finished runs to tabulate (--unfinished includes the others)")
     groups = group_runs(results)
     for warning in group_warnings(groups):
         print(warning, file=sys.stderr)
@@ -751,7 +751,7 @@ def cmd_plot_grad(args):
     """plot-grad: the gradient summary table and the timeline PNG of a --grad-analysis run."""
     matplotlib_figure()
     if not os.path.isdir(args.run_dir):
-        raise EvaluationError(f"{args.run_dir}: no such run folder")
+        raise stream.DataError(f"{args.run_dir}: no such run folder")
     records = read_grad(os.path.join(args.run_dir, "grad.jsonl"))
     results = read_results(args.run_dir)
     print(gradient_summary_markdown(gradient_summary(records)))
@@ -822,7 +822,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (EvaluationError, clip_model.CheckpointError, clip_model.DownloadError, stream.DataError) as e:
+    except (stream.DataError, clip_model.CheckpointError, clip_model.DownloadError, stream.DataError) as e:
         print(f"evaluate.py {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -293,12 +293,6 @@ def log_gradient_parts(log, f, g, labels, visible, logit_scale, double_softmax, 
                           "neg": negative.norm(dim=-1).tolist()}) + "\n")
 
 
-def autocast(device, precision):
-    """bf16 autocast on CUDA by default (precision "auto"), plain fp32 elsewhere: a context-manager factory."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-
 # -----------------------------------------------------------------------------
 # results that survive: written atomically as they are measured
 
@@ -499,7 +493,7 @@ def run_stream(config, s):
     try:
         train(model, batches, [len(t) for t in s.split.tasks], text_features, test, augment, report,
               config.online_iter, config.lr, config.weight_decay, config.eval_period, config.visible_classes,
-              config.double_softmax, autocast(device, config.precision), memory, grad_log, progress)
+              config.double_softmax, evaluate.autocast(device, config.precision), memory, grad_log, progress)
     except KeyboardInterrupt:
         results.write(status="interrupted")
         raise
@@ -559,7 +553,7 @@ def parse_args(argv=None):
     p.add_argument("--act", default="auto", choices=("auto",) + clip_model.ACTIVATIONS,
                    help="MLP activation of --model: auto = open_clip_config.json beside it, else OpenAI's QuickGELU")
     p.add_argument("--peft", default="lora", choices=("lora", "adapter", "none"), help="none = zero-shot CLIP")
-    p.add_argument("--encoder", default="both", choices=("image", "text", "both"), help="tower(s) to tune")
+    p.add_argument("--encoder", default="both", choices=clip_model.ENCODERS, help="tower(s) to tune")
     p.add_argument("--visible-classes", default="batch", choices=("batch", "all"),
                    help="softmax over the classes in the batch (SIT) or over all seen classes")
     p.add_argument("--scenario", default="si-blurry", choices=tuple(stream.SCENARIOS))
