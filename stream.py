@@ -457,6 +457,7 @@ def _imagefolder(root: str, train: bool, download: bool) -> Dataset:
 POLICIES = {"cifar10": AutoAugmentPolicy.CIFAR10, "imagenet": AutoAugmentPolicy.IMAGENET}
 AUGMENT_PER = ("sample", "batch")  # one random draw per sample (ours) or one per batch (the released code)
 IMAGE_FITS = ("centre", "random")  # how variable-size images are brought to the model's size when loaded
+TEST_RESIZES = {"clip": "centre", "squash": "squash"}  # test images: OpenAI's centre fit, or the released squash
 # The released code normalises with the dataset's channel statistics, for training and test images alike.
 DATASET_STATS = {
     "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
@@ -485,6 +486,39 @@ class StreamBatch(NamedTuple):
     indices: torch.Tensor  # (B,) int64 dataset indices
 
 
+def fit_image(image, size, image_fit="centre", seed=0):
+    """An image brought to size x size by one geometry (size None: left as it is). The same code serves a PIL image
+    when loaded (so that variable-size images can be batched) and uint8 tensors (3, H, W) or (N, 3, H, W) batched on
+    the device (fixed-size datasets, upsampled); on uint8 tensors torchvision rounds and clamps as PIL does.
+
+    centre: the shorter side resized to size (bicubic), then a centre crop: OpenAI's test geometry.
+    random: the shorter side resized to size * 8/7 (bilinear), then a size x size crop drawn from `seed` (one for a
+            whole batch): the released ImageNet-R loader's Resize(256) + RandomCrop(224), for train and test images.
+    squash: the whole image resized to size x size (bilinear, aspect ratio not kept): the released test geometry."""
+    if size is None:
+        return image
+    if image_fit == "centre":
+        return TF.center_crop(TF.resize(image, size, InterpolationMode.BICUBIC, antialias=True), size)
+    if image_fit == "squash":
+        return TF.resize(image, [size, size], InterpolationMode.BILINEAR, antialias=True)
+    if image_fit != "random":
+        raise ValueError(f"image_fit must be centre, random or squash; got {image_fit!r}")
+    image = TF.resize(image, size * 8 // 7, InterpolationMode.BILINEAR, antialias=True)
+    _, height, width = TF.get_dimensions(image)
+    g = torch.Generator().manual_seed(seed)
+    top = int(torch.randint(0, height - size + 1, (1,), generator=g))
+    left = int(torch.randint(0, width - size + 1, (1,), generator=g))
+    return TF.crop(image, top, left, size, size)
+
+
+def _stack(images, dim=0) -> torch.Tensor:
+    """torch.stack, or a DataError when the images differ in size (variable-size datasets need size=)."""
+    sizes = sorted({tuple(image.shape[-2:]) for image in images})
+    if len(sizes) > 1:
+        raise DataError(f"images of different sizes {sizes[:3]} in one batch; pass size= to resize them when loaded")
+    return torch.stack(images, dim)
+
+
 def stream_batches(dataset, tasks, batch_size=64, online_iter=3, policy="cifar10", workers=2, seed=1, size=None,
                    augment_per="sample", image_fit="centre"):
     """The online stream as an iterable of StreamBatch: tasks in order, batches never cross a task boundary.
@@ -492,10 +526,8 @@ def stream_batches(dataset, tasks, batch_size=64, online_iter=3, policy="cifar10
     AutoAugment is drawn per sample, or once per batch and online iteration (augment_per="batch", as released).
     Images are brought to `size` when loaded (None keeps them as they are; see `fit_image`)."""
     stream = [(t, i) for t, task in enumerate(tasks) for i in task]
-    batches, start = [], 0  # the batches as stream positions, for the DataLoader
-    for _, indices in task_batches(tasks, batch_size):
-        batches.append(list(range(start, start + len(indices))))
-        start += len(indices)
+    sizes = [len(indices) for _, indices in task_batches(tasks, batch_size)]
+    batches = _cut(list(range(len(stream))), sizes)  # the batches as stream positions, for the DataLoader
     # Each sample's AutoAugment draws are a function of this key: its stream position, or its batch's number.
     keys = list(range(len(stream))) if augment_per == "sample" else [b for b, bat in enumerate(batches) for _ in bat]
     items = _AugmentedStream(dataset, stream, keys, online_iter, POLICIES[policy], seed, size, image_fit)
@@ -508,30 +540,6 @@ def task_batches(tasks, batch_size) -> list[tuple[int, list[int]]]:
     """(task, dataset indices) of each batch of the stream: tasks in order, a batch never crosses a task boundary,
     and the last batch of a task may be short."""
     return [(t, task[b:b + batch_size]) for t, task in enumerate(tasks) for b in range(0, len(task), batch_size)]
-
-
-def fit_image(image: Image.Image, size, image_fit="centre", seed=0) -> Image.Image:
-    """An image of any size brought to size x size when loaded, so that it can be batched (None: left as it is).
-
-    centre: shorter side resized to size (bicubic) and centre-cropped (OpenAI's test geometry).
-    random: shorter side resized to size * 8/7 (bilinear), then a random size x size crop drawn from `seed`: the
-    released ImageNet-R loader's Resize(256) + RandomCrop(224), for training and test images."""
-    if size is None:
-        return image
-    if image_fit == "centre":
-        if image.size == (size, size):
-            return image
-        return TF.center_crop(TF.resize(image, size, InterpolationMode.BICUBIC), size)
-    image = TF.resize(image, size * 8 // 7, InterpolationMode.BILINEAR)
-    g = torch.Generator().manual_seed(seed)
-    top = int(torch.randint(0, image.height - size + 1, (1,), generator=g))
-    left = int(torch.randint(0, image.width - size + 1, (1,), generator=g))
-    return TF.crop(image, top, left, size, size)
-
-
-def squash(image: Image.Image, size: int) -> Image.Image:
-    """The whole image resized to size x size (bilinear, aspect ratio not kept): the released test geometry."""
-    return image if image.size == (size, size) else image.resize((size, size), Image.BILINEAR)
 
 
 class _AugmentedStream(Dataset):
@@ -560,19 +568,11 @@ class _AugmentedStream(Dataset):
             return self.autoaugment(image)
 
 
-def _same_size(images) -> None:
-    """A DataError unless all images have one size, which variable-size datasets get from `size`."""
-    sizes = sorted({tuple(image.shape[-2:]) for image in images})
-    if len(sizes) > 1:
-        raise DataError(f"images of different sizes {sizes[:3]} in one batch; pass size= to resize them in the workers")
-
-
 def _collate_stream(items) -> StreamBatch:
     """Samples stacked into a StreamBatch; per-sample copies (online_iter, 3, H, W) -> (online_iter, B, 3, H, W)."""
     tasks, copies, labels, indices = zip(*items)
     assert len(set(tasks)) == 1, "a batch crossed a task boundary"
-    _same_size(copies)
-    return StreamBatch(tasks[0], torch.stack(copies, dim=1), torch.tensor(labels), torch.tensor(indices))
+    return StreamBatch(tasks[0], _stack(copies, dim=1), torch.tensor(labels), torch.tensor(indices))
 
 
 @functools.cache
@@ -582,14 +582,14 @@ def _mean_std(device: torch.device, mean: tuple, std: tuple):
     return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
 
 
-def normalise(images: torch.Tensor, mean=clip_model.CLIP_MEAN, std=clip_model.CLIP_STD) -> torch.Tensor:
+def normalize(images: torch.Tensor, mean=clip_model.CLIP_MEAN, std=clip_model.CLIP_STD) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float (x / 255 - mean) / std per channel."""
     mean, std = _mean_std(images.device, tuple(mean), tuple(std))
     return (images.float() / 255 - mean) / std
 
 
 class BatchAugment:
-    """The training transform after AutoAugment, batched on the device: resize, padded random crop, flip, normalise.
+    """The training transform after AutoAugment, batched on the device: resize, padded random crop, flip, normalize.
 
     per="sample" draws a crop offset and a flip for each image; per="batch" one of each for the whole batch (as
     the released transform, applied to the batch tensor)."""
@@ -600,11 +600,11 @@ class BatchAugment:
         self.generator = None  # made on the device of the first batch, seeded with the run seed
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H, W) -> float (N, 3, n_px, n_px): resized, cropped, maybe flipped, normalised."""
+        """uint8 (N, 3, H, W) -> float (N, 3, n_px, n_px): resized (squashed), cropped, maybe flipped, normalized."""
         if self.generator is None:
             self.generator = torch.Generator(images.device).manual_seed(self.seed)
-        images = TF.resize(images, [self.n_px, self.n_px], InterpolationMode.BILINEAR, antialias=True)
-        return normalise(self.crop_and_flip(images), self.mean, self.std)
+        images = fit_image(images, self.n_px, "squash")
+        return normalize(self.crop_and_flip(images), self.mean, self.std)
 
     def crop_and_flip(self, images: torch.Tensor) -> torch.Tensor:
         """A random crop of the zero-padded images (black border, as the released transform) and a random h-flip."""
@@ -624,7 +624,7 @@ class BatchAugment:
 
 
 class _EvalItems(Dataset):
-    """Position k -> (uint8 (3, H, W) image of dataset[indices[k]], label), brought to `size` when loaded."""
+    """Position k -> (uint8 RGB (3, H, W) image of dataset[indices[k]], label), brought to `size` when loaded."""
 
     def __init__(self, dataset, indices, size, resize, image_fit, seed):
         self.dataset, self.indices, self.size = dataset, indices, size
@@ -636,24 +636,23 @@ class _EvalItems(Dataset):
     def __getitem__(self, k: int):
         index = self.indices[k]
         image, label = self.dataset[index]
-        if self.size is not None:
-            if self.image_fit == "random":  # the released ImageNet-R loader crops test images at random too
-                image = fit_image(image, self.size, "random", seed=_seed_of(self.seed, index, -2))
-            image = fit_image(image, self.size, "centre") if self.resize == "clip" else squash(image, self.size)
-        return TF.pil_to_tensor(image), label
+        if self.image_fit == "random":  # the released ImageNet-R loader crops test images at random too
+            image = fit_image(image, self.size, "random", seed=_seed_of(self.seed, index, -2))
+        image = fit_image(image, self.size, TEST_RESIZES[self.resize])
+        return TF.pil_to_tensor(image.convert("RGB")), label  # RGB after the geometry, as OpenAI's preprocessing
 
 
 def _collate_eval(items):
     """(uint8 images (B, 3, H, W), labels (B,))."""
     images, labels = zip(*items)
-    _same_size(images)
-    return torch.stack(images), torch.tensor(labels)
+    return _stack(images), torch.tensor(labels)
 
 
 def eval_batches(dataset, indices, batch_size=512, workers=2, size=None, resize="clip", image_fit="centre", seed=0):
-    """Test samples in index order as an iterable of (uint8 images (B, 3, H, W), labels (B,)), for `eval_transform`.
+    """Test samples in index order as an iterable of (uint8 RGB images (B, 3, H, W), labels (B,)) for eval_transform,
+    from any dataset of (PIL image, label) items (greyscale and palette images included).
 
-    With a `size`, images are brought to size x size when loaded, by `resize` (see `eval_transform`) after, with
+    With a `size`, images are brought to size x size when loaded by `resize` (see TEST_RESIZES), after, with
     image_fit="random", the released ImageNet-R random crop (drawn once per test image from `seed`)."""
     indices = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
     return DataLoader(_EvalItems(dataset, indices, size, resize, image_fit, seed), batch_size=batch_size,
@@ -663,13 +662,9 @@ def eval_batches(dataset, indices, batch_size=512, workers=2, size=None, resize=
 
 def eval_transform(images: torch.Tensor, n_px: int, resize="clip", mean=clip_model.CLIP_MEAN,
                    std=clip_model.CLIP_STD) -> torch.Tensor:
-    """Test preprocessing, batched: OpenAI CLIP's (bicubic resize of the shorter side to n_px, centre crop) or, with
-    resize="squash", the released code's (the whole image resized to n_px x n_px, bilinear); then normalise."""
-    if resize == "clip":  # on uint8: rounded and clamped, as PIL
-        images = TF.center_crop(TF.resize(images, n_px, InterpolationMode.BICUBIC, antialias=True), n_px)
-    else:
-        images = TF.resize(images, [n_px, n_px], InterpolationMode.BILINEAR, antialias=True)
-    return normalise(images, mean, std)
+    """uint8 test images (N, 3, H, W) -> float (N, 3, n_px, n_px), batched on the device: the geometry named by
+    TEST_RESIZES[resize] (images already n_px x n_px pass unchanged), then normalize."""
+    return normalize(fit_image(images, n_px, TEST_RESIZES[resize]), mean, std)
 
 
 def seen_test_indices(test_targets, seen_classes) -> torch.Tensor:
