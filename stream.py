@@ -1,12 +1,10 @@
 """The data side of online lifelong learning: the Si-Blurry stream, the datasets, and the batches the learner sees.
 
-Top to bottom:
   1. the Si-Blurry sampler, index for index as the released sampler (KHU-AGI/Si-Blurry, Debatrix/LifeLong-CLIP),
-  2. datasets by name: `targets`, human-readable `classes` (and `raw_classes`, the released code's prompt names),
-     (PIL RGB image, int label) items, downloads that fail with one clear line,
-  3. batches: the augmented stream (AutoAugment in DataLoader workers, drawn per sample or per batch), the training
-     transform batched on the device, evaluation batches and the test transforms (OpenAI's, or the released
-     squash), the dataset statistics for normalising, the seen-class test set.
+  2. datasets by name: `targets`, readable `classes`, `raw_classes` (the released code's prompt names), and
+     (PIL RGB image, int label) items; missing data and failed downloads end with one clear line,
+  3. batches: the AutoAugmented stream (in DataLoader workers), the training transform batched on the device, and
+     the test images; each image geometry (`fit_image`) is the same when loaded and on the device.
 """
 import functools
 import hashlib
@@ -59,21 +57,17 @@ def si_blurry_split(targets, num_classes, n_tasks=5, n=50, m=10, seed=1, stochas
         blurry_classes = _cut(blurry, [n_blurry // n_tasks] * n_tasks)
     disjoint_indices, blurry_indices = _indices_by_task(targets, disjoint_classes, blurry_classes)
 
+    # The pool of blurred samples, dealt back in task order, shares[t] samples to task t while it lasts.
     if stochastic:
         shares = _random_sizes(sum(map(len, blurry_indices)) * m // 100, n_tasks, g)
-        if sum(shares) > 0:
-            blurry_indices, pool = _pool(blurry_indices, shares, g)
-            blurred = _deal(pool, shares)  # quirk: a task short of its share shortens the pool, starving later tasks
-        else:
-            blurred = [[] for _ in range(n_tasks)]
+        blurry_indices, pool = _pool(blurry_indices, shares, g)
+        blurred = _cut(pool, shares)  # quirk: a task short of its share shortens the pool, starving later tasks
     else:
         blurry_indices, pool = _pool(blurry_indices, [len(b) * m // 100 for b in blurry_indices], g)
-        blurred = _deal(pool, [len(pool) // n_tasks] * n_tasks)  # quirk: the last len(pool) % n_tasks are dropped
+        blurred = _cut(pool, [len(pool) // n_tasks] * n_tasks)  # quirk: the last len(pool) % n_tasks are dropped
 
-    tasks = []
-    for t in range(n_tasks):
-        task = disjoint_indices[t] + blurry_indices[t] + blurred[t]
-        tasks.append([task[i] for i in torch.randperm(len(task), generator=g).tolist()])
+    tasks = [disjoint_indices[t] + blurry_indices[t] + blurred[t] for t in range(n_tasks)]
+    tasks = [[task[i] for i in torch.randperm(len(task), generator=g).tolist()] for task in tasks]  # shuffled in turn
     return StreamSplit(tasks, disjoint_classes, blurry_classes, blurred)
 
 
@@ -137,11 +131,6 @@ def _pool(blurry_indices, taken: list[int], g: torch.Generator) -> tuple[list[li
     return kept, [pool[i] for i in torch.randperm(len(pool), generator=g).tolist()]
 
 
-def _deal(pool: list[int], shares: list[int]) -> list[list[int]]:
-    """The pool dealt back in task order, shares[t] indices to task t, while it lasts."""
-    return _cut(pool, shares)
-
-
 def describe_stream(split: StreamSplit, targets, classes) -> str:
     """A one-screen summary of a stream: per task, its classes, its samples, and the samples blurred in and out."""
     targets = targets.tolist() if isinstance(targets, torch.Tensor) else list(targets)
@@ -173,20 +162,8 @@ def describe_stream(split: StreamSplit, targets, classes) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 # 2. Datasets
 
-DATASETS = ("cifar100", "tinyimagenet", "imagenet-r", "imagefolder")
-
-
 class DataError(ValueError):
     """A problem with the user's data: a missing, empty or inconsistent folder, or an unreadable file."""
-
-
-def load_dataset(name: str, root: str, train: bool, download: bool = True) -> Dataset:
-    """The train or test split of a dataset by name, with targets, readable class names and (image, label) items."""
-    loaders = {"cifar100": _cifar100, "tinyimagenet": _tinyimagenet, "imagenet-r": _imagenet_r,
-               "imagefolder": _imagefolder}
-    if name not in loaders:
-        raise DataError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}")
-    return loaders[name](os.path.expanduser(root), train, download)
 
 
 def _seed_of(*parts) -> int:
@@ -196,10 +173,10 @@ def _seed_of(*parts) -> int:
 
 
 class SyntheticDataset(Dataset):
-    """Generated images, cheap and deterministic, that a tiny model can learn: class c is a grating (stripes) with
-    its own orientation (horizontal or vertical) and frequency; each image draws its own two colours, phase and
-    noise. Shape, not colour, tells the classes apart, so AutoAugment's colour operations leave them learnable,
-    and neither a flip nor a crop turns one class into another."""
+    """Generated images, cheap and deterministic, that a tiny model can learn: class c is a grey grating (stripes)
+    with its own orientation (horizontal or vertical) and frequency; each image draws its own phase and noise.
+    Shape, not colour, tells the classes apart, so AutoAugment's colour operations leave them learnable, and
+    neither a flip nor a crop turns one class into another."""
 
     FREQUENCIES = (1, 3, 5, 7, 10)  # stripes across the image; 2 orientations x 5 frequencies = 10 patterns
 
@@ -262,9 +239,22 @@ def _image_files(folder: str) -> list[str]:
     """The image files under a folder in torchvision ImageFolder's order (sorted walk), so indices match it."""
     if not os.path.isdir(folder):
         raise DataError(f"missing folder {folder}")
-    return [os.path.join(directory, name)
-            for directory, _, names in sorted(os.walk(folder, followlinks=True))
-            for name in sorted(names) if name.lower().endswith(IMG_EXTENSIONS)]
+    files = [os.path.join(directory, name)
+             for directory, _, names in sorted(os.walk(folder, followlinks=True))
+             for name in sorted(names) if name.lower().endswith(IMG_EXTENSIONS)]
+    if not files:
+        raise DataError(f"{folder} has no images (expected files ending in {', '.join(IMG_EXTENSIONS)})")
+    return files
+
+
+def _labelled_files(folders: list[str], labels) -> tuple[list[str], list[int]]:
+    """The image files of each class folder in turn, each with its folder's label."""
+    paths, targets = [], []
+    for folder, label in zip(folders, labels):
+        files = _image_files(folder)
+        paths += files
+        targets += [label] * len(files)
+    return paths, targets
 
 
 def _read_lines(path: str) -> list[str]:
@@ -329,11 +319,8 @@ def _tinyimagenet(root: str, train: bool, download: bool) -> Dataset:
     classes = [_readable(words[w].split(",")[0].strip()) for w in wnids]  # the first synonym, e.g. "Egyptian cat"
     raw = list(TINYIMAGENET_RELEASED_NAMES) if len(wnids) == len(TINYIMAGENET_RELEASED_NAMES) else classes
     if train:
-        paths, targets = [], []
-        for wnid in sorted(wnids):  # ImageFolder's order: class folders sorted by name
-            files = _image_files(os.path.join(folder, "train", wnid))
-            paths += files
-            targets += [label[wnid]] * len(files)
+        in_order = sorted(wnids)  # ImageFolder's order: class folders sorted by name
+        paths, targets = _labelled_files([os.path.join(folder, "train", w) for w in in_order], map(label.get, in_order))
         return ImageFiles(paths, targets, classes, raw)
     annotations_path = os.path.join(folder, "val", "val_annotations.txt")
     annotations = dict(line.split("\t")[:2] for line in _read_lines(annotations_path))
@@ -411,11 +398,7 @@ def _imagenet_r(root: str, train: bool, download: bool) -> Dataset:
     wnids = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
     if len(wnids) != len(IMAGENET_R_CLASSES):
         raise DataError(f"{folder} has {len(wnids)} class folders; ImageNet-R has {len(IMAGENET_R_CLASSES)}")
-    paths, labels = [], []
-    for k, wnid in enumerate(wnids):
-        files = _image_files(os.path.join(folder, wnid))
-        paths += files
-        labels += [k] * len(files)
+    paths, labels = _labelled_files([os.path.join(folder, wnid) for wnid in wnids], range(len(wnids)))
     order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(0))
     n_train = int(len(paths) * 0.8)
     keep = sorted((order[:n_train] if train else order[n_train:]).tolist())
@@ -425,8 +408,6 @@ def _imagenet_r(root: str, train: bool, download: bool) -> Dataset:
 
 def _imagefolder(root: str, train: bool, download: bool) -> Dataset:
     """A user's own data: ROOT/train/<class>/* and ROOT/test/<class>/*, classes sorted by folder name."""
-    if not os.path.isdir(root):
-        raise DataError(f"dataset root {root} does not exist")
     classes = {}
     for split in ("train", "test"):
         folder = os.path.join(root, split)
@@ -440,15 +421,20 @@ def _imagefolder(root: str, train: bool, download: bool) -> Dataset:
         only_test = sorted(set(classes["test"]) - set(classes["train"]))
         raise DataError(f"the class folders of {os.path.join(root, 'train')} and {os.path.join(root, 'test')} differ: "
                         f"only in train {only_train}, only in test {only_test}")
-    paths, targets = [], []
-    for k, name in enumerate(classes["train"]):
-        class_folder = os.path.join(root, "train" if train else "test", name)
-        files = _image_files(class_folder)
-        if not files:
-            raise DataError(f"{class_folder} has no images (expected files ending in {', '.join(IMG_EXTENSIONS)})")
-        paths += files
-        targets += [k] * len(files)
-    return ImageFiles(paths, targets, [_readable(c) for c in classes["train"]], list(classes["train"]))
+    names = classes["train"]
+    folders = [os.path.join(root, "train" if train else "test", name) for name in names]
+    return ImageFiles(*_labelled_files(folders, range(len(names))), [_readable(c) for c in names], names)
+
+
+DATASETS = {"cifar100": _cifar100, "tinyimagenet": _tinyimagenet, "imagenet-r": _imagenet_r,
+            "imagefolder": _imagefolder}
+
+
+def load_dataset(name: str, root: str, train: bool, download: bool = True) -> Dataset:
+    """The train or test split of a dataset by name, with targets, readable class names and (image, label) items."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}")
+    return DATASETS[name](os.path.expanduser(root), train, download)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
