@@ -247,10 +247,10 @@ def _image_files(folder: str) -> list[str]:
     return files
 
 
-def _labelled_files(folders: list[str], labels) -> tuple[list[str], list[int]]:
-    """The image files of each class folder in turn, each with its folder's label."""
+def _labelled_files(folders: dict[str, int]) -> tuple[list[str], list[int]]:
+    """The image files of each class folder in turn, each with its folder's label ({folder: label})."""
     paths, targets = [], []
-    for folder, label in zip(folders, labels):
+    for folder, label in folders.items():
         files = _image_files(folder)
         paths += files
         targets += [label] * len(files)
@@ -319,9 +319,8 @@ def _tinyimagenet(root: str, train: bool, download: bool) -> Dataset:
     classes = [_readable(words[w].split(",")[0].strip()) for w in wnids]  # the first synonym, e.g. "Egyptian cat"
     raw = list(TINYIMAGENET_RELEASED_NAMES) if len(wnids) == len(TINYIMAGENET_RELEASED_NAMES) else classes
     if train:
-        in_order = sorted(wnids)  # ImageFolder's order: class folders sorted by name
-        paths, targets = _labelled_files([os.path.join(folder, "train", w) for w in in_order], map(label.get, in_order))
-        return ImageFiles(paths, targets, classes, raw)
+        folders = {os.path.join(folder, "train", w): label[w] for w in sorted(wnids)}  # ImageFolder's order
+        return ImageFiles(*_labelled_files(folders), classes, raw)
     annotations_path = os.path.join(folder, "val", "val_annotations.txt")
     annotations = dict(line.split("\t")[:2] for line in _read_lines(annotations_path))
     paths = _image_files(os.path.join(folder, "val", "images"))
@@ -398,7 +397,7 @@ def _imagenet_r(root: str, train: bool, download: bool) -> Dataset:
     wnids = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
     if len(wnids) != len(IMAGENET_R_CLASSES):
         raise DataError(f"{folder} has {len(wnids)} class folders; ImageNet-R has {len(IMAGENET_R_CLASSES)}")
-    paths, labels = _labelled_files([os.path.join(folder, wnid) for wnid in wnids], range(len(wnids)))
+    paths, labels = _labelled_files({os.path.join(folder, wnid): k for k, wnid in enumerate(wnids)})
     order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(0))
     n_train = int(len(paths) * 0.8)
     keep = sorted((order[:n_train] if train else order[n_train:]).tolist())
@@ -422,8 +421,8 @@ def _imagefolder(root: str, train: bool, download: bool) -> Dataset:
         raise DataError(f"the class folders of {os.path.join(root, 'train')} and {os.path.join(root, 'test')} differ: "
                         f"only in train {only_train}, only in test {only_test}")
     names = classes["train"]
-    folders = [os.path.join(root, "train" if train else "test", name) for name in names]
-    return ImageFiles(*_labelled_files(folders, range(len(names))), [_readable(c) for c in names], names)
+    folders = {os.path.join(root, "train" if train else "test", name): k for k, name in enumerate(names)}
+    return ImageFiles(*_labelled_files(folders), [_readable(c) for c in names], names)
 
 
 DATASETS = {"cifar100": _cifar100, "tinyimagenet": _tinyimagenet, "imagenet-r": _imagenet_r,
@@ -473,13 +472,13 @@ class StreamBatch(NamedTuple):
 
 
 def fit_image(image, size, image_fit="centre", seed=0):
-    """An image brought to size x size by one geometry (size None: left as it is). The same code serves a PIL image
-    when loaded (so that variable-size images can be batched) and uint8 tensors (3, H, W) or (N, 3, H, W) batched on
-    the device (fixed-size datasets, upsampled); on uint8 tensors torchvision rounds and clamps as PIL does.
+    """An image brought to size x size (size None: unchanged) by one geometry, the same on a PIL image when loaded
+    (variable-size images, so that they batch) and on uint8 tensors (3, H, W) or (N, 3, H, W) on the device
+    (fixed-size datasets, upsampled), where torchvision rounds and clamps to within one grey level of PIL.
 
     centre: the shorter side resized to size (bicubic), then a centre crop: OpenAI's test geometry.
-    random: the shorter side resized to size * 8/7 (bilinear), then a size x size crop drawn from `seed` (one for a
-            whole batch): the released ImageNet-R loader's Resize(256) + RandomCrop(224), for train and test images.
+    random: the shorter side resized to size * 8/7 (bilinear), then a crop drawn from `seed` (one per call): the
+            released ImageNet-R loader's Resize(256) + RandomCrop(224), for train and test images.
     squash: the whole image resized to size x size (bilinear, aspect ratio not kept): the released test geometry."""
     if size is None:
         return image
