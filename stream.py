@@ -6,6 +6,7 @@
   3. batches: the AutoAugmented stream (in DataLoader workers), the training transform batched on the device, and
      the test images; each image geometry (`fit_image`) is the same when loaded and on the device.
 """
+import collections
 import functools
 import hashlib
 import os
@@ -136,13 +137,9 @@ def describe_stream(split: StreamSplit, targets, classes) -> str:
     targets = targets.tolist() if isinstance(targets, torch.Tensor) else list(targets)
     owner = {c: t for per_task in (split.disjoint_classes, split.blurry_classes)
              for t, cs in enumerate(per_task) for c in cs}
-    blurred_in, blurred_out = [0] * len(split.tasks), [0] * len(split.tasks)
-    for t, task in enumerate(split.tasks):
-        for i in task:
-            home = owner[targets[i]]
-            if home != t:
-                blurred_in[t] += 1
-                blurred_out[home] += 1
+    moves = [(owner[targets[i]], t) for t, task in enumerate(split.tasks) for i in task if owner[targets[i]] != t]
+    blurred_out = collections.Counter(home for home, _ in moves)  # moves: (owning task, task) of each blurred sample
+    blurred_in = collections.Counter(t for _, t in moves)
     n_disjoint = sum(map(len, split.disjoint_classes))
     n_blurry = sum(map(len, split.blurry_classes))
 
