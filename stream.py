@@ -1,13 +1,12 @@
 """The data side of online lifelong learning: the Si-Blurry stream, the datasets, and the batches the learner sees.
 
-Top to bottom:
   1. the Si-Blurry sampler, index for index as the released sampler (KHU-AGI/Si-Blurry, Debatrix/LifeLong-CLIP),
-  2. datasets by name: `targets`, human-readable `classes` (and `raw_classes`, the released code's prompt names),
-     (PIL RGB image, int label) items, downloads that fail with one clear line,
-  3. batches: the augmented stream (AutoAugment in DataLoader workers, drawn per sample or per batch), the training
-     transform batched on the device, evaluation batches and the test transforms (OpenAI's, or the released
-     squash), the dataset statistics for normalising, the seen-class test set.
+  2. datasets by name: `targets`, readable `classes`, `raw_classes` (the released code's prompt names), and
+     (PIL RGB image, int label) items; missing data and failed downloads end with one clear line,
+  3. batches: the AutoAugmented stream (in DataLoader workers), the training transform batched on the device, and
+     the test images; each image geometry (`fit_image`) is the same when loaded and on the device.
 """
+import collections
 import functools
 import hashlib
 import os
@@ -59,21 +58,17 @@ def si_blurry_split(targets, num_classes, n_tasks=5, n=50, m=10, seed=1, stochas
         blurry_classes = _cut(blurry, [n_blurry // n_tasks] * n_tasks)
     disjoint_indices, blurry_indices = _indices_by_task(targets, disjoint_classes, blurry_classes)
 
+    # The pool of blurred samples, dealt back in task order, shares[t] samples to task t while it lasts.
     if stochastic:
         shares = _random_sizes(sum(map(len, blurry_indices)) * m // 100, n_tasks, g)
-        if sum(shares) > 0:
-            blurry_indices, pool = _pool(blurry_indices, shares, g)
-            blurred = _deal(pool, shares)  # quirk: a task short of its share shortens the pool, starving later tasks
-        else:
-            blurred = [[] for _ in range(n_tasks)]
+        blurry_indices, pool = _pool(blurry_indices, shares, g)
+        blurred = _cut(pool, shares)  # quirk: a task short of its share shortens the pool, starving later tasks
     else:
         blurry_indices, pool = _pool(blurry_indices, [len(b) * m // 100 for b in blurry_indices], g)
-        blurred = _deal(pool, [len(pool) // n_tasks] * n_tasks)  # quirk: the last len(pool) % n_tasks are dropped
+        blurred = _cut(pool, [len(pool) // n_tasks] * n_tasks)  # quirk: the last len(pool) % n_tasks are dropped
 
-    tasks = []
-    for t in range(n_tasks):
-        task = disjoint_indices[t] + blurry_indices[t] + blurred[t]
-        tasks.append([task[i] for i in torch.randperm(len(task), generator=g).tolist()])
+    tasks = [disjoint_indices[t] + blurry_indices[t] + blurred[t] for t in range(n_tasks)]
+    tasks = [[task[i] for i in torch.randperm(len(task), generator=g).tolist()] for task in tasks]  # shuffled in turn
     return StreamSplit(tasks, disjoint_classes, blurry_classes, blurred)
 
 
@@ -83,16 +78,14 @@ def si_blurry_tasks(targets, num_classes, n_tasks=5, n=50, m=10, seed=1, stochas
 
 
 def _check_stream_arguments(targets, num_classes, n_tasks, n, m) -> list[int]:
-    """The targets as a list of ints, after a ValueError for any argument the sampler cannot use."""
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    if not isinstance(n_tasks, int) or n_tasks < 1:
-        raise ValueError(f"n_tasks must be a positive integer, got {n_tasks!r}")
-    if n_tasks > num_classes:
-        raise ValueError(f"n_tasks={n_tasks} exceeds num_classes={num_classes}: every class would be dropped")
+    """The targets as a list of ints, after a ValueError naming any argument the sampler cannot use."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    if not 1 <= n_tasks <= num_classes:
+        raise ValueError(f"n_tasks={n_tasks} is outside 1..num_classes={num_classes}: every class would be dropped")
     for name, value in (("n", n), ("m", m)):
-        if not isinstance(value, int) or not 0 <= value <= 100:
-            raise ValueError(f"{name} is a percentage, an integer in 0..100; got {value!r}")
+        if not 0 <= value <= 100:
+            raise ValueError(f"{name} is a percentage in 0..100, got {value}")
     targets = targets.tolist() if isinstance(targets, torch.Tensor) else [int(y) for y in targets]
     if not targets:
         raise ValueError("targets is empty: a stream needs at least one sample")
@@ -139,23 +132,14 @@ def _pool(blurry_indices, taken: list[int], g: torch.Generator) -> tuple[list[li
     return kept, [pool[i] for i in torch.randperm(len(pool), generator=g).tolist()]
 
 
-def _deal(pool: list[int], shares: list[int]) -> list[list[int]]:
-    """The pool dealt back in task order, shares[t] indices to task t, while it lasts."""
-    return _cut(pool, shares)
-
-
 def describe_stream(split: StreamSplit, targets, classes) -> str:
     """A one-screen summary of a stream: per task, its classes, its samples, and the samples blurred in and out."""
     targets = targets.tolist() if isinstance(targets, torch.Tensor) else list(targets)
     owner = {c: t for per_task in (split.disjoint_classes, split.blurry_classes)
              for t, cs in enumerate(per_task) for c in cs}
-    blurred_in, blurred_out = [0] * len(split.tasks), [0] * len(split.tasks)
-    for t, task in enumerate(split.tasks):
-        for i in task:
-            home = owner[targets[i]]
-            if home != t:
-                blurred_in[t] += 1
-                blurred_out[home] += 1
+    moves = [(owner[targets[i]], t) for t, task in enumerate(split.tasks) for i in task if owner[targets[i]] != t]
+    blurred_out = collections.Counter(home for home, _ in moves)  # moves: (owning task, task) of each blurred sample
+    blurred_in = collections.Counter(t for _, t in moves)
     n_disjoint = sum(map(len, split.disjoint_classes))
     n_blurry = sum(map(len, split.blurry_classes))
 
@@ -175,20 +159,8 @@ def describe_stream(split: StreamSplit, targets, classes) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 # 2. Datasets
 
-DATASETS = ("cifar100", "tinyimagenet", "imagenet-r", "imagefolder")
-
-
 class DataError(ValueError):
     """A problem with the user's data: a missing, empty or inconsistent folder, or an unreadable file."""
-
-
-def load_dataset(name: str, root: str, train: bool, download: bool = True) -> Dataset:
-    """The train or test split of a dataset by name, with targets, readable class names and (image, label) items."""
-    loaders = {"cifar100": _cifar100, "tinyimagenet": _tinyimagenet, "imagenet-r": _imagenet_r,
-               "imagefolder": _imagefolder}
-    if name not in loaders:
-        raise DataError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}")
-    return loaders[name](os.path.expanduser(root), train, download)
 
 
 def _seed_of(*parts) -> int:
@@ -198,17 +170,14 @@ def _seed_of(*parts) -> int:
 
 
 class SyntheticDataset(Dataset):
-    """Generated images, cheap and deterministic, that a tiny model can learn: class c is a grating (stripes) with
-    its own orientation (horizontal or vertical) and frequency; each image draws its own two colours, phase and
-    noise. Shape, not colour, tells the classes apart, so AutoAugment's colour operations leave them learnable,
-    and neither a flip nor a crop turns one class into another."""
+    """Generated images, cheap and deterministic, that a tiny model can learn: class c is a grey grating (stripes)
+    with its own orientation (horizontal or vertical) and frequency; each image draws its own phase and noise.
+    Shape, not colour, tells the classes apart, so AutoAugment's colour operations leave them learnable, and
+    neither a flip nor a crop turns one class into another."""
 
     FREQUENCIES = (1, 3, 5, 7, 10)  # stripes across the image; 2 orientations x 5 frequencies = 10 patterns
 
     def __init__(self, num_classes: int, per_class: int, image_size: int = 32, seed: int = 0, train: bool = True):
-        for name, value in (("num_classes", num_classes), ("per_class", per_class), ("image_size", image_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.targets = [i % num_classes for i in range(num_classes * per_class)]
         self.classes = [self.name(c) for c in range(num_classes)]  # e.g. "3 vertical stripes"
         self.raw_classes = list(self.classes)
@@ -267,9 +236,22 @@ def _image_files(folder: str) -> list[str]:
     """The image files under a folder in torchvision ImageFolder's order (sorted walk), so indices match it."""
     if not os.path.isdir(folder):
         raise DataError(f"missing folder {folder}")
-    return [os.path.join(directory, name)
-            for directory, _, names in sorted(os.walk(folder, followlinks=True))
-            for name in sorted(names) if name.lower().endswith(IMG_EXTENSIONS)]
+    files = [os.path.join(directory, name)
+             for directory, _, names in sorted(os.walk(folder, followlinks=True))
+             for name in sorted(names) if name.lower().endswith(IMG_EXTENSIONS)]
+    if not files:
+        raise DataError(f"{folder} has no images (expected files ending in {', '.join(IMG_EXTENSIONS)})")
+    return files
+
+
+def _labelled_files(folders: dict[str, int]) -> tuple[list[str], list[int]]:
+    """The image files of each class folder in turn, each with its folder's label ({folder: label})."""
+    paths, targets = [], []
+    for folder, label in folders.items():
+        files = _image_files(folder)
+        paths += files
+        targets += [label] * len(files)
+    return paths, targets
 
 
 def _read_lines(path: str) -> list[str]:
@@ -334,12 +316,8 @@ def _tinyimagenet(root: str, train: bool, download: bool) -> Dataset:
     classes = [_readable(words[w].split(",")[0].strip()) for w in wnids]  # the first synonym, e.g. "Egyptian cat"
     raw = list(TINYIMAGENET_RELEASED_NAMES) if len(wnids) == len(TINYIMAGENET_RELEASED_NAMES) else classes
     if train:
-        paths, targets = [], []
-        for wnid in sorted(wnids):  # ImageFolder's order: class folders sorted by name
-            files = _image_files(os.path.join(folder, "train", wnid))
-            paths += files
-            targets += [label[wnid]] * len(files)
-        return ImageFiles(paths, targets, classes, raw)
+        folders = {os.path.join(folder, "train", w): label[w] for w in sorted(wnids)}  # ImageFolder's order
+        return ImageFiles(*_labelled_files(folders), classes, raw)
     annotations_path = os.path.join(folder, "val", "val_annotations.txt")
     annotations = dict(line.split("\t")[:2] for line in _read_lines(annotations_path))
     paths = _image_files(os.path.join(folder, "val", "images"))
@@ -416,11 +394,7 @@ def _imagenet_r(root: str, train: bool, download: bool) -> Dataset:
     wnids = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
     if len(wnids) != len(IMAGENET_R_CLASSES):
         raise DataError(f"{folder} has {len(wnids)} class folders; ImageNet-R has {len(IMAGENET_R_CLASSES)}")
-    paths, labels = [], []
-    for k, wnid in enumerate(wnids):
-        files = _image_files(os.path.join(folder, wnid))
-        paths += files
-        labels += [k] * len(files)
+    paths, labels = _labelled_files({os.path.join(folder, wnid): k for k, wnid in enumerate(wnids)})
     order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(0))
     n_train = int(len(paths) * 0.8)
     keep = sorted((order[:n_train] if train else order[n_train:]).tolist())
@@ -430,8 +404,6 @@ def _imagenet_r(root: str, train: bool, download: bool) -> Dataset:
 
 def _imagefolder(root: str, train: bool, download: bool) -> Dataset:
     """A user's own data: ROOT/train/<class>/* and ROOT/test/<class>/*, classes sorted by folder name."""
-    if not os.path.isdir(root):
-        raise DataError(f"dataset root {root} does not exist")
     classes = {}
     for split in ("train", "test"):
         folder = os.path.join(root, split)
@@ -445,15 +417,20 @@ def _imagefolder(root: str, train: bool, download: bool) -> Dataset:
         only_test = sorted(set(classes["test"]) - set(classes["train"]))
         raise DataError(f"the class folders of {os.path.join(root, 'train')} and {os.path.join(root, 'test')} differ: "
                         f"only in train {only_train}, only in test {only_test}")
-    paths, targets = [], []
-    for k, name in enumerate(classes["train"]):
-        class_folder = os.path.join(root, "train" if train else "test", name)
-        files = _image_files(class_folder)
-        if not files:
-            raise DataError(f"{class_folder} has no images (expected files ending in {', '.join(IMG_EXTENSIONS)})")
-        paths += files
-        targets += [k] * len(files)
-    return ImageFiles(paths, targets, [_readable(c) for c in classes["train"]], list(classes["train"]))
+    names = classes["train"]
+    folders = {os.path.join(root, "train" if train else "test", name): k for k, name in enumerate(names)}
+    return ImageFiles(*_labelled_files(folders), [_readable(c) for c in names], names)
+
+
+DATASETS = {"cifar100": _cifar100, "tinyimagenet": _tinyimagenet, "imagenet-r": _imagenet_r,
+            "imagefolder": _imagefolder}
+
+
+def load_dataset(name: str, root: str, train: bool, download: bool = True) -> Dataset:
+    """The train or test split of a dataset by name, with targets, readable class names and (image, label) items."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}")
+    return DATASETS[name](os.path.expanduser(root), train, download)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -462,6 +439,7 @@ def _imagefolder(root: str, train: bool, download: bool) -> Dataset:
 POLICIES = {"cifar10": AutoAugmentPolicy.CIFAR10, "imagenet": AutoAugmentPolicy.IMAGENET}
 AUGMENT_PER = ("sample", "batch")  # one random draw per sample (ours) or one per batch (the released code)
 IMAGE_FITS = ("centre", "random")  # how variable-size images are brought to the model's size when loaded
+TEST_RESIZES = {"clip": "centre", "squash": "squash"}  # test images: OpenAI's centre fit, or the released squash
 # The released code normalises with the dataset's channel statistics, for training and test images alike.
 DATASET_STATS = {
     "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
@@ -490,25 +468,48 @@ class StreamBatch(NamedTuple):
     indices: torch.Tensor  # (B,) int64 dataset indices
 
 
+def fit_image(image, size, image_fit="centre", seed=0):
+    """An image brought to size x size (size None: unchanged) by one geometry, the same on a PIL image when loaded
+    (variable-size images, so that they batch) and on uint8 tensors (3, H, W) or (N, 3, H, W) on the device
+    (fixed-size datasets, upsampled), where torchvision rounds and clamps to within one grey level of PIL.
+
+    centre: the shorter side resized to size (bicubic), then a centre crop: OpenAI's test geometry.
+    random: the shorter side resized to size * 8/7 (bilinear), then a crop drawn from `seed` (one per call): the
+            released ImageNet-R loader's Resize(256) + RandomCrop(224), for train and test images.
+    squash: the whole image resized to size x size (bilinear, aspect ratio not kept): the released test geometry."""
+    if size is None:
+        return image
+    if image_fit == "centre":
+        return TF.center_crop(TF.resize(image, size, InterpolationMode.BICUBIC, antialias=True), size)
+    if image_fit == "squash":
+        return TF.resize(image, [size, size], InterpolationMode.BILINEAR, antialias=True)
+    if image_fit != "random":
+        raise ValueError(f"image_fit must be centre, random or squash; got {image_fit!r}")
+    image = TF.resize(image, size * 8 // 7, InterpolationMode.BILINEAR, antialias=True)
+    _, height, width = TF.get_dimensions(image)
+    g = torch.Generator().manual_seed(seed)
+    top = int(torch.randint(0, height - size + 1, (1,), generator=g))
+    left = int(torch.randint(0, width - size + 1, (1,), generator=g))
+    return TF.crop(image, top, left, size, size)
+
+
+def _stack(images, dim=0) -> torch.Tensor:
+    """torch.stack, or a DataError when the images differ in size (variable-size datasets need size=)."""
+    sizes = sorted({tuple(image.shape[-2:]) for image in images})
+    if len(sizes) > 1:
+        raise DataError(f"images of different sizes {sizes[:3]} in one batch; pass size= to resize them when loaded")
+    return torch.stack(images, dim)
+
+
 def stream_batches(dataset, tasks, batch_size=64, online_iter=3, policy="cifar10", workers=2, seed=1, size=None,
                    augment_per="sample", image_fit="centre"):
     """The online stream as an iterable of StreamBatch: tasks in order, batches never cross a task boundary.
 
     AutoAugment is drawn per sample, or once per batch and online iteration (augment_per="batch", as released).
     Images are brought to `size` when loaded (None keeps them as they are; see `fit_image`)."""
-    for name, value in (("batch_size", batch_size), ("online_iter", online_iter)):
-        _check_int(name, value, minimum=1)
-    _check_int("workers", workers, minimum=0)
-    _check_geometry(size, image_fit)
-    _check_choice("policy", policy, POLICIES)
-    _check_choice("augment_per", augment_per, AUGMENT_PER)
     stream = [(t, i) for t, task in enumerate(tasks) for i in task]
-    if any(not 0 <= i < len(dataset) for _, i in stream):
-        raise ValueError(f"tasks hold indices outside the dataset's 0..{len(dataset) - 1}")
-    batches, start = [], 0  # the batches as stream positions, for the DataLoader
-    for _, indices in task_batches(tasks, batch_size):
-        batches.append(list(range(start, start + len(indices))))
-        start += len(indices)
+    sizes = [len(indices) for _, indices in task_batches(tasks, batch_size)]
+    batches = _cut(list(range(len(stream))), sizes)  # the batches as stream positions, for the DataLoader
     # Each sample's AutoAugment draws are a function of this key: its stream position, or its batch's number.
     keys = list(range(len(stream))) if augment_per == "sample" else [b for b, bat in enumerate(batches) for _ in bat]
     items = _AugmentedStream(dataset, stream, keys, online_iter, POLICIES[policy], seed, size, image_fit)
@@ -521,48 +522,6 @@ def task_batches(tasks, batch_size) -> list[tuple[int, list[int]]]:
     """(task, dataset indices) of each batch of the stream: tasks in order, a batch never crosses a task boundary,
     and the last batch of a task may be short."""
     return [(t, task[b:b + batch_size]) for t, task in enumerate(tasks) for b in range(0, len(task), batch_size)]
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    """A ValueError naming the argument unless it is an integer of at least `minimum`."""
-    if not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_choice(name: str, value, choices) -> None:
-    """A ValueError naming the argument unless it is one of `choices`."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-
-
-def _check_geometry(size, image_fit) -> None:
-    if size is not None:
-        _check_int("size", size, minimum=1)
-    _check_choice("image_fit", image_fit, IMAGE_FITS)
-
-
-def fit_image(image: Image.Image, size, image_fit="centre", seed=0) -> Image.Image:
-    """An image of any size brought to size x size when loaded, so that it can be batched (None: left as it is).
-
-    centre: shorter side resized to size (bicubic) and centre-cropped (OpenAI's test geometry).
-    random: shorter side resized to size * 8/7 (bilinear), then a random size x size crop drawn from `seed`: the
-    released ImageNet-R loader's Resize(256) + RandomCrop(224), for training and test images."""
-    if size is None:
-        return image
-    if image_fit == "centre":
-        if image.size == (size, size):
-            return image
-        return TF.center_crop(TF.resize(image, size, InterpolationMode.BICUBIC), size)
-    image = TF.resize(image, size * 8 // 7, InterpolationMode.BILINEAR)
-    g = torch.Generator().manual_seed(seed)
-    top = int(torch.randint(0, image.height - size + 1, (1,), generator=g))
-    left = int(torch.randint(0, image.width - size + 1, (1,), generator=g))
-    return TF.crop(image, top, left, size, size)
-
-
-def squash(image: Image.Image, size: int) -> Image.Image:
-    """The whole image resized to size x size (bilinear, aspect ratio not kept): the released test geometry."""
-    return image if image.size == (size, size) else image.resize((size, size), Image.BILINEAR)
 
 
 class _AugmentedStream(Dataset):
@@ -591,19 +550,11 @@ class _AugmentedStream(Dataset):
             return self.autoaugment(image)
 
 
-def _same_size(images) -> None:
-    """A DataError unless all images have one size, which variable-size datasets get from `size`."""
-    sizes = sorted({tuple(image.shape[-2:]) for image in images})
-    if len(sizes) > 1:
-        raise DataError(f"images of different sizes {sizes[:3]} in one batch; pass size= to resize them in the workers")
-
-
 def _collate_stream(items) -> StreamBatch:
     """Samples stacked into a StreamBatch; per-sample copies (online_iter, 3, H, W) -> (online_iter, B, 3, H, W)."""
     tasks, copies, labels, indices = zip(*items)
     assert len(set(tasks)) == 1, "a batch crossed a task boundary"
-    _same_size(copies)
-    return StreamBatch(tasks[0], torch.stack(copies, dim=1), torch.tensor(labels), torch.tensor(indices))
+    return StreamBatch(tasks[0], _stack(copies, dim=1), torch.tensor(labels), torch.tensor(indices))
 
 
 @functools.cache
@@ -613,38 +564,29 @@ def _mean_std(device: torch.device, mean: tuple, std: tuple):
     return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
 
 
-def normalise(images: torch.Tensor, mean=clip_model.CLIP_MEAN, std=clip_model.CLIP_STD) -> torch.Tensor:
+def normalize(images: torch.Tensor, mean=clip_model.CLIP_MEAN, std=clip_model.CLIP_STD) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float (x / 255 - mean) / std per channel."""
     mean, std = _mean_std(images.device, tuple(mean), tuple(std))
     return (images.float() / 255 - mean) / std
 
 
-def _check_images(images: torch.Tensor) -> None:
-    """A ValueError unless images is a uint8 batch (N, 3, H, W)."""
-    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-        what = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"images must be a uint8 tensor (N, 3, H, W), got {what}")
-
-
 class BatchAugment:
-    """The training transform after AutoAugment, batched on the device: resize, padded random crop, flip, normalise.
+    """The training transform after AutoAugment, batched on the device: resize, padded random crop, flip, normalize.
 
     per="sample" draws a crop offset and a flip for each image; per="batch" one of each for the whole batch (as
     the released transform, applied to the batch tensor)."""
 
     def __init__(self, n_px: int, seed: int, padding: int = 4, mean=clip_model.CLIP_MEAN, std=clip_model.CLIP_STD,
                  per="sample"):
-        _check_choice("per", per, AUGMENT_PER)
         self.n_px, self.seed, self.padding, self.mean, self.std, self.per = n_px, seed, padding, mean, std, per
         self.generator = None  # made on the device of the first batch, seeded with the run seed
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H, W) -> float (N, 3, n_px, n_px): resized, cropped, maybe flipped, normalised."""
-        _check_images(images)
+        """uint8 (N, 3, H, W) -> float (N, 3, n_px, n_px): resized (squashed), cropped, maybe flipped, normalized."""
         if self.generator is None:
             self.generator = torch.Generator(images.device).manual_seed(self.seed)
-        images = TF.resize(images, [self.n_px, self.n_px], InterpolationMode.BILINEAR, antialias=True)
-        return normalise(self.crop_and_flip(images), self.mean, self.std)
+        images = fit_image(images, self.n_px, "squash")
+        return normalize(self.crop_and_flip(images), self.mean, self.std)
 
     def crop_and_flip(self, images: torch.Tensor) -> torch.Tensor:
         """A random crop of the zero-padded images (black border, as the released transform) and a random h-flip."""
@@ -664,7 +606,7 @@ class BatchAugment:
 
 
 class _EvalItems(Dataset):
-    """Position k -> (uint8 (3, H, W) image of dataset[indices[k]], label), brought to `size` when loaded."""
+    """Position k -> (uint8 RGB (3, H, W) image of dataset[indices[k]], label), brought to `size` when loaded."""
 
     def __init__(self, dataset, indices, size, resize, image_fit, seed):
         self.dataset, self.indices, self.size = dataset, indices, size
@@ -676,29 +618,24 @@ class _EvalItems(Dataset):
     def __getitem__(self, k: int):
         index = self.indices[k]
         image, label = self.dataset[index]
-        if self.size is not None:
-            if self.image_fit == "random":  # the released ImageNet-R loader crops test images at random too
-                image = fit_image(image, self.size, "random", seed=_seed_of(self.seed, index, -2))
-            image = fit_image(image, self.size, "centre") if self.resize == "clip" else squash(image, self.size)
-        return TF.pil_to_tensor(image), label
+        if self.image_fit == "random":  # the released ImageNet-R loader crops test images at random too
+            image = fit_image(image, self.size, "random", seed=_seed_of(self.seed, index, -2))
+        image = fit_image(image, self.size, TEST_RESIZES[self.resize])
+        return TF.pil_to_tensor(image.convert("RGB")), label  # RGB after the geometry, as OpenAI's preprocessing
 
 
 def _collate_eval(items):
     """(uint8 images (B, 3, H, W), labels (B,))."""
     images, labels = zip(*items)
-    _same_size(images)
-    return torch.stack(images), torch.tensor(labels)
+    return _stack(images), torch.tensor(labels)
 
 
 def eval_batches(dataset, indices, batch_size=512, workers=2, size=None, resize="clip", image_fit="centre", seed=0):
-    """Test samples in index order as an iterable of (uint8 images (B, 3, H, W), labels (B,)), for `eval_transform`.
+    """Test samples in index order as an iterable of (uint8 RGB images (B, 3, H, W), labels (B,)) for eval_transform,
+    from any dataset of (PIL image, label) items (greyscale and palette images included).
 
-    With a `size`, images are brought to size x size when loaded, by `resize` (see `eval_transform`) after, with
+    With a `size`, images are brought to size x size when loaded by `resize` (see TEST_RESIZES), after, with
     image_fit="random", the released ImageNet-R random crop (drawn once per test image from `seed`)."""
-    _check_int("batch_size", batch_size, minimum=1)
-    _check_int("workers", workers, minimum=0)
-    _check_geometry(size, image_fit)
-    _check_choice("resize", resize, clip_model.TEST_RESIZES)
     indices = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
     return DataLoader(_EvalItems(dataset, indices, size, resize, image_fit, seed), batch_size=batch_size,
                       num_workers=workers, collate_fn=_collate_eval, pin_memory=torch.cuda.is_available(),
@@ -707,15 +644,9 @@ def eval_batches(dataset, indices, batch_size=512, workers=2, size=None, resize=
 
 def eval_transform(images: torch.Tensor, n_px: int, resize="clip", mean=clip_model.CLIP_MEAN,
                    std=clip_model.CLIP_STD) -> torch.Tensor:
-    """Test preprocessing, batched: OpenAI CLIP's (bicubic resize of the shorter side to n_px, centre crop) or, with
-    resize="squash", the released code's (the whole image resized to n_px x n_px, bilinear); then normalise."""
-    _check_images(images)
-    _check_choice("resize", resize, clip_model.TEST_RESIZES)
-    if resize == "clip":  # on uint8: rounded and clamped, as PIL
-        images = TF.center_crop(TF.resize(images, n_px, InterpolationMode.BICUBIC, antialias=True), n_px)
-    else:
-        images = TF.resize(images, [n_px, n_px], InterpolationMode.BILINEAR, antialias=True)
-    return normalise(images, mean, std)
+    """uint8 test images (N, 3, H, W) -> float (N, 3, n_px, n_px), batched on the device: the geometry named by
+    TEST_RESIZES[resize] (images already n_px x n_px pass unchanged), then normalize."""
+    return normalize(fit_image(images, n_px, TEST_RESIZES[resize]), mean, std)
 
 
 def seen_test_indices(test_targets, seen_classes) -> torch.Tensor:

@@ -339,15 +339,6 @@ def test_variable_size_images_are_fitted_to_size_in_the_workers(tmp_path):
         next(iter(stream_batches(dataset, [[0, 1]], online_iter=1, workers=0)))
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(batch_size=0), "batch_size"), (dict(online_iter=0), "online_iter"), (dict(workers=-1), "workers"),
-    (dict(policy="svhn"), "policy"), (dict(size=0), "size"),
-])
-def test_bad_stream_arguments_raise_value_error_naming_them(kwargs, name):
-    with pytest.raises(ValueError, match=name):
-        stream_batches(DATA, TASKS, **kwargs)
-
-
 MEAN = torch.tensor(CLIP_MEAN).view(3, 1, 1)
 STD = torch.tensor(CLIP_STD).view(3, 1, 1)
 
@@ -447,6 +438,43 @@ def test_random_fit_is_the_released_resize_then_random_crop_drawn_once_per_seed(
         assert any(torch.equal(crop, resized[:, t:t + 16, l:l + 16]) for t in range(3) for l in range(15))
     assert torch.equal(crops[0], TF.pil_to_tensor(stream.fit_image(image, 16, "random", seed=0)))
     assert len({tuple(c.flatten().tolist()) for c in crops}) > 1
+
+
+@pytest.mark.parametrize("image_fit", ["centre", "random", "squash"])
+def test_each_geometry_is_the_same_when_loaded_and_on_the_device(image_fit):
+    smooth = TF.resize(torch.randint(0, 256, (3, 9, 14), dtype=torch.uint8,
+                                     generator=torch.Generator().manual_seed(0)), [36, 56], antialias=True)
+    loaded = TF.pil_to_tensor(stream.fit_image(TF.to_pil_image(smooth), 16, image_fit, seed=4))  # PIL, in a worker
+    batched = stream.fit_image(smooth[None].expand(2, 3, 36, 56), 16, image_fit, seed=4)  # uint8, on the device
+    assert batched.shape == (2, 3, 16, 16)
+    assert (loaded.int() - batched.int()).abs().max() <= 1  # one grey level: PIL's and torch's rounding
+
+
+class Photos(torch.utils.data.Dataset):
+    """A torchvision-style dataset: (PIL image, label) items of any size, in RGB, greyscale, palette or RGBA."""
+    modes = ("RGB", "L", "P", "RGBA")
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        pixels = torch.randint(0, 256, (3, 20 + 5 * i, 31 - 2 * i), dtype=torch.uint8,
+                               generator=torch.Generator().manual_seed(i))
+        return TF.to_pil_image(pixels).convert(self.modes[i % 4]), i % 3
+
+
+@pytest.mark.parametrize("resize", ["clip", "squash"])
+def test_test_images_of_any_mode_and_size_equal_the_pil_preprocessing_exactly(resize):
+    # zero-shot transfer: fitted to n_px when loaded, then eval_transform; OpenAI's PIL pipeline, or the released
+    mode = T.InterpolationMode
+    geometry = ([T.Resize(16, interpolation=mode.BICUBIC), T.CenterCrop(16)] if resize == "clip"
+                else [T.Resize((16, 16), interpolation=mode.BILINEAR)])
+    reference = T.Compose(geometry + [T.Lambda(lambda image: image.convert("RGB")), T.ToTensor(),
+                                      T.Normalize(CLIP_MEAN, CLIP_STD)])
+    data = Photos()
+    batches = eval_batches(data, range(len(data)), batch_size=3, workers=0, size=16, resize=resize)
+    ours = torch.cat([eval_transform(images, 16, resize=resize) for images, _ in batches])
+    torch.testing.assert_close(ours, torch.stack([reference(data[i][0]) for i in range(len(data))]))
 
 
 def test_channel_stats_are_the_pixel_mean_and_std():
