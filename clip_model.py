@@ -115,7 +115,7 @@ class Transformer(nn.Module):
 # the two towers and CLIP
 
 
-# The image normalisation OpenAI's CLIP was trained with (open_clip checkpoints may bring their own).
+# The image normalization OpenAI's CLIP was trained with (open_clip checkpoints may bring their own).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -123,7 +123,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 @dataclass
 class CLIPConfig:
     embed_dim: int = 512           # joint image-text embedding size
-    image_resolution: int = 224    # input image side in pixels
+    image_size: int = 224    # input image side in pixels
     vision_layers: int = 12
     vision_width: int = 768
     vision_patch_size: int = 16
@@ -136,7 +136,7 @@ class CLIPConfig:
     vision_mlp_width: int = None   # None: 4 * vision_width (open_clip's ViT-g/bigG use other MLP ratios)
     transformer_mlp_width: int = None  # None: 4 * transformer_width
     act: str = "quickgelu"         # MLP activation, one of ACTIVATIONS; nothing in the weights tells which
-    image_mean: tuple = CLIP_MEAN  # per-channel normalisation the image tower was trained with
+    image_mean: tuple = CLIP_MEAN  # per-channel normalization the image tower was trained with
     image_std: tuple = CLIP_STD
 
     def __post_init__(self):
@@ -153,20 +153,20 @@ class CLIPConfig:
 
 
 # The same layout at toy size (width 64, 2 layers, one head, 32 px): for tests and `train_online.py --smoke`.
-TINY_CONFIG = CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
+TINY_CONFIG = CLIPConfig(embed_dim=32, image_size=32, vision_layers=2, vision_width=64, vision_patch_size=8,
                          transformer_width=64, transformer_heads=1, transformer_layers=2)
 
 
 class VisionTransformer(nn.Module):
     """ViT image tower: patchify, prepend the class token, transformer, project the class token."""
 
-    def __init__(self, input_resolution, patch_size, width, layers, heads, mlp_width, act, output_dim):
+    def __init__(self, image_size, patch_size, width, layers, heads, mlp_width, act, output_dim):
         super().__init__()
-        self.input_resolution = input_resolution
+        self.image_size = image_size
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         scale = width ** -0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        n_tokens = (input_resolution // patch_size) ** 2 + 1
+        n_tokens = (image_size // patch_size) ** 2 + 1
         self.positional_embedding = nn.Parameter(scale * torch.randn(n_tokens, width))
         self.ln_pre = LayerNorm(width)
         self.transformer = Transformer(width, layers, heads, mlp_width, act)
@@ -189,7 +189,7 @@ class CLIP(nn.Module):
         super().__init__()
         c = config
         self.config = c
-        self.visual = VisionTransformer(c.image_resolution, c.vision_patch_size, c.vision_width, c.vision_layers,
+        self.visual = VisionTransformer(c.image_size, c.vision_patch_size, c.vision_width, c.vision_layers,
                                         c.vision_heads, c.vision_mlp_width, c.act, c.embed_dim)
         self.token_embedding = nn.Embedding(c.vocab_size, c.transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(c.context_length, c.transformer_width))
@@ -223,11 +223,11 @@ class CLIP(nn.Module):
         return self.visual.conv1.weight.dtype
 
     def encode_image(self, images):
-        """(B, 3, H, W) normalised images -> (B, embed_dim) unnormalised image features."""
+        """(B, 3, H, W) normalized images -> (B, embed_dim) unnormalized image features."""
         return self.visual(images.to(self.dtype))
 
     def encode_text(self, tokens):
-        """(B, T) token ids, T <= context_length -> (B, embed_dim) unnormalised features at the end-of-text token."""
+        """(B, T) token ids, T <= context_length -> (B, embed_dim) unnormalized features at the end-of-text token."""
         T = tokens.shape[1]
         x = self.token_embedding(tokens) + self.positional_embedding[:T].to(self.dtype)  # (B, T, width)
         x = self.transformer(x, self.causal_mask[:T, :T])
@@ -247,7 +247,7 @@ def build_model(state_dict, act="quickgelu", **settings) -> CLIP:
 
     What the tensors cannot tell comes from the arguments: the MLP activation `act`, and in `settings` any of the
     CLIPConfig fields vision_heads, transformer_heads (default: width // 64), image_mean, image_std."""
-    sd = {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+    sd = {k: v for k, v in state_dict.items() if k not in ("image_size", "context_length", "vocab_size")}
     if "visual.proj" not in sd:
         if any(k.startswith("visual.layer1.") for k in sd):
             raise CheckpointError("this is a ResNet CLIP checkpoint; only ViT CLIP models are supported")
@@ -261,7 +261,7 @@ def build_model(state_dict, act="quickgelu", **settings) -> CLIP:
         grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
         inferred = dict(
             embed_dim=sd["text_projection"].shape[1],
-            image_resolution=patch * grid,
+            image_size=patch * grid,
             vision_layers=n_blocks("visual.transformer.resblocks."),
             vision_width=sd["visual.conv1.weight"].shape[0],
             vision_patch_size=patch,
@@ -634,7 +634,6 @@ def tokenize(texts, context_length=77, truncate=False, vocab_size=OPENAI_VOCAB_S
 # zero-shot classification helpers
 
 PROMPT = "a bad photo of a {}."
-TEST_RESIZES = ("clip", "squash")  # TODO(lead): drop after stream merge (stream.TEST_RESIZES)
 
 
 def trim_padding(tokens):
@@ -644,7 +643,7 @@ def trim_padding(tokens):
 
 
 def class_text_features(model, class_names, template=PROMPT):
-    """L2-normalised text features g_c of `template.format(name)` for each class (grad mode is the caller's)."""
+    """L2-normalized text features g_c of `template.format(name)` for each class (grad mode is the caller's)."""
     tokens = tokenize([template.format(name) for name in class_names], model.config.context_length,
                       vocab_size=model.config.vocab_size)
     tokens = trim_padding(tokens).to(model.positional_embedding.device)

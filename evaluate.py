@@ -99,7 +99,7 @@ def lifelong_metrics(anytime_accs, task_accs, class_acc):
 def top1_on_seen(image_features, labels, text_features, seen_classes):
     """Top-1 accuracy on the test images of the seen classes, predicting among the seen classes only.
 
-    image_features (N, D) and text_features (S, D) are L2-normalised; row j of text_features is class
+    image_features (N, D) and text_features (S, D) are L2-normalized; row j of text_features is class
     seen_classes[j]. Test images of unseen classes are ignored. Returns (accuracy, {class: accuracy}) for the seen
     classes that have test images; everything stays on the features' device until one transfer at the end."""
     seen = torch.as_tensor(seen_classes, device=image_features.device)  # (S,)
@@ -260,7 +260,7 @@ def zero_shot_transfer(model, datasets, data_root, prompt, device, batch_size=25
     clip_model.get_tokenizer(model.config.vocab_size)  # the vocabulary too, before any work
     if protocol == "released":
         (mean, std), resize = stream.DATASET_STATS["imagenet-r"], "squash"  # ImageNet's statistics
-    mean, std, n_px = mean or model.config.image_mean, std or model.config.image_std, model.visual.input_resolution
+    mean, std, image_size = mean or model.config.image_mean, std or model.config.image_std, model.visual.image_size
     device = torch.device(device)
     was_training, accs = model.training, {}
     model.eval()
@@ -270,9 +270,9 @@ def zero_shot_transfer(model, datasets, data_root, prompt, device, batch_size=25
                 classes = torch.tensor(list(class_names), device=device)  # (C,) the labels ranked
                 text = clip_model.class_text_features(model, list(class_names.values()), prompt).float()  # (C, D)
                 correct = torch.zeros((), dtype=torch.long, device=device)
-                batches = stream.eval_batches(ds, indices, batch_size, workers, size=n_px, resize=resize)
+                batches = stream.eval_batches(ds, indices, batch_size, workers, image_size=image_size, resize=resize)
                 for images, labels in tqdm(batches, desc=name, leave=False):
-                    images = stream.eval_transform(images.to(device, non_blocking=True), n_px, resize, mean, std)
+                    images = stream.eval_transform(images.to(device, non_blocking=True), image_size, resize, mean, std)
                     image = F.normalize(model.encode_image(images).float(), dim=-1)  # (B, D)
                     correct += (classes[(image @ text.t()).argmax(dim=1)] == labels.to(device)).sum()
                 accs[name] = correct.item() / len(indices)

@@ -438,9 +438,9 @@ def load_dataset(name: str, root: str, train: bool, download: bool = True) -> Da
 
 POLICIES = {"cifar10": AutoAugmentPolicy.CIFAR10, "imagenet": AutoAugmentPolicy.IMAGENET}
 AUGMENT_PER = ("sample", "batch")  # one random draw per sample (ours) or one per batch (the released code)
-IMAGE_FITS = ("centre", "random")  # how variable-size images are brought to the model's size when loaded
+IMAGE_FITS = ("centre", "random")  # how variable-size images are brought to the model's image size when loaded
 TEST_RESIZES = {"clip": "centre", "squash": "squash"}  # test images: OpenAI's centre fit, or the released squash
-# The released code normalises with the dataset's channel statistics, for training and test images alike.
+# The released code normalizes with the dataset's channel statistics, for training and test images alike.
 DATASET_STATS = {
     "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
     "tinyimagenet": ((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)),
@@ -468,51 +468,51 @@ class StreamBatch(NamedTuple):
     indices: torch.Tensor  # (B,) int64 dataset indices
 
 
-def fit_image(image, size, image_fit="centre", seed=0):
-    """An image brought to size x size (size None: unchanged) by one geometry, the same on a PIL image when loaded
-    (variable-size images, so that they batch) and on uint8 tensors (3, H, W) or (N, 3, H, W) on the device
+def fit_image(image, image_size, image_fit="centre", seed=0):
+    """An image brought to n x n, n = image_size (None: unchanged), by one geometry, the same on a PIL image when
+    loaded (variable-size images, so that they batch) and on uint8 tensors (3, H, W) or (N, 3, H, W) on the device
     (fixed-size datasets, upsampled), where torchvision rounds and clamps to within one grey level of PIL.
 
-    centre: the shorter side resized to size (bicubic), then a centre crop: OpenAI's test geometry.
-    random: the shorter side resized to size * 8/7 (bilinear), then a crop drawn from `seed` (one per call): the
+    centre: the shorter side resized to n (bicubic), then a centre crop: OpenAI's test geometry.
+    random: the shorter side resized to n * 8/7 (bilinear), then a crop drawn from `seed` (one per call): the
             released ImageNet-R loader's Resize(256) + RandomCrop(224), for train and test images.
-    squash: the whole image resized to size x size (bilinear, aspect ratio not kept): the released test geometry."""
-    if size is None:
+    squash: the whole image resized to n x n (bilinear, aspect ratio not kept): the released test geometry."""
+    if image_size is None:
         return image
     if image_fit == "centre":
-        return TF.center_crop(TF.resize(image, size, InterpolationMode.BICUBIC, antialias=True), size)
+        return TF.center_crop(TF.resize(image, image_size, InterpolationMode.BICUBIC, antialias=True), image_size)
     if image_fit == "squash":
-        return TF.resize(image, [size, size], InterpolationMode.BILINEAR, antialias=True)
+        return TF.resize(image, [image_size, image_size], InterpolationMode.BILINEAR, antialias=True)
     if image_fit != "random":
         raise ValueError(f"image_fit must be centre, random or squash; got {image_fit!r}")
-    image = TF.resize(image, size * 8 // 7, InterpolationMode.BILINEAR, antialias=True)
+    image = TF.resize(image, image_size * 8 // 7, InterpolationMode.BILINEAR, antialias=True)
     _, height, width = TF.get_dimensions(image)
     g = torch.Generator().manual_seed(seed)
-    top = int(torch.randint(0, height - size + 1, (1,), generator=g))
-    left = int(torch.randint(0, width - size + 1, (1,), generator=g))
-    return TF.crop(image, top, left, size, size)
+    top = int(torch.randint(0, height - image_size + 1, (1,), generator=g))
+    left = int(torch.randint(0, width - image_size + 1, (1,), generator=g))
+    return TF.crop(image, top, left, image_size, image_size)
 
 
 def _stack(images, dim=0) -> torch.Tensor:
-    """torch.stack, or a DataError when the images differ in size (variable-size datasets need size=)."""
+    """torch.stack, or a DataError when the images differ in size (variable-size datasets need image_size=)."""
     sizes = sorted({tuple(image.shape[-2:]) for image in images})
     if len(sizes) > 1:
-        raise DataError(f"images of different sizes {sizes[:3]} in one batch; pass size= to resize them when loaded")
+        raise DataError(f"images of different sizes {sizes[:3]} in one batch; pass image_size= to fit them when loaded")
     return torch.stack(images, dim)
 
 
-def stream_batches(dataset, tasks, batch_size=64, online_iter=3, policy="cifar10", workers=2, seed=1, size=None,
+def stream_batches(dataset, tasks, batch_size=64, online_iter=3, policy="cifar10", workers=2, seed=1, image_size=None,
                    augment_per="sample", image_fit="centre"):
     """The online stream as an iterable of StreamBatch: tasks in order, batches never cross a task boundary.
 
     AutoAugment is drawn per sample, or once per batch and online iteration (augment_per="batch", as released).
-    Images are brought to `size` when loaded (None keeps them as they are; see `fit_image`)."""
+    Images are brought to `image_size` when loaded (None keeps them as they are; see `fit_image`)."""
     stream = [(t, i) for t, task in enumerate(tasks) for i in task]
     sizes = [len(indices) for _, indices in task_batches(tasks, batch_size)]
     batches = _cut(list(range(len(stream))), sizes)  # the batches as stream positions, for the DataLoader
     # Each sample's AutoAugment draws are a function of this key: its stream position, or its batch's number.
     keys = list(range(len(stream))) if augment_per == "sample" else [b for b, bat in enumerate(batches) for _ in bat]
-    items = _AugmentedStream(dataset, stream, keys, online_iter, POLICIES[policy], seed, size, image_fit)
+    items = _AugmentedStream(dataset, stream, keys, online_iter, POLICIES[policy], seed, image_size, image_fit)
     return DataLoader(items, batch_sampler=batches, num_workers=workers, collate_fn=_collate_stream,
                       pin_memory=torch.cuda.is_available(),
                       generator=torch.Generator())  # the loader draws a seed from it; the caller's RNG stays untouched
@@ -527,9 +527,9 @@ def task_batches(tasks, batch_size) -> list[tuple[int, list[int]]]:
 class _AugmentedStream(Dataset):
     """Stream position -> (task, online_iter AutoAugmented copies (online_iter, 3, H, W) uint8, label, index)."""
 
-    def __init__(self, dataset, stream, keys, online_iter, policy, seed, size, image_fit):
+    def __init__(self, dataset, stream, keys, online_iter, policy, seed, image_size, image_fit):
         self.dataset, self.stream, self.keys, self.online_iter = dataset, stream, keys, online_iter
-        self.seed, self.size, self.image_fit = seed, size, image_fit
+        self.seed, self.image_size, self.image_fit = seed, image_size, image_fit
         self.autoaugment = AutoAugment(policy)
 
     def __len__(self) -> int:
@@ -539,7 +539,7 @@ class _AugmentedStream(Dataset):
         task, index = self.stream[position]
         image, label = self.dataset[index]
         # once per sample, shared by its online iterations (as the released loader's random crop)
-        image = fit_image(image, self.size, self.image_fit, seed=_seed_of(self.seed, position, -1))
+        image = fit_image(image, self.image_size, self.image_fit, seed=_seed_of(self.seed, position, -1))
         copies = [TF.pil_to_tensor(self.augment(image, self.keys[position], it)) for it in range(self.online_iter)]
         return task, torch.stack(copies), label, index
 
@@ -576,16 +576,17 @@ class BatchAugment:
     per="sample" draws a crop offset and a flip for each image; per="batch" one of each for the whole batch (as
     the released transform, applied to the batch tensor)."""
 
-    def __init__(self, n_px: int, seed: int, padding: int = 4, mean=clip_model.CLIP_MEAN, std=clip_model.CLIP_STD,
+    def __init__(self, image_size: int, seed: int, padding: int = 4, mean=clip_model.CLIP_MEAN, std=clip_model.CLIP_STD,
                  per="sample"):
-        self.n_px, self.seed, self.padding, self.mean, self.std, self.per = n_px, seed, padding, mean, std, per
+        self.image_size, self.seed, self.padding, self.per = image_size, seed, padding, per
+        self.mean, self.std = mean, std
         self.generator = None  # made on the device of the first batch, seeded with the run seed
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H, W) -> float (N, 3, n_px, n_px): resized (squashed), cropped, maybe flipped, normalized."""
+        """uint8 (N, 3, H, W) -> float (N, 3, n, n), n = image_size: squashed, cropped, maybe flipped, normalized."""
         if self.generator is None:
             self.generator = torch.Generator(images.device).manual_seed(self.seed)
-        images = fit_image(images, self.n_px, "squash")
+        images = fit_image(images, self.image_size, "squash")
         return normalize(self.crop_and_flip(images), self.mean, self.std)
 
     def crop_and_flip(self, images: torch.Tensor) -> torch.Tensor:
@@ -606,10 +607,10 @@ class BatchAugment:
 
 
 class _EvalItems(Dataset):
-    """Position k -> (uint8 RGB (3, H, W) image of dataset[indices[k]], label), brought to `size` when loaded."""
+    """Position k -> (uint8 RGB (3, H, W) image of dataset[indices[k]], label), brought to `image_size` when loaded."""
 
-    def __init__(self, dataset, indices, size, resize, image_fit, seed):
-        self.dataset, self.indices, self.size = dataset, indices, size
+    def __init__(self, dataset, indices, image_size, resize, image_fit, seed):
+        self.dataset, self.indices, self.image_size = dataset, indices, image_size
         self.resize, self.image_fit, self.seed = resize, image_fit, seed
 
     def __len__(self) -> int:
@@ -619,8 +620,8 @@ class _EvalItems(Dataset):
         index = self.indices[k]
         image, label = self.dataset[index]
         if self.image_fit == "random":  # the released ImageNet-R loader crops test images at random too
-            image = fit_image(image, self.size, "random", seed=_seed_of(self.seed, index, -2))
-        image = fit_image(image, self.size, TEST_RESIZES[self.resize])
+            image = fit_image(image, self.image_size, "random", seed=_seed_of(self.seed, index, -2))
+        image = fit_image(image, self.image_size, TEST_RESIZES[self.resize])
         return TF.pil_to_tensor(image.convert("RGB")), label  # RGB after the geometry, as OpenAI's preprocessing
 
 
@@ -630,23 +631,24 @@ def _collate_eval(items):
     return _stack(images), torch.tensor(labels)
 
 
-def eval_batches(dataset, indices, batch_size=512, workers=2, size=None, resize="clip", image_fit="centre", seed=0):
+def eval_batches(dataset, indices, batch_size=512, workers=2, image_size=None, resize="clip", image_fit="centre",
+                 seed=0):
     """Test samples in index order as an iterable of (uint8 RGB images (B, 3, H, W), labels (B,)) for eval_transform,
     from any dataset of (PIL image, label) items (greyscale and palette images included).
 
-    With a `size`, images are brought to size x size when loaded by `resize` (see TEST_RESIZES), after, with
+    With an `image_size` n, images are brought to n x n when loaded by `resize` (see TEST_RESIZES), after, with
     image_fit="random", the released ImageNet-R random crop (drawn once per test image from `seed`)."""
     indices = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
-    return DataLoader(_EvalItems(dataset, indices, size, resize, image_fit, seed), batch_size=batch_size,
+    return DataLoader(_EvalItems(dataset, indices, image_size, resize, image_fit, seed), batch_size=batch_size,
                       num_workers=workers, collate_fn=_collate_eval, pin_memory=torch.cuda.is_available(),
                       generator=torch.Generator())
 
 
-def eval_transform(images: torch.Tensor, n_px: int, resize="clip", mean=clip_model.CLIP_MEAN,
+def eval_transform(images: torch.Tensor, image_size: int, resize="clip", mean=clip_model.CLIP_MEAN,
                    std=clip_model.CLIP_STD) -> torch.Tensor:
-    """uint8 test images (N, 3, H, W) -> float (N, 3, n_px, n_px), batched on the device: the geometry named by
-    TEST_RESIZES[resize] (images already n_px x n_px pass unchanged), then normalize."""
-    return normalize(fit_image(images, n_px, TEST_RESIZES[resize]), mean, std)
+    """uint8 test images (N, 3, H, W) -> float (N, 3, n, n), n = image_size, batched on the device: the geometry
+    named by TEST_RESIZES[resize] (images already n x n pass unchanged), then normalize."""
+    return normalize(fit_image(images, image_size, TEST_RESIZES[resize]), mean, std)
 
 
 def seen_test_indices(test_targets, seen_classes) -> torch.Tensor:

@@ -45,7 +45,7 @@ def visible_classes(labels, seen, mode):
 def symmetric_loss(image_features, text_features, labels, visible, logit_scale, double_softmax=False):
     """L = mean_i CE(s * <f_i, g_c> over c in `visible`, y_i): SIT when `visible` = C_B, the classes in the batch.
 
-    image_features (B, D) and text_features (len(visible), D) are L2-normalised; row j of text_features
+    image_features (B, D) and text_features (len(visible), D) are L2-normalized; row j of text_features
     belongs to class visible[j]; every label must be in `visible`.
     """
     logits = logit_scale * image_features @ text_features.t()  # (B, V)
@@ -115,7 +115,7 @@ def sit_step(model, optimizer, images, labels, visible, text_features, augment, 
 
 
 class TextFeatures:
-    """Normalised text features g_c by class id; each computed once when the text tower is frozen."""
+    """Normalized text features g_c by class id; each computed once when the text tower is frozen."""
 
     def __init__(self, model, class_names, prompt, cache=True):
         self.model = model
@@ -146,7 +146,7 @@ class TestImages:
 
     def __init__(self, model, batches, transform, batch_size, cache=True):
         self.model = model
-        self.transform = transform  # uint8 (N, 3, H, W) -> the normalised model input
+        self.transform = transform  # uint8 (N, 3, H, W) -> the normalized model input
         self.batch_size = batch_size
         self.use_cache = cache and not is_tuned(model.visual)
         device = model.positional_embedding.device
@@ -161,7 +161,7 @@ class TestImages:
                           for chunk in indices.split(self.batch_size)])
 
     def features(self, indices):
-        """(len(indices), D) normalised image features of these test samples."""
+        """(len(indices), D) normalized image features of these test samples."""
         if not self.use_cache:
             return self.encode(indices)
         missing = indices[~self.cached[indices]]
@@ -373,7 +373,7 @@ def compile_towers(model, cache=True):
 
 
 # What a run derives from its configuration. model_path: the checkpoint peft.pt rebuilds from (--smoke: the tiny
-# model saved in OUT); mean, std: the normalisation of training and test images.
+# model saved in OUT); mean, std: the normalization of training and test images.
 Setup = namedtuple("Setup", "model train_set test_set split device out model_path prompt_names mean std")
 
 
@@ -402,7 +402,7 @@ def fetch(config):
 
 
 def normalization(normalize, dataset, model, train_set):
-    """The mean and std images are normalised with: the model's own, or the training set's (released)."""
+    """The mean and std images are normalized with: the model's own, or the training set's (released)."""
     if normalize == "clip":
         return model.config.image_mean, model.config.image_std
     return stream.DATASET_STATS.get(dataset) or stream.channel_stats(train_set)  # measured for folders and --smoke
@@ -441,7 +441,7 @@ def run_stream(config, s):
     """Train and evaluate on the stream, writing OUT/results.json, log.jsonl, peft.pt and grad.jsonl as it goes.
     Returns the results; on an error or Ctrl-C, what was measured is kept with status "failed" or "interrupted"."""
     model, device = s.model, s.device
-    image_size = model.visual.input_resolution
+    image_size = model.visual.image_size
     fixed_size = config.dataset in ("cifar100", "tinyimagenet", "smoke")
     load_size = None if fixed_size else image_size  # variable-size images are fitted when loaded, so they batch
     policy = "cifar10" if config.dataset in ("cifar100", "smoke") else "imagenet"  # AutoAugment
@@ -450,25 +450,26 @@ def run_stream(config, s):
     results = Results(s.out, record, s.prompt_names, s.split)
     text_features = TextFeatures(model, s.prompt_names, config.prompt, cache=not config.no_cache)
     test_batches = stream.eval_batches(s.test_set, range(len(s.test_set)), config.eval_batch_size, config.workers,
-                                       size=load_size, resize=config.test_resize, image_fit=config.image_fit,
+                                       image_size=load_size, resize=config.test_resize, image_fit=config.image_fit,
                                        seed=config.seed)
-    test_transform = functools.partial(stream.eval_transform, n_px=image_size, resize=config.test_resize,
+    test_transform = functools.partial(stream.eval_transform, image_size=image_size, resize=config.test_resize,
                                        mean=s.mean, std=s.std)
     test = TestImages(model, test_batches, test_transform, config.eval_batch_size, cache=not config.no_cache)
     augment = stream.BatchAugment(image_size, seed=config.seed, mean=s.mean, std=s.std, per=config.augment_per)
     memory = None
     if config.memory_size > 0:
         def load(indices, seed):  # a memory batch, freshly augmented
-            (batch,) = stream.stream_batches(s.train_set, [indices], len(indices), 1, policy, 0, seed, size=load_size,
-                                             augment_per=config.augment_per, image_fit=config.image_fit)
+            (batch,) = stream.stream_batches(s.train_set, [indices], len(indices), 1, policy, 0, seed,
+                                             image_size=load_size, augment_per=config.augment_per,
+                                             image_fit=config.image_fit)
             return batch
         memory = ReservoirMemory(config.memory_size, config.batch_size, config.seed, load)
     if config.peft == "none":  # nothing trains, so no image is decoded or augmented
         batches = label_batches(s.train_set.targets, s.split.tasks, config.batch_size)
     else:
         batches = stream.stream_batches(s.train_set, s.split.tasks, config.batch_size, config.online_iter, policy,
-                                        config.workers, config.seed, size=load_size, augment_per=config.augment_per,
-                                        image_fit=config.image_fit)
+                                        config.workers, config.seed, image_size=load_size,
+                                        augment_per=config.augment_per, image_fit=config.image_fit)
     peft_record = dict(model=s.model_path, act=model.config.act, peft=config.peft, encoder=config.encoder,
                        peft_args=peft_arguments(config), prompt=config.prompt, dataset=config.dataset,
                        class_names=s.prompt_names, mean=list(s.mean), std=list(s.std), test_resize=config.test_resize,
@@ -539,14 +540,16 @@ def dataset_list(text):
     names = tuple(text.split(","))
     unknown = [n for n in names if n not in evaluate.ZERO_SHOT_CHOICES]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown {unknown}; expected names from {', '.join(evaluate.ZERO_SHOT_CHOICES)}")
+        expected = ", ".join(evaluate.ZERO_SHOT_CHOICES)
+        raise argparse.ArgumentTypeError(f"unknown {unknown}; expected names from {expected}")
     return names
 
 
 def parse_args(argv=None):
     """The run configuration, checked and frozen (a namedtuple: nothing writes into it afterwards). Flags not given
     take their value from --scenario (N, M), --recipe (the switches) and --smoke (SMOKE_SETTINGS)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="cifar100", choices=stream.DATASETS)
     p.add_argument("--data-root", default="data", help="where datasets are (or get downloaded)")
     p.add_argument("--model", default="ViT-B/16", help=f"one of {clip_model.available_models()} or a checkpoint path")
@@ -587,7 +590,7 @@ def parse_args(argv=None):
                    help="AutoAugment, crop and flip drawn per sample, or once per batch (released)")
     r.add_argument("--normalize", choices=("clip", "dataset"),
                    help="the model's mean/std (CLIP's, or an open_clip config's), or the dataset's (released)")
-    r.add_argument("--test-resize", choices=clip_model.TEST_RESIZES,
+    r.add_argument("--test-resize", choices=stream.TEST_RESIZES,
                    help="test images: shorter side + centre crop (clip), or squashed to n x n (released)")
     r.add_argument("--class-names", choices=("readable", "raw"),
                    help="prompt names: underscores become spaces, or the names the released code used")

@@ -81,7 +81,7 @@ def our_step_fn(model, encoder, device, compile_model=False, batch=64):
     optimizer = train_online.make_optimizer(model, args.lr, args.weight_decay)
     text_features = train_online.TextFeatures(model, CLASS_NAMES, args.prompt,
                                               trainable="text" in train_online.tuned_towers(args))
-    augment = stream.BatchAugment(model.visual.input_resolution, seed=0)
+    augment = stream.BatchAugment(model.visual.image_size, seed=0)
     amp = train_online.autocast_context(device, args.precision)
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)  # on the host, as the stream delivers
     images = images.pin_memory() if device.type == "cuda" else images
@@ -103,7 +103,7 @@ def released_step_fn(model, device, batch=64):
     """The released recipe's step, written with our modules: fp32, the batch's class prompts encoded at every step
     on all 77 tokens, AdamW as torch's default."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4, weight_decay=1e-5)
-    augment = stream.BatchAugment(model.visual.input_resolution, seed=0)
+    augment = stream.BatchAugment(model.visual.image_size, seed=0)
     tokens = clip_model.tokenize([clip_model.PROMPT.format(name) for name in CLASS_NAMES]).to(device)
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
     labels = torch.randint(0, len(CLASS_NAMES), (batch,), device=device)
@@ -128,7 +128,7 @@ def eval_fn(model, device, amp, n, batch_size):
     def run():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             for chunk in images.split(batch_size):
-                model.encode_image(stream.eval_transform(chunk, model.visual.input_resolution))
+                model.encode_image(stream.eval_transform(chunk, model.visual.image_size))
     return run
 
 

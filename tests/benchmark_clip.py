@@ -34,7 +34,8 @@ def reference_builder():
         module_spec.loader.exec_module(module)
         return "OpenAI clip/model.py", lambda sd: module.build_model(dict(sd)).float().eval()
     import open_clip
-    return "open_clip (OpenAI layout)", lambda sd: open_clip.model.build_model_from_openai_state_dict(dict(sd)).float().eval()
+    build = open_clip.model.build_model_from_openai_state_dict
+    return "open_clip (OpenAI layout)", lambda sd: build(dict(sd)).float().eval()
 
 
 def best_of(fn, repeats):

@@ -42,7 +42,7 @@ def assert_close(ours, ref):
 def test_features_and_logits_equal_open_clip(config):
     sd = openai_state_dict(config)
     ours, ref = clip_model.build_model(sd), reference(sd)
-    images = torch.randn(2, 3, config.image_resolution, config.image_resolution)
+    images = torch.randn(2, 3, config.image_size, config.image_size)
     tokens = clip_model.tokenize(TEXTS[:3])
     with torch.no_grad():
         assert_close(ours.encode_image(images), ref.encode_image(images))
@@ -60,11 +60,11 @@ def test_parameter_names_are_openai_state_dict_keys():
 
 
 def test_build_model_infers_sizes_from_tensors():
-    config = CLIPConfig(embed_dim=48, image_resolution=48, vision_layers=3, vision_width=128, vision_patch_size=16,
+    config = CLIPConfig(embed_dim=48, image_size=48, vision_layers=3, vision_width=128, vision_patch_size=16,
                         context_length=20, transformer_width=128, transformer_heads=2, transformer_layers=1)
     model = clip_model.build_model(openai_state_dict(config))
     assert model.config == config
-    assert model.visual.input_resolution == 48
+    assert model.visual.image_size == 48
     assert model.dtype == torch.float32 and not model.training
 
 

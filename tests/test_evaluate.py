@@ -245,7 +245,7 @@ def finish(out, status):
 
 
 def test_grid_skip_finished_prints_only_what_is_missing(capsys, tmp_path):
-    commands = evaluate.grid_commands("cifar100", runs_root=str(tmp_path))
+    commands = [c for _, c in evaluate.grid_runs("cifar100", runs_root=str(tmp_path))]
     finish(tmp_path / "cifar100" / "lora-image-batch" / "seed1", "finished")
     finish(tmp_path / "cifar100" / "lora-image-batch" / "seed2", "interrupted")
     finish(tmp_path / "cifar100" / "zero-shot" / "seed5", "failed")
@@ -276,7 +276,7 @@ def test_grid_slurm_script_is_valid_bash_with_one_array_task_per_command(capsys,
 @pytest.mark.parametrize("task", [0, 17, 63])
 def test_grid_slurm_array_task_k_runs_the_kth_command(capsys, tmp_path, task):
     finish(tmp_path / "cifar100" / "lora-image-batch" / "seed1", "finished")
-    commands = evaluate.grid_commands("cifar100", runs_root=str(tmp_path))[1:]  # what --skip-finished leaves
+    commands = [c for _, c in evaluate.grid_runs("cifar100", runs_root=str(tmp_path))][1:]  # what --skip-finished leaves
     _, path = slurm(capsys, tmp_path, "--skip-finished")
     bin_dir = tmp_path / "bin"  # a stand-in python on PATH that records its arguments
     bin_dir.mkdir()
@@ -388,7 +388,7 @@ def test_zero_shot_transfer_equals_per_image_classification(tmp_path):
     accs = evaluate.zero_shot_transfer(model, ["imagefolder"], str(root), "a photo of {}.", "cpu",
                                        batch_size=4, workers=0)
     test = stream.load_dataset("imagefolder", str(root), train=False)
-    transform = open_clip.transform.image_transform(TINY.image_resolution, is_train=False)  # OpenAI's, on PIL
+    transform = open_clip.transform.image_transform(TINY.image_size, is_train=False)  # OpenAI's, on PIL
     with torch.no_grad():
         text = clip_model.class_text_features(model, test.classes, "a photo of {}.")
         correct = [(F.normalize(model.encode_image(transform(img)[None]), dim=-1) @ text.t()).argmax().item() == y
@@ -469,8 +469,8 @@ def test_zero_shot_normalizes_and_computes_as_the_protocol_and_precision_say(tmp
     fake_tree(tmp_path / "eurosat" / "2750", EUROSAT_FOLDERS, "a.jpg")
     model = clip_model.load(tiny_checkpoint(tmp_path))
     used, transform, encode = [], stream.eval_transform, model.encode_image
-    monkeypatch.setattr(stream, "eval_transform", lambda images, n_px, resize, mean, std: used.append(
-        (resize, tuple(mean), tuple(std))) or transform(images, n_px, resize, mean, std))
+    monkeypatch.setattr(stream, "eval_transform", lambda images, image_size, resize, mean, std: used.append(
+        (resize, tuple(mean), tuple(std))) or transform(images, image_size, resize, mean, std))
     monkeypatch.setattr(model, "encode_image", lambda images: used.append(encode(images).dtype) or encode(images))
     evaluate.zero_shot_transfer(model, ["eurosat"], str(tmp_path), "{}", "cpu", workers=0, mean=(0.5,) * 3,
                                 std=(0.25,) * 3, protocol=protocol, precision=precision)

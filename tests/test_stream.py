@@ -333,7 +333,7 @@ def test_variable_size_images_are_fitted_to_size_in_the_workers(tmp_path):
         for split in ("train", "test"):
             write_image(tmp_path / split / f"c{k}" / "0.png", size=size)
     dataset = load_dataset("imagefolder", str(tmp_path), train=True)
-    batch = next(iter(stream_batches(dataset, [[0, 1]], online_iter=1, workers=0, size=16)))
+    batch = next(iter(stream_batches(dataset, [[0, 1]], online_iter=1, workers=0, image_size=16)))
     assert batch.images.shape == (1, 2, 3, 16, 16)
     with pytest.raises(DataError, match="size="):
         next(iter(stream_batches(dataset, [[0, 1]], online_iter=1, workers=0)))
@@ -343,18 +343,18 @@ MEAN = torch.tensor(CLIP_MEAN).view(3, 1, 1)
 STD = torch.tensor(CLIP_STD).view(3, 1, 1)
 
 
-def test_batch_augment_resizes_and_clip_normalises():
+def test_batch_augment_resizes_and_clip_normalizes():
     grey = torch.tensor([round(v * 255) for v in CLIP_MEAN], dtype=torch.uint8).view(1, 3, 1, 1).expand(6, 3, 8, 8)
-    out = BatchAugment(n_px=16, seed=0)(grey.contiguous())
+    out = BatchAugment(image_size=16, seed=0)(grey.contiguous())
     assert out.shape == (6, 3, 16, 16) and out.dtype == torch.float32
-    assert out[:, :, 4:12, 4:12].abs().max() < 0.01  # the mean colour normalises to 0; padding never reaches here
-    border = (out - (-MEAN / STD)).abs().amax(1) < 1e-5  # the zero padding is black before normalisation
+    assert out[:, :, 4:12, 4:12].abs().max() < 0.01  # the mean colour normalizes to 0; padding never reaches here
+    border = (out - (-MEAN / STD)).abs().amax(1) < 1e-5  # the zero padding is black before normalization
     assert border.any() and ((out.abs().amax(1) < 0.01) | border).all()
 
 
 def test_batch_augment_is_a_padded_random_crop_maybe_mirrored():
     images = torch.randint(0, 256, (32, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    out = BatchAugment(n_px=12, seed=0)(images)
+    out = BatchAugment(image_size=12, seed=0)(images)
     padded = torch.nn.functional.pad(TF.resize(images, [12, 12], antialias=True), (4, 4, 4, 4)).float() / 255
     padded = (padded - MEAN) / STD
     found = set()
@@ -385,18 +385,18 @@ def test_eval_transform_matches_openai_pil_preprocessing():
 
 
 def test_squashed_test_images_equal_pil_bilinear_resize_within_uint8_rounding():
-    for shape, n_px in (((3, 10, 15), 24), ((3, 64, 40), 24)):  # upsampled (CIFAR-like) and downsampled
+    for shape, image_size in (((3, 10, 15), 24), ((3, 64, 40), 24)):  # upsampled (CIFAR-like) and downsampled
         image = TF.resize(torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0)),
                           [2 * shape[1], 2 * shape[2]], antialias=True)  # smooth, as photographs are
-        released = T.Compose([T.Resize((n_px, n_px), interpolation=T.InterpolationMode.BILINEAR), T.ToTensor(),
-                              T.Normalize(CLIP_MEAN, CLIP_STD)])
+        released = T.Compose([T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BILINEAR),
+                              T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
         expected = released(TF.to_pil_image(image))
-        ours = eval_transform(image[None], n_px, resize="squash")[0]
-        assert ours.shape == expected.shape == (3, n_px, n_px)
+        ours = eval_transform(image[None], image_size, resize="squash")[0]
+        assert ours.shape == expected.shape == (3, image_size, image_size)
         assert (ours - expected).abs().max() <= 1.5 / 255 / min(CLIP_STD)  # at most one grey level apart
 
 
-def test_eval_transform_normalises_with_the_given_mean_and_std():
+def test_eval_transform_normalizes_with_the_given_mean_and_std():
     mean, std = stream.DATASET_STATS["cifar100"]
     images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     expected = (images.float() / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
@@ -465,14 +465,14 @@ class Photos(torch.utils.data.Dataset):
 
 @pytest.mark.parametrize("resize", ["clip", "squash"])
 def test_test_images_of_any_mode_and_size_equal_the_pil_preprocessing_exactly(resize):
-    # zero-shot transfer: fitted to n_px when loaded, then eval_transform; OpenAI's PIL pipeline, or the released
+    # zero-shot transfer: fitted to image_size when loaded, then eval_transform; OpenAI's PIL pipeline, or the released
     mode = T.InterpolationMode
     geometry = ([T.Resize(16, interpolation=mode.BICUBIC), T.CenterCrop(16)] if resize == "clip"
                 else [T.Resize((16, 16), interpolation=mode.BILINEAR)])
     reference = T.Compose(geometry + [T.Lambda(lambda image: image.convert("RGB")), T.ToTensor(),
                                       T.Normalize(CLIP_MEAN, CLIP_STD)])
     data = Photos()
-    batches = eval_batches(data, range(len(data)), batch_size=3, workers=0, size=16, resize=resize)
+    batches = eval_batches(data, range(len(data)), batch_size=3, workers=0, image_size=16, resize=resize)
     ours = torch.cat([eval_transform(images, 16, resize=resize) for images, _ in batches])
     torch.testing.assert_close(ours, torch.stack([reference(data[i][0]) for i in range(len(data))]))
 
