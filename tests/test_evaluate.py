@@ -276,7 +276,7 @@ def test_grid_slurm_script_is_valid_bash_with_one_array_task_per_command(capsys,
 @pytest.mark.parametrize("task", [0, 17, 63])
 def test_grid_slurm_array_task_k_runs_the_kth_command(capsys, tmp_path, task):
     finish(tmp_path / "cifar100" / "lora-image-batch" / "seed1", "finished")
-    commands = [c for _, c in evaluate.grid_runs("cifar100", runs_root=str(tmp_path))][1:]  # what --skip-finished leaves
+    commands = [c for _, c in evaluate.grid_runs("cifar100", runs_root=str(tmp_path))][1:]  # --skip-finished
     _, path = slurm(capsys, tmp_path, "--skip-finished")
     bin_dir = tmp_path / "bin"  # a stand-in python on PATH that records its arguments
     bin_dir.mkdir()
