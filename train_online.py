@@ -254,7 +254,7 @@ class ReservoirMemory:
         self.size = size
         self.batch_size = max(1, batch_size // 2)  # a memory batch is half a stream batch
         self.seed = seed
-        self.load = load  # (dataset indices, seed) -> one freshly augmented stream.StreamBatch
+        self.load = load  # stream.stream_batches over the training set, one augmented copy
         self.indices = []
         self.n_streamed = 0
         self.generator = torch.Generator().manual_seed(seed)
@@ -274,7 +274,7 @@ class ReservoirMemory:
         if not self.indices:
             return images, labels
         picks = torch.randperm(len(self.indices), generator=self.generator)[:self.batch_size]
-        mem = self.load([self.indices[i] for i in picks.tolist()], self.seed * 1_000_003 + step)
+        (mem,) = self.load([[self.indices[i] for i in picks.tolist()]], len(picks), seed=self.seed * 1_000_003 + step)
         return torch.cat([images, mem.images[0]]), torch.cat([labels, mem.labels])
 
 
@@ -456,20 +456,17 @@ def run_stream(config, s):
                                        mean=s.mean, std=s.std)
     test = TestImages(model, test_batches, test_transform, config.eval_batch_size, cache=not config.no_cache)
     augment = stream.BatchAugment(image_size, seed=config.seed, mean=s.mean, std=s.std, per=config.augment_per)
-    memory = None
-    if config.memory_size > 0:
-        def load(indices, seed):  # a memory batch, freshly augmented
-            (batch,) = stream.stream_batches(s.train_set, [indices], len(indices), 1, policy, 0, seed,
-                                             image_size=load_size, augment_per=config.augment_per,
-                                             image_fit=config.image_fit)
-            return batch
-        memory = ReservoirMemory(config.memory_size, config.batch_size, config.seed, load)
+    batches_of = functools.partial(stream.stream_batches, s.train_set, policy=policy, image_size=load_size,
+                                   augment_per=config.augment_per, image_fit=config.image_fit)
     if config.peft == "none":  # nothing trains, so no image is decoded or augmented
         batches = label_batches(s.train_set.targets, s.split.tasks, config.batch_size)
     else:
-        batches = stream.stream_batches(s.train_set, s.split.tasks, config.batch_size, config.online_iter, policy,
-                                        config.workers, config.seed, image_size=load_size,
-                                        augment_per=config.augment_per, image_fit=config.image_fit)
+        batches = batches_of(s.split.tasks, config.batch_size, config.online_iter, workers=config.workers,
+                             seed=config.seed)
+    memory = None
+    if config.memory_size > 0:
+        load = functools.partial(batches_of, online_iter=1, workers=0)  # a memory batch, freshly augmented
+        memory = ReservoirMemory(config.memory_size, config.batch_size, config.seed, load)
     peft_record = dict(model=s.model_path, act=model.config.act, peft=config.peft, encoder=config.encoder,
                        peft_args=peft_arguments(config), prompt=config.prompt, dataset=config.dataset,
                        class_names=s.prompt_names, mean=list(s.mean), std=list(s.std), test_resize=config.test_resize,
@@ -495,11 +492,8 @@ def run_stream(config, s):
         train(model, batches, [len(t) for t in s.split.tasks], text_features, test, augment, report,
               config.online_iter, config.lr, config.weight_decay, config.eval_period, config.visible_classes,
               config.double_softmax, evaluate.autocast(device, config.precision), memory, grad_log, progress)
-    except KeyboardInterrupt:
-        results.write(status="interrupted")
-        raise
-    except BaseException:
-        results.write(status="failed")
+    except BaseException as e:
+        results.write(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
         raise
     finally:
         bar.close()
@@ -553,12 +547,10 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default="cifar100", choices=stream.DATASETS)
     p.add_argument("--data-root", default="data", help="where datasets are (or get downloaded)")
     p.add_argument("--model", default="ViT-B/16", help=f"one of {clip_model.available_models()} or a checkpoint path")
-    p.add_argument("--act", default="auto", choices=("auto",) + clip_model.ACTIVATIONS,
-                   help="MLP activation of --model: auto = open_clip_config.json beside it, else OpenAI's QuickGELU")
+    p.add_argument("--act", default="auto", choices=("auto",) + clip_model.ACTIVATIONS, help="MLP activation")
     p.add_argument("--peft", default="lora", choices=("lora", "adapter", "none"), help="none = zero-shot CLIP")
     p.add_argument("--encoder", default="both", choices=clip_model.ENCODERS, help="tower(s) to tune")
-    p.add_argument("--visible-classes", default="batch", choices=("batch", "all"),
-                   help="softmax over the classes in the batch (SIT) or over all seen classes")
+    p.add_argument("--visible-classes", default="batch", choices=("batch", "all"), help="batch = SIT")
     p.add_argument("--scenario", default="si-blurry", choices=tuple(stream.SCENARIOS))
     p.add_argument("--n-tasks", type=int_in(1), default=5)
     p.add_argument("--n", type=int_in(0, 100), help="%% of classes that are disjoint (overrides --scenario)")
@@ -577,46 +569,29 @@ def parse_args(argv=None):
     p.add_argument("--adapter-bottleneck", type=int_in(1), default=64)
     p.add_argument("--adapter-scale", type=float, default=0.1)
     p.add_argument("--adapter-dropout", type=float, default=0.1)
-    p.add_argument("--no-cache", action="store_true",
-                   help="recompute frozen-tower features every time (as released; same numbers, slower)")
-    r = p.add_argument_group("recipe", "--recipe sets each of the switches below; a switch given explicitly wins")
-    r.add_argument("--recipe", default="ours", choices=tuple(RECIPES),
-                   help="released = every released behaviour that changes numbers (the paper's pipeline)")
-    r.add_argument("--lora-init", choices=lora.INITS, help="zero: B = 0 (starts at zero-shot CLIP); released: "
-                                                           "random q/k/v update")
-    r.add_argument("--double-softmax", action=argparse.BooleanOptionalAction,
-                   help="the released loss: cross-entropy on softmax probabilities")
-    r.add_argument("--augment-per", choices=stream.AUGMENT_PER,
-                   help="AutoAugment, crop and flip drawn per sample, or once per batch (released)")
-    r.add_argument("--normalize", choices=("clip", "dataset"),
-                   help="the model's mean/std (CLIP's, or an open_clip config's), or the dataset's (released)")
-    r.add_argument("--test-resize", choices=stream.TEST_RESIZES,
-                   help="test images: shorter side + centre crop (clip), or squashed to n x n (released)")
-    r.add_argument("--class-names", choices=("readable", "raw"),
-                   help="prompt names: underscores become spaces, or the names the released code used")
-    r.add_argument("--image-fit", choices=stream.IMAGE_FITS,
-                   help="variable-size images (ImageNet-R, folders): centre crop, or Resize(8/7 n) + RandomCrop(n) "
-                        "once per image (released)")
+    p.add_argument("--no-cache", action="store_true", help="recompute frozen towers' features (same numbers)")
+    r = p.add_argument_group("recipe", "--recipe sets each switch below (ours | released); an explicit switch wins")
+    r.add_argument("--recipe", default="ours", choices=tuple(RECIPES), help="released = the paper's pipeline")
+    r.add_argument("--lora-init", choices=lora.INITS, help="B = 0 (zero-shot CLIP at step 0) | random q/k/v update")
+    r.add_argument("--double-softmax", action=argparse.BooleanOptionalAction, help="cross-entropy on probabilities")
+    r.add_argument("--augment-per", choices=stream.AUGMENT_PER, help="random draws per sample | once per batch")
+    r.add_argument("--normalize", choices=("clip", "dataset"), help="the model's mean/std | the dataset's")
+    r.add_argument("--test-resize", choices=stream.TEST_RESIZES, help="shorter side + centre crop | squashed")
+    r.add_argument("--class-names", choices=("readable", "raw"), help="underscores become spaces | as released")
+    r.add_argument("--image-fit", choices=stream.IMAGE_FITS, help="variable-size images: centre | random crop")
     r.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="auto = bf16 autocast on CUDA")
-    r.add_argument("--eval-split", choices=("test", "train"),
-                   help="the split CIFAR-100 is evaluated on: test, or train (the released code's, by a bug)")
-    r.add_argument("--zero-shot-protocol", choices=("ours", "released"),
-                   help="zero-shot transfer: readable names and the run's preprocessing, or the released subsets, "
-                        "raw names and ImageNet statistics")
+    r.add_argument("--eval-split", choices=("test", "train"), help="CIFAR-100 evaluated on test | train (a bug)")
+    r.add_argument("--zero-shot-protocol", choices=("ours", "released"), help="see evaluate.py zero-shot --help")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--workers", type=int_in(0), default=min(8, os.cpu_count() or 1), help="data-loading processes")
     p.add_argument("--out", default=None, help="output folder (default: a readable name under runs/)")
     p.add_argument("--log-every", type=int_in(1), default=10, help="batches between progress-bar updates")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the towers that run at every step (in place: parameter names unchanged)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the towers that run at every step")
     p.add_argument("--grad-analysis", action="store_true", help="record the text-feature gradients (Figure 2)")
     p.add_argument("--zero-shot-eval", action="store_true", help="zero-shot transfer after training")
-    p.add_argument("--zero-shot-datasets", type=dataset_list, default=",".join(evaluate.ZERO_SHOT_DATASETS),
-                   help="comma-separated, for --zero-shot-eval (found or downloaded under --data-root)")
-    p.add_argument("--download-only", action="store_true",
-                   help="fetch and verify everything this run needs (weights, vocabulary, data), then exit")
-    p.add_argument("--smoke", action="store_true",
-                   help="offline check: a tiny random CLIP learns a synthetic stream, beside its untrained baseline")
+    p.add_argument("--zero-shot-datasets", type=dataset_list, default=",".join(evaluate.ZERO_SHOT_DATASETS))
+    p.add_argument("--download-only", action="store_true", help="fetch everything this run needs, then exit")
+    p.add_argument("--smoke", action="store_true", help="offline check: a tiny random CLIP learns a toy stream")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     first = p.parse_args(argv)
     if first.smoke and first.dataset != p.get_default("dataset"):
@@ -695,8 +670,7 @@ def main(argv=None):
             download_only(config)
             return 0
         s = setup(config)
-    except (clip_model.CheckpointError, clip_model.DownloadError, stream.DataError, ValueError,
-            FileNotFoundError) as e:
+    except (clip_model.CheckpointError, OSError, ValueError) as e:  # downloads, files, data, N/M/task counts
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(stream.describe_stream(s.split, s.train_set.targets, s.prompt_names))
