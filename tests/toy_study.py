@@ -5,6 +5,8 @@ tune, measured on a CLIP that has real zero-shot ability to keep or lose (the wo
     python tests/toy_study.py            # 3 seeds, every configuration: about 12 minutes on 2 CPU cores
     python tests/toy_study.py --quick    # 1 seed, LoRA on the image and text towers only: about 5 minutes
 
+The first run also pretrains the toy CLIP, about 3 minutes of one CPU core.
+
 It writes the world's image folders and pretrains the toy CLIP (both reused when already made with the same
 settings), then runs only the project's own command lines: `train_online.py --dataset imagefolder` on the Si-Blurry
 stream of the stream classes, and `evaluate.py zero-shot --datasets imagefolder` on the held-out classes before and
