@@ -62,23 +62,19 @@ def f_last(class_acc):
     if len(class_acc) < 2:
         return None  # nothing to forget before the first task end
     *earlier, last = class_acc
-    if any(len(row) != len(last) for row in earlier):
-        raise ValueError("class_acc rows have different numbers of classes")
     drops = []
     for c, last_acc in enumerate(last):
         before = [row[c] for row in earlier if row[c] is not None]
         if not before or max(before) <= 0:
             continue  # the released code's filter: unseen (0 there) or never learned
-        if last_acc is None:
-            raise ValueError(f"class {c} has an accuracy before the last task end but none at it")
         drops.append(max(before) - last_acc)
     return _mean(drops)  # None when no class qualifies (the released code would give NaN)
 
 
 def lifelong_metrics(anytime_accs, task_accs, class_acc):
     """The four numbers the paper reports for a run: A_auc, A_avg, A_last, F_last (fractions, None if undefined)."""
-    return {"A_auc": a_auc(anytime_accs), "A_avg": a_avg(task_accs),
-            "A_last": a_last(task_accs), "F_last": f_last(class_acc)}
+    return {"A_auc": a_auc(anytime_accs), "A_avg": a_avg(task_accs), "A_last": a_last(task_accs),
+            "F_last": f_last(class_acc)}
 
 
 # -----------------------------------------------------------------------------
@@ -86,11 +82,9 @@ def lifelong_metrics(anytime_accs, task_accs, class_acc):
 
 
 def top1_on_seen(image_features, labels, text_features, seen_classes):
-    """Top-1 accuracy on the test images of the seen classes, predicting among the seen classes only.
-
-    image_features (N, D) and text_features (S, D) are L2-normalized; row j of text_features is class
-    seen_classes[j]. Test images of unseen classes are ignored. Returns (accuracy, {class: accuracy}) for the seen
-    classes that have test images; everything stays on the features' device until one transfer at the end."""
+    """Top-1 accuracy on the test images of the seen classes, predicting among the seen classes only: (accuracy,
+    {class: accuracy}) for the seen classes with test images. image_features (N, D) and text_features (S, D) are
+    L2-normalized; row j of text_features is class seen_classes[j]; one device -> host transfer at the end."""
     seen = torch.as_tensor(seen_classes, device=image_features.device)  # (S,)
     is_class = labels.to(seen.device)[:, None] == seen[None, :]  # (N, S) one-hot; all False for an unseen class
     predicted = (image_features.float() @ text_features.float().t()).argmax(dim=1)  # (N,) positions in seen
@@ -118,8 +112,7 @@ ZERO_SHOT_SOURCES = {
     "flowers102": ("https://www.robots.ox.ac.uk/~vgg/data/flowers/102/{102flowers.tgz,imagelabels.mat,setid.mat}",
                    "flowers-102/ (all three files)"),
     "oxford_pets": ("https://www.robots.ox.ac.uk/~vgg/data/pets/data/{images.tar.gz,annotations.tar.gz}",
-                    "oxford-iiit-pet/ (both archives)"),
-}
+                    "oxford-iiit-pet/ (both archives)")}
 # CoOp's split files, which the released protocol reads and torchvision does not fetch: folder, file, part read.
 COOP_SPLITS = {"oxford_pets": ("oxford-iiit-pet", "split_zhou_OxfordPets.json", "val"),
                "flowers102": ("flowers-102", "split_zhou_OxfordFlowers.json", "test")}
@@ -131,14 +124,12 @@ CALTECH101_RENAMES = {
     "Faces": "off-center face", "Faces_easy": "centered face", "Leopards": "leopard", "Motorbikes": "motorbike",
     "airplanes": "airplane", "car_side": "side of a car", "cougar_body": "body of a cougar cat",
     "cougar_face": "face of a cougar cat", "crocodile_head": "head of a crocodile",
-    "flamingo_head": "head of a flamingo", "snoopy": "snoopy (cartoon beagle)", "yin_yang": "yin and yang symbol",
-}
+    "flamingo_head": "head of a flamingo", "snoopy": "snoopy (cartoon beagle)", "yin_yang": "yin and yang symbol"}
 EUROSAT_NAMES = {
     "AnnualCrop": "annual crop land", "Forest": "forest", "HerbaceousVegetation": "brushland or shrubland",
     "Highway": "highway or road", "Industrial": "industrial buildings or commercial buildings",
     "Pasture": "pasture land", "PermanentCrop": "permanent crop land",
-    "Residential": "residential buildings or homes or apartments", "River": "river", "SeaLake": "lake or sea",
-}
+    "Residential": "residential buildings or homes or apartments", "River": "river", "SeaLake": "lake or sea"}
 # Flowers102: torchvision's names, except where CLIP's prompt names differ.
 FLOWERS102_RENAMES = {"globe-flower": "globe flower", "pink-yellow dahlia?": "pink and yellow dahlia",
                       "ball moss": "air plant"}
@@ -158,8 +149,33 @@ def zero_shot_dataset(name, data_root, protocol="ours"):
     """(dataset, indices of its evaluation images, {label: name} of the classes ranked) as `protocol` evaluates it;
     torchvision downloads what is missing, or raises a clip_model.DownloadError naming the file to put in place."""
     check_zero_shot_names([name], protocol)
+    released, tv = protocol == "released", torchvision.datasets
+    if released and name in COOP_SPLITS:  # before any download: the file a user must fetch by hand
+        folder, file, part = COOP_SPLITS[name]
+        coop = read_json(os.path.join(data_root, folder, file), "the released zero-shot protocol reads it; put CoOp's "
+                         f"split file there, as CoOp's dataset instructions say: {COOP_URL}")[part]
+        coop_names = {label: class_name for _, label, class_name in coop}  # entries [image file, label, name]
     try:
-        ds, indices, names = _zero_shot_dataset(name, data_root, protocol == "released")
+        if name == "imagefolder":
+            ds = stream.load_dataset("imagefolder", data_root, train=False)  # DATA_ROOT/test/<class>/*
+            names = ds.raw_classes if released else ds.classes
+        elif name == "food101":
+            ds = tv.Food101(data_root, split="test", download=True)
+            names = ds.classes if released else [c.replace("_", " ") for c in ds.classes]
+        elif name == "caltech101":  # no test split: all images
+            ds = tv.Caltech101(data_root, target_type="category", download=True)
+            names = [CALTECH101_RENAMES.get(c, c.replace("_", " ")) for c in ds.categories]
+            if released:  # the released code drops Faces_easy; we keep it, as CLIP's evaluation does
+                names = {c: n for c, n in enumerate(ds.categories) if n != "Faces_easy"}
+        elif name == "eurosat":
+            ds = tv.EuroSAT(data_root, download=True)  # no split either: all images
+            names = ds.classes if released else [EUROSAT_NAMES[c] for c in ds.classes]
+        elif name == "flowers102":
+            ds = tv.Flowers102(data_root, split="test", download=True)
+            names = coop_names if released else [FLOWERS102_RENAMES.get(c, c) for c in ds.classes]
+        else:  # Oxford Pets: ours, the test split; released, the trainval images CoOp's split validates with (~736)
+            ds = tv.OxfordIIITPet(data_root, "trainval" if released else "test", target_types="category", download=True)
+            names = coop_names if released else ds.classes  # already readable ("American Pit Bull Terrier")
     except ImportError as e:  # torchvision reads Flowers102's labels with scipy, which we do not require
         raise stream.DataError(f"{name}: torchvision needs {e.name or 'scipy'} to read it (pip install "
                                f"{e.name or 'scipy'})") from None
@@ -168,43 +184,14 @@ def zero_shot_dataset(name, data_root, protocol="ours"):
         raise clip_model.DownloadError(name, url, e, os.path.join(data_root, put_at)) from None
     except RuntimeError as e:  # torchvision: corrupt or incomplete files
         raise stream.DataError(f"{name}: could not load it under {data_root}: {e}") from None
+    indices = list(range(len(ds)))
+    if released and name == "caltech101":
+        indices = [i for i, c in enumerate(ds.y) if c in names]
+    if released and name == "oxford_pets":
+        files = {file for file, _, _ in coop}
+        indices = [i for i, path in enumerate(ds._images) if os.path.basename(path) in files]
     require(indices, name, f"no images to evaluate under {data_root}")
-    return ds, list(indices), names if isinstance(names, dict) else dict(enumerate(names))
-
-
-def _zero_shot_dataset(name, data_root, released):
-    """(dataset, indices, class names in label order or as {label: name}); released: as the released code."""
-    if released and name in COOP_SPLITS:  # before any download: the file a user must fetch by hand
-        folder, file, part = COOP_SPLITS[name]
-        coop = read_json(os.path.join(data_root, folder, file), "the released zero-shot protocol reads it; put CoOp's "
-                         f"split file there, as CoOp's dataset instructions say: {COOP_URL}")[part]
-        coop_names = {label: class_name for _, label, class_name in coop}  # entries [image file, label, name]
-    tv = torchvision.datasets
-    if name == "imagefolder":
-        ds = stream.load_dataset("imagefolder", data_root, train=False)  # DATA_ROOT/test/<class>/*
-        return ds, range(len(ds)), ds.raw_classes if released else ds.classes
-    if name == "food101":
-        ds = tv.Food101(data_root, split="test", download=True)
-        return ds, range(len(ds)), ds.classes if released else [c.replace("_", " ") for c in ds.classes]
-    if name == "caltech101":
-        # No test split: all images. The released code drops Faces_easy; we keep it, as CLIP's evaluation does.
-        ds = tv.Caltech101(data_root, target_type="category", download=True)
-        if released:
-            names = {c: n for c, n in enumerate(ds.categories) if n != "Faces_easy"}
-            return ds, [i for i, c in enumerate(ds.y) if c in names], names
-        return ds, range(len(ds)), [CALTECH101_RENAMES.get(c, c.replace("_", " ")) for c in ds.categories]
-    if name == "eurosat":
-        ds = tv.EuroSAT(data_root, download=True)  # no split either: all images
-        return ds, range(len(ds)), ds.classes if released else [EUROSAT_NAMES[c] for c in ds.classes]
-    if name == "flowers102":
-        ds = tv.Flowers102(data_root, split="test", download=True)
-        return ds, range(len(ds)), coop_names if released else [FLOWERS102_RENAMES.get(c, c) for c in ds.classes]
-    # Oxford Pets: ours, the test split; released, the trainval images that CoOp's split lists for validation (~736).
-    ds = tv.OxfordIIITPet(data_root, split="trainval" if released else "test", target_types="category", download=True)
-    if not released:
-        return ds, range(len(ds)), ds.classes  # already readable ("American Pit Bull Terrier")
-    files = {file for file, _, _ in coop}
-    return ds, [i for i, path in enumerate(ds._images) if os.path.basename(path) in files], coop_names
+    return ds, indices, names if isinstance(names, dict) else dict(enumerate(names))
 
 
 def fetch_zero_shot(names, data_root, protocol="ours"):
