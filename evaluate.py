@@ -35,9 +35,10 @@ import stream
 # -----------------------------------------------------------------------------
 # 1. lifelong metrics (released formulas; inputs and outputs are fractions)
 
+METRICS = ("A_auc", "A_avg", "A_last", "F_last")
+
 
 def _mean(values):
-    values = list(values)
     return sum(values) / len(values) if values else None
 
 
@@ -73,8 +74,7 @@ def f_last(class_acc):
 
 def lifelong_metrics(anytime_accs, task_accs, class_acc):
     """The four numbers the paper reports for a run: A_auc, A_avg, A_last, F_last (fractions, None if undefined)."""
-    return {"A_auc": a_auc(anytime_accs), "A_avg": a_avg(task_accs), "A_last": a_last(task_accs),
-            "F_last": f_last(class_acc)}
+    return dict(zip(METRICS, (a_auc(anytime_accs), a_avg(task_accs), a_last(task_accs), f_last(class_acc))))
 
 
 # -----------------------------------------------------------------------------
@@ -82,9 +82,8 @@ def lifelong_metrics(anytime_accs, task_accs, class_acc):
 
 
 def top1_on_seen(image_features, labels, text_features, seen_classes):
-    """Top-1 accuracy on the test images of the seen classes, predicting among the seen classes only: (accuracy,
-    {class: accuracy}) for the seen classes with test images. image_features (N, D) and text_features (S, D) are
-    L2-normalized; row j of text_features is class seen_classes[j]; one device -> host transfer at the end."""
+    """(top-1 accuracy, {class: accuracy}) on the test images of the seen classes, predicting among the seen classes
+    only. Features are L2-normalized: image (N, D), text (S, D) with row j for class seen_classes[j]."""
     seen = torch.as_tensor(seen_classes, device=image_features.device)  # (S,)
     is_class = labels.to(seen.device)[:, None] == seen[None, :]  # (N, S) one-hot; all False for an unseen class
     predicted = (image_features.float() @ text_features.float().t()).argmax(dim=1)  # (N,) positions in seen
@@ -102,8 +101,7 @@ def top1_on_seen(image_features, labels, text_features, seen_classes):
 ZERO_SHOT_DATASETS = ("food101", "caltech101", "eurosat", "flowers102", "oxford_pets")
 ZERO_SHOT_CHOICES = ZERO_SHOT_DATASETS + ("imagefolder",)
 ZERO_SHOT_PROTOCOLS = ("ours", "released")
-# Where torchvision downloads each dataset from, and where, under DATA_ROOT, a copy put there by hand is found
-# (torchvision checks its md5 and unpacks it without a connection).
+# Where torchvision downloads from, and where under DATA_ROOT it finds (checks, unpacks) a copy put there by hand.
 ZERO_SHOT_SOURCES = {
     "food101": ("http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz", "food-101.tar.gz"),
     "caltech101": ("https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip", "caltech101/caltech-101.zip"),
@@ -118,8 +116,8 @@ COOP_SPLITS = {"oxford_pets": ("oxford-iiit-pet", "split_zhou_OxfordPets.json", 
                "flowers102": ("flowers-102", "split_zhou_OxfordFlowers.json", "test")}
 COOP_URL = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 
-# Readable class names: CLIP's prompt names (openai/CLIP data/prompts.md) where torchvision's are not readable.
-# Caltech101: torchvision's folder names, except these; the rest only need "_" -> " ".
+# CLIP's prompt names (openai/CLIP data/prompts.md) where torchvision's are not readable; other Caltech101 names only
+# need "_" -> " ".
 CALTECH101_RENAMES = {
     "Faces": "off-center face", "Faces_easy": "centered face", "Leopards": "leopard", "Motorbikes": "motorbike",
     "airplanes": "airplane", "car_side": "side of a car", "cougar_body": "body of a cougar cat",
@@ -146,8 +144,8 @@ def check_zero_shot_names(names, protocol="ours"):
 
 
 def zero_shot_dataset(name, data_root, protocol="ours"):
-    """(dataset, indices of its evaluation images, {label: name} of the classes ranked) as `protocol` evaluates it;
-    torchvision downloads what is missing, or raises a clip_model.DownloadError naming the file to put in place."""
+    """(dataset, indices of its evaluation images, {label: name} of the classes ranked) as `protocol` evaluates it,
+    downloaded where missing (else a clip_model.DownloadError names the file to put in place)."""
     check_zero_shot_names([name], protocol)
     released, tv = protocol == "released", torchvision.datasets
     if released and name in COOP_SPLITS:  # before any download: the file a user must fetch by hand
@@ -209,12 +207,10 @@ def autocast(device, precision):
 @torch.inference_mode()
 def zero_shot_transfer(model, datasets, data_root, prompt, device, batch_size=256, workers=2, mean=None, std=None,
                        resize="clip", protocol="ours", precision="auto"):
-    """Zero-shot transfer check (the paper's): {dataset: top-1 among all its classes}, with the run's prompt.
-
-    Test images take the anytime evaluation's path (stream.eval_batches, eval_transform) at the model's resolution:
-    protocol "ours" with `resize` and `mean`/`std` (default: the model's), "released" squashed and normalized with
-    ImageNet's statistics, as released for all five. precision: auto (bf16 on CUDA), bf16 or fp32. Every dataset is
-    opened (downloaded) before any is evaluated: a failed download loses no measurement. `model` is on `device`."""
+    """Zero-shot transfer check (the paper's): {dataset: top-1 among all its classes}, with the run's prompt. Test
+    images take the anytime evaluation's path (stream.eval_batches, eval_transform): protocol "ours" with `resize`
+    and `mean`/`std` (default: the model's), "released" squashed and with ImageNet's statistics, as released. Every
+    dataset is opened (downloaded) before any is evaluated: a failed download loses no measurement."""
     check_zero_shot_names(datasets, protocol)
     loaded = {name: zero_shot_dataset(name, data_root, protocol) for name in datasets}
     clip_model.get_tokenizer(model.config.vocab_size)  # the vocabulary too, before any work
@@ -271,24 +267,24 @@ def read_peft_file(path):
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a missing or corrupt file; all mean the same to the user
-        saved = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        why = (str(e).splitlines() or [""])[0][:200]
+        raise stream.DataError(f"{path}: not a readable peft.pt ({type(e).__name__}: {why})") from None
     ok = isinstance(saved, dict) and set(keys) <= saved.keys() and saved["peft"] in ("lora", "adapter")
-    require(ok, path, f"not the peft.pt train_online.py writes (a dict with keys {keys}, peft lora or adapter)"
-            + ("" if isinstance(saved, dict) else f"; {saved}"))
+    require(ok, path, f"not the dict train_online.py saves in OUT/peft.pt (keys {keys}, peft lora or adapter)")
     return saved
 
 
 def load_peft_model(path, device="cpu"):
-    """Rebuild a tuned model from OUT/peft.pt: its CLIP (with the run's activation and, in model.config, the mean
-    and std the run normalized with), its LoRA/adapter, the saved weights -> (model, prompt)."""
+    """(model, prompt) of a run, rebuilt from OUT/peft.pt: its CLIP, activation, mean/std (in model.config), PEFT."""
     saved = read_peft_file(path)
     model = clip_model.load(saved["model"], device="cpu", act=saved.get("act"))  # CheckpointError names the path
     if "mean" in saved:
         model.config = replace(model.config, image_mean=tuple(saved["mean"]), image_std=tuple(saved["std"]))
-    peft = {"lora": lora, "adapter": adapter}[saved["peft"]]
+    apply, load_weights = {"lora": (lora.apply_lora, lora.load_lora_state_dict),
+                           "adapter": (adapter.apply_adapter, adapter.load_adapter_state_dict)}[saved["peft"]]
     try:
-        getattr(peft, f"apply_{saved['peft']}")(model, encoder=saved["encoder"], **saved["peft_args"])
-        getattr(peft, f"load_{saved['peft']}_state_dict")(model, saved["state_dict"])
+        apply(model, encoder=saved["encoder"], **saved["peft_args"])
+        load_weights(model, saved["state_dict"])
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
         raise stream.DataError(f"{path}: its {saved['peft']} weights do not fit {saved['model']} "
                                f"({type(e).__name__}: {e})") from None
@@ -298,7 +294,6 @@ def load_peft_model(path, device="cpu"):
 # -----------------------------------------------------------------------------
 # 4. analyses of run folders: seed tables, the grid of runs, the gradient timeline, plots
 
-METRICS = ("A_auc", "A_avg", "A_last", "F_last")
 # Settings that should agree within a table row; the table warns when they do not.
 MUST_AGREE = ("model", "act", "n_tasks", "n", "m", "batch_size", "online_iter", "lr", "eval_period", "memory_size",
               "recipe", "lora_init", "double_softmax", "augment_per", "normalize", "test_resize", "class_names",
@@ -332,14 +327,14 @@ def read_results(run_dir):
     return results
 
 
-def find_run_dirs(paths):
-    """The run folders (those with a results.json) at or below each of `paths`."""
-    runs = []
+def read_runs(paths):
+    """{run folder: read_results(run folder)} for the run folders (with a results.json) at or below `paths`."""
+    runs = {}
     for path in paths:
         require(os.path.isdir(path), path, "no such run folder")
         found = sorted(root for root, _, files in os.walk(path) if "results.json" in files)
         require(found, path, "no results.json in it or below it (not a train_online.py run folder)")
-        runs += found
+        runs.update((run, read_results(run)) for run in found)
     return runs
 
 
@@ -368,36 +363,31 @@ def seed_table(results):
              "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
     warnings = []
     for key, runs in groups.items():
-        lines.append("| " + " | ".join(map(str, [*key, len(runs)] + [mean_std([r[m] for r in runs]) for m in METRICS]))
-                     + " |")
+        cells = [*key, len(runs)] + [mean_std([r[m] for r in runs]) for m in METRICS]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+        name = "/".join(map(str, key))
         mixed = [k for k in MUST_AGREE if len({json.dumps(r["config"].get(k)) for r in runs}) > 1]
         seeds = sorted(r["config"].get("seed") for r in runs)
-        if mixed:
-            warnings.append(f"warning: row {'/'.join(map(str, key))} mixes runs with different {', '.join(mixed)}")
-        if len(set(seeds)) < len(seeds):
-            warnings.append(f"warning: row {'/'.join(map(str, key))} has repeated seeds {seeds}")
+        warnings += [f"warning: row {name} mixes runs with different {', '.join(mixed)}"] if mixed else []
+        warnings += [f"warning: row {name} has repeated seeds {seeds}"] if len(set(seeds)) < len(seeds) else []
     return "\n".join(lines), warnings
 
 
 def grid_runs(dataset, data_root=None, seeds=(1, 2, 3, 4, 5), zero_shot_eval=False, recipe="ours", runs_root="runs"):
-    """(out folder, train_online.py command) of each run of the paper's comparison: {LoRA, adapter} x {image, text,
-    both} x {batch (SIT), all}, plus zero-shot CLIP (--peft none), for every seed, each with its own --out folder
-    under runs_root/<dataset>/ (runs_root/<dataset>-released/ for the released recipe)."""
+    """(out folder, train_online.py command) of each run of the paper's comparison, {LoRA, adapter} x {image, text,
+    both} x {batch (SIT), all} and zero-shot CLIP for every seed, in runs_root/<dataset>[-released]/<config>/seed<k>."""
     configs = [(p, e, v) for p in ("lora", "adapter") for e in clip_model.ENCODERS for v in ("batch", "all")]
     folder = os.path.join(runs_root, dataset if recipe == "ours" else f"{dataset}-{recipe}")
+    common = ["python", "train_online.py", "--dataset", dataset] + (["--data-root", data_root] if data_root else [])
+    common += ["--recipe", recipe] if recipe != "ours" else []
     runs = []
     for peft, encoder, visible in configs + [("none", None, None)]:
         name = "zero-shot" if peft == "none" else f"{peft}-{encoder}-{visible}"
+        flags = ["--peft", peft] + (["--encoder", encoder, "--visible-classes", visible] if peft != "none" else [])
         for seed in seeds:
             out = os.path.join(folder, name, f"seed{seed}")
-            args = ["python", "train_online.py", "--dataset", dataset]
-            args += ["--data-root", data_root] if data_root else []
-            args += ["--recipe", recipe] if recipe != "ours" else []
-            args += ["--peft", peft]
-            args += ["--encoder", encoder, "--visible-classes", visible] if peft != "none" else []
-            args += ["--seed", str(seed), "--out", out]
-            args += ["--zero-shot-eval"] if zero_shot_eval else []
-            runs.append((out, shlex.join(args)))
+            last = ["--zero-shot-eval"] if zero_shot_eval else []
+            runs.append((out, shlex.join(common + flags + ["--seed", str(seed), "--out", out] + last)))
     return runs
 
 
@@ -411,21 +401,14 @@ def is_finished(run_dir):
 
 
 def slurm_script(commands, job_name, log_dir, time="02:00:00", cpus=8, partition=None):
-    """A SLURM batch script that runs `commands` as a job array, one run (and one GPU) per array task: task k runs
-    commands[k]. The commands are written into the script, so it needs no other file."""
-    lines = ["#!/bin/bash",
-             f"#SBATCH --job-name={job_name}",
-             f"#SBATCH --array=0-{len(commands) - 1}",
-             "#SBATCH --gres=gpu:1",
-             "#SBATCH --ntasks=1",
-             f"#SBATCH --cpus-per-task={cpus}",
-             f"#SBATCH --time={time}",
+    """A SLURM batch script (needing no other file) whose array task k runs commands[k] on one GPU."""
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --array=0-{len(commands) - 1}",
+             "#SBATCH --gres=gpu:1", "#SBATCH --ntasks=1", f"#SBATCH --cpus-per-task={cpus}", f"#SBATCH --time={time}",
              f"#SBATCH --output={os.path.join(log_dir, '%x-%A_%a.log')}"]
     lines += [f"#SBATCH --partition={partition}"] if partition else []
     lines += [f"# {len(commands)} runs of `python evaluate.py grid`. Submit with: sbatch THIS_FILE",
               "# After failures or a time limit, print the grid again with --skip-finished and submit that.",
-              "set -euo pipefail",
-              f"cd {shlex.quote(REPOSITORY)}",
+              "set -euo pipefail", f"cd {shlex.quote(REPOSITORY)}",
               'case "${SLURM_ARRAY_TASK_ID:?run this script with sbatch}" in']
     lines += [f"  {k}) {command} ;;" for k, command in enumerate(commands)]
     lines += ['  *) echo "no run for array task $SLURM_ARRAY_TASK_ID" >&2; exit 1 ;;', "esac"]
@@ -435,17 +418,15 @@ def slurm_script(commands, job_name, log_dir, time="02:00:00", cpus=8, partition
 def read_grad(path):
     """The records of OUT/grad.jsonl (one per gradient step), checked line by line."""
     require(os.path.isfile(path), path, "no such file (train_online.py --grad-analysis writes it)")
-    records = []
+    records, lists = [], ("classes", "in_batch", "pos", "neg")
     with open(path) as f:
         for i, line in enumerate(f, start=1):
             try:
                 r = json.loads(line)
             except json.JSONDecodeError as e:
                 raise stream.DataError(f"{path}:{i}: malformed JSON ({e})") from None
-            lists = ("classes", "in_batch", "pos", "neg")
             ok = isinstance(r, dict) and {"step", "task", *lists} <= r.keys() and len({len(r[k]) for k in lists}) == 1
-            require(ok, f"{path}:{i}", f"expected an object with keys step, task and lists {', '.join(lists)} of one "
-                    "length")
+            require(ok, f"{path}:{i}", f"expected keys step, task and {', '.join(lists)} (lists of one length)")
             records.append(r)
     require(records, path, "no gradient steps recorded")
     return records
@@ -460,16 +441,6 @@ def gradient_summary(records):
             parts["present" if present else "absent"][0].append(pos)
             parts["present" if present else "absent"][1].append(neg)
     return {key: {"entries": len(pos), "pos": _mean(pos), "neg": _mean(neg)} for key, (pos, neg) in parts.items()}
-
-
-def gradient_summary_markdown(summary):
-    """Markdown table of gradient_summary."""
-    lines = ["| visible classes | entries | mean positive part | mean negative part |", "|---|---:|---:|---:|"]
-    for key, label in (("present", "in the batch"), ("absent", "absent from the batch")):
-        s = summary[key]
-        pos, neg = ("–" if x is None else f"{x:.4g}" for x in (s["pos"], s["neg"]))
-        lines.append(f"| {label} | {s['entries']} | {pos} | {neg} |")
-    return "\n".join(lines)
 
 
 def matplotlib_figure():
@@ -497,17 +468,14 @@ def class_ticks(ax, classes, names, most=40):
 
 
 def plot_grad(records, results, out_png):
-    """Gradient timeline (Figure 2): classes (order of first appearance) x gradient steps, positive and negative
-    parts of dL/dg_c in two panels; a strip at the left marks disjoint (blue) and blurry (orange) classes; empty
-    cells: class not in the loss."""
+    """Gradient timeline (Figure 2): classes (order of first appearance) x gradient steps, the positive and negative
+    parts of dL/dg_c in two panels; a strip at the left marks disjoint (blue) and blurry (orange) classes."""
     from matplotlib.colors import ListedColormap
-    fig = matplotlib_figure()(figsize=(12, 2 + 2 * max(2.0, 0.04 * len(results["seen_classes"]))),
-                              layout="constrained")
     visible = dict.fromkeys(c for r in records for c in r["classes"])  # every class ever in the loss, in order
     classes = [c for c in dict.fromkeys([*results["seen_classes"], *visible]) if c in visible]
+    fig = matplotlib_figure()(figsize=(12, 2 + 2 * max(2.0, 0.04 * len(classes))), layout="constrained")
     row = {c: i for i, c in enumerate(classes)}
-    pos = [[math.nan] * len(records) for _ in classes]  # (classes, steps)
-    neg = [[math.nan] * len(records) for _ in classes]
+    pos, neg = ([[math.nan] * len(records) for _ in classes] for _ in range(2))  # (classes, steps) each
     for j, r in enumerate(records):
         for c, p, n in zip(r["classes"], r["pos"], r["neg"]):
             pos[row[c]][j], neg[row[c]][j] = p, n
@@ -551,11 +519,9 @@ def plot_runs(runs, out_png):
             matrix = [[math.nan if accs[c] is None else 100 * accs[c] for accs in r["class_acc"]] for c in classes]
             image = ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=100)
             heatmaps.append(ax)
-        else:
-            ax.text(0.5, 0.5, "no task end yet", ha="center", va="center", transform=ax.transAxes)
         ax.set_xticks(range(ends), [f"T{t + 1}" for t in range(ends)])
         class_ticks(ax, classes, r.get("class_names", []))
-        ax.set(xlabel="task end", ylabel="classes, in seen order", title=run_label(r))
+        ax.set(xlabel="task end" if ends else "no task end yet", ylabel="classes, in seen order", title=run_label(r))
     curves.set(xlabel="samples seen (dotted: task ends)", ylabel="anytime accuracy on seen classes (%)")
     curves.legend(fontsize="small")
     if heatmaps:
@@ -597,17 +563,16 @@ def cmd_zero_shot(args):
         slug = os.path.splitext(os.path.basename(args.model))[0] if os.path.isfile(args.model) else args.model
         out = args.out or os.path.join("runs", "zero-shot", slug.replace("/", "-").replace("@", "-"))
     protocol = args.protocol or recipe.get("zero_shot_protocol", "ours")  # the run's, unless told otherwise
+    precision = args.precision or recipe.get("precision", "auto")
     accs = zero_shot_transfer(model, datasets, args.data_root, prompt, device, args.batch_size, args.workers,
-                              resize=resize, protocol=protocol, precision=args.precision or recipe.get("precision",
-                                                                                                       "auto"))
+                              resize=resize, protocol=protocol, precision=precision)
     print(zero_shot_markdown(accs))
     print(f"wrote {write_zero_shot(out, accs, name, prompt, args.peft_weights, protocol)}")
 
 
 def cmd_table(args):
     results = []
-    for run in find_run_dirs(args.run_dirs):
-        r = read_results(run)
+    for run, r in read_runs(args.run_dirs).items():
         if r["status"] == "finished" or args.unfinished:
             results.append(r)
         else:
@@ -640,15 +605,18 @@ def cmd_grid(args):
 
 def cmd_plot(args):
     matplotlib_figure()  # fail before reading anything when the optional extra is missing
-    runs = find_run_dirs(args.run_dirs)
-    results = [read_results(run) for run in runs]
-    plot_runs(results, args.out or (os.path.join(runs[0], "plot.png") if len(runs) == 1 else "plot.png"))
+    runs = read_runs(args.run_dirs)
+    plot_runs(list(runs.values()), args.out or (os.path.join(*runs, "plot.png") if len(runs) == 1 else "plot.png"))
 
 
 def cmd_plot_grad(args):
+    """Figure 2 in numbers (gradient_summary as a Markdown table), and the timeline PNG."""
     matplotlib_figure()
     records = read_grad(os.path.join(args.run_dir, "grad.jsonl"))
-    print(gradient_summary_markdown(gradient_summary(records)))
+    print("| visible classes | entries | mean positive part | mean negative part |\n|---|---:|---:|---:|")
+    for key, s in gradient_summary(records).items():
+        pos, neg = ("–" if x is None else f"{x:.4g}" for x in (s["pos"], s["neg"]))
+        print(f"| {key} {'in' if key == 'present' else 'from'} the batch | {s['entries']} | {pos} | {neg} |")
     plot_grad(records, read_results(args.run_dir), args.out or os.path.join(args.run_dir, "grad.png"))
 
 
@@ -656,8 +624,7 @@ def build_parser():
     parser = argparse.ArgumentParser(description="Evaluate SIT-tuned CLIP runs: zero-shot transfer, tables, plots.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("zero-shot", help="zero-shot top-1 accuracy on other datasets (all classes), saved as "
-                            "zero_shot.json")
+    p = commands.add_parser("zero-shot", help="top-1 accuracy on other datasets (all classes) -> zero_shot.json")
     weights = p.add_mutually_exclusive_group(required=True)
     weights.add_argument("--peft-weights", help="OUT/peft.pt of a run (rebuilds the tuned model and its prompt)")
     weights.add_argument("--model", help=f"plain CLIP: one of {clip_model.available_models()} or a checkpoint path")
@@ -669,51 +636,44 @@ def build_parser():
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--protocol", choices=ZERO_SHOT_PROTOCOLS, help="ours, or released (the released code's images, "
-                   "class names and preprocessing); default: the run's (peft.pt), else ours")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
-                   help="auto = bf16 autocast on CUDA; default: the run's (peft.pt), else auto")
-    p.add_argument("--out", help="folder for zero_shot.json (default: next to --peft-weights, "
-                                 "or runs/zero-shot/<model> for --model)")
-    p.set_defaults(func=cmd_zero_shot)
+    p.add_argument("--protocol", choices=ZERO_SHOT_PROTOCOLS, help="released: the released code's images, class "
+                   "names and preprocessing (default: the run's, from peft.pt, else ours)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="auto: bf16 on CUDA (default: the run's)")
+    p.add_argument("--out", help="folder for zero_shot.json (default: beside --peft-weights, runs/zero-shot/<model>)")
 
     p = commands.add_parser("table", help="Markdown table of A_auc, A_avg, A_last, F_last: mean ± std over seeds")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, or folders to search for them")
     p.add_argument("--unfinished", action="store_true", help="include interrupted or failed runs")
-    p.set_defaults(func=cmd_table)
 
     p = commands.add_parser("grid", help="print the train_online.py commands of the paper's comparison")
     p.add_argument("--dataset", default="cifar100", choices=stream.DATASETS)
     p.add_argument("--data-root", help="passed on to train_online.py")
     p.add_argument("--zero-shot-eval", action="store_true", help="add --zero-shot-eval to every command")
     p.add_argument("--recipe", default="ours", choices=("ours", "released"), help="passed on to every command")
-    p.add_argument("--runs-root", default="runs",
-                   help="the runs go to RUNS_ROOT/<dataset>[-released]/<config>/seed<k> (relative to the repository)")
-    p.add_argument("--skip-finished", action="store_true",
-                   help="leave out the runs whose folder holds a finished results.json")
+    p.add_argument("--runs-root", default="runs", help="runs go to RUNS_ROOT/<dataset>[-released]/<config>/seed<k>")
+    p.add_argument("--skip-finished", action="store_true", help="leave out runs with a finished results.json")
     p.add_argument("--slurm", action="store_true", help="print a SLURM job-array script instead (one GPU per run)")
     p.add_argument("--time", default="02:00:00", help="--slurm: the time limit of each run")
     p.add_argument("--cpus", type=int, default=8, help="--slurm: CPU cores per run (data-loading workers)")
     p.add_argument("--partition", help="--slurm: the SLURM partition to submit to")
-    p.set_defaults(func=cmd_grid)
 
     p = commands.add_parser("plot", help="PNG of anytime accuracy curves and per-class accuracy at task ends")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, or folders to search for them")
     p.add_argument("--out", help="PNG path (default: RUN_DIR/plot.png for one run, ./plot.png for several)")
-    p.set_defaults(func=cmd_plot)
 
     p = commands.add_parser("plot-grad", help="PNG of the gradient timeline (Figure 2) of a --grad-analysis run")
     p.add_argument("run_dir", metavar="OUT", help="run folder with grad.jsonl and results.json")
     p.add_argument("--out", help="PNG path (default: OUT/grad.png)")
-    p.set_defaults(func=cmd_plot_grad)
     return parser
 
 
 def main(argv=None):
     """Run one command; bad input gives one error line on stderr and exit status 1, never a traceback."""
     args = build_parser().parse_args(argv)
+    command = {"zero-shot": cmd_zero_shot, "table": cmd_table, "grid": cmd_grid, "plot": cmd_plot,
+               "plot-grad": cmd_plot_grad}[args.command]
     try:
-        args.func(args)
+        command(args)
     except (stream.DataError, clip_model.CheckpointError, clip_model.DownloadError) as e:
         print(f"evaluate.py {args.command}: error: {e}", file=sys.stderr)
         return 1
