@@ -1,18 +1,15 @@
 """
 Evaluation of SIT-tuned CLIP: the lifelong metrics, top-1 accuracy on the seen classes, zero-shot transfer, and the
-analyses of the run folders train_online.py writes (seed tables, the grid of runs, Figure 2's gradient timeline, plots).
+analyses of the run folders train_online.py writes. Accuracies are fractions in code and files, % in printed tables.
 
     python evaluate.py zero-shot --peft-weights runs/x/peft.pt --datasets food101,eurosat --data-root data
-    python evaluate.py table runs/cifar100            # run folders, or folders to search for them
+    python evaluate.py table runs/cifar100            # mean ± std over seeds of the run folders below
     python evaluate.py grid --dataset cifar100        # the commands of the paper's comparison (--slurm: a job array)
     python evaluate.py plot runs/x runs/y             # anytime and per-class accuracy (needs matplotlib)
-    python evaluate.py plot-grad runs/x               # gradient timeline of a --grad-analysis run (needs matplotlib)
-
-Accuracies are fractions in code and files, percentages in printed tables.
+    python evaluate.py plot-grad runs/x               # gradient timeline (Figure 2) of a --grad-analysis run
 """
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -91,8 +88,7 @@ def top1_on_seen(image_features, labels, text_features, seen_classes):
     total, correct = torch.stack([is_class.sum(0), hit.sum(0)]).tolist()  # the one device -> host transfer
     if sum(total) == 0:
         raise ValueError("no test images of the seen classes to evaluate on")
-    per_class = {c: k / n for c, n, k in zip(seen.tolist(), total, correct) if n > 0}
-    return sum(correct) / sum(total), per_class
+    return sum(correct) / sum(total), {c: k / n for c, n, k in zip(seen.tolist(), total, correct) if n > 0}
 
 
 # -----------------------------------------------------------------------------
@@ -114,7 +110,6 @@ ZERO_SHOT_SOURCES = {
 # CoOp's split files, which the released protocol reads and torchvision does not fetch: folder, file, part read.
 COOP_SPLITS = {"oxford_pets": ("oxford-iiit-pet", "split_zhou_OxfordPets.json", "val"),
                "flowers102": ("flowers-102", "split_zhou_OxfordFlowers.json", "test")}
-COOP_URL = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 
 # CLIP's prompt names (openai/CLIP data/prompts.md) where torchvision's are not readable; other Caltech101 names only
 # need "_" -> " ".
@@ -151,7 +146,7 @@ def zero_shot_dataset(name, data_root, protocol="ours"):
     if released and name in COOP_SPLITS:  # before any download: the file a user must fetch by hand
         folder, file, part = COOP_SPLITS[name]
         coop = read_json(os.path.join(data_root, folder, file), "the released zero-shot protocol reads it; put CoOp's "
-                         f"split file there, as CoOp's dataset instructions say: {COOP_URL}")[part]
+                         "split file there: https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md")[part]
         coop_names = {label: class_name for _, label, class_name in coop}  # entries [image file, label, name]
     try:
         if name == "imagefolder":
@@ -175,8 +170,7 @@ def zero_shot_dataset(name, data_root, protocol="ours"):
             ds = tv.OxfordIIITPet(data_root, "trainval" if released else "test", target_types="category", download=True)
             names = coop_names if released else ds.classes  # already readable ("American Pit Bull Terrier")
     except ImportError as e:  # torchvision reads Flowers102's labels with scipy, which we do not require
-        raise stream.DataError(f"{name}: torchvision needs {e.name or 'scipy'} to read it (pip install "
-                               f"{e.name or 'scipy'})") from None
+        raise stream.DataError(f"{name}: torchvision needs {e.name} to read it: pip install {e.name}") from None
     except OSError as e:  # no network (urllib's URLError is an OSError), or a file that cannot be written
         url, put_at = ZERO_SHOT_SOURCES[name]
         raise clip_model.DownloadError(name, url, e, os.path.join(data_root, put_at)) from None
@@ -201,7 +195,7 @@ def fetch_zero_shot(names, data_root, protocol="ours"):
 def autocast(device, precision):
     """bf16 autocast on CUDA by default (precision "auto"), plain fp32 elsewhere: a context-manager factory."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
 @torch.inference_mode()
@@ -256,8 +250,7 @@ def write_json(path, obj):
 def write_zero_shot(out_dir, accs, model, prompt, peft_weights=None, protocol="ours"):
     """OUT/zero_shot.json: {model, peft_weights, prompt, protocol, accuracy: {dataset: fraction}}; returns its path."""
     path = os.path.join(out_dir, "zero_shot.json")
-    write_json(path, {"model": model, "peft_weights": peft_weights, "prompt": prompt, "protocol": protocol,
-                      "accuracy": accs})
+    write_json(path, dict(model=model, peft_weights=peft_weights, prompt=prompt, protocol=protocol, accuracy=accs))
     return path
 
 
@@ -331,10 +324,8 @@ def read_runs(paths):
     """{run folder: read_results(run folder)} for the run folders (with a results.json) at or below `paths`."""
     runs = {}
     for path in paths:
-        require(os.path.isdir(path), path, "no such run folder")
         found = sorted(root for root, _, files in os.walk(path) if "results.json" in files)
-        require(found, path, "no results.json in it or below it (not a train_online.py run folder)")
-        runs.update((run, read_results(run)) for run in found)
+        runs.update((run, read_results(run)) for run in found or [path])  # none: read_results names the missing file
     return runs
 
 
@@ -379,15 +370,14 @@ def grid_runs(dataset, data_root=None, seeds=(1, 2, 3, 4, 5), zero_shot_eval=Fal
     configs = [(p, e, v) for p in ("lora", "adapter") for e in clip_model.ENCODERS for v in ("batch", "all")]
     folder = os.path.join(runs_root, dataset if recipe == "ours" else f"{dataset}-{recipe}")
     common = ["python", "train_online.py", "--dataset", dataset] + (["--data-root", data_root] if data_root else [])
-    common += ["--recipe", recipe] if recipe != "ours" else []
+    common += (["--recipe", recipe] if recipe != "ours" else []) + (["--zero-shot-eval"] if zero_shot_eval else [])
     runs = []
     for peft, encoder, visible in configs + [("none", None, None)]:
         name = "zero-shot" if peft == "none" else f"{peft}-{encoder}-{visible}"
         flags = ["--peft", peft] + (["--encoder", encoder, "--visible-classes", visible] if peft != "none" else [])
         for seed in seeds:
             out = os.path.join(folder, name, f"seed{seed}")
-            last = ["--zero-shot-eval"] if zero_shot_eval else []
-            runs.append((out, shlex.join(common + flags + ["--seed", str(seed), "--out", out] + last)))
+            runs.append((out, shlex.join(common + flags + ["--seed", str(seed), "--out", out])))
     return runs
 
 
@@ -435,12 +425,10 @@ def read_grad(path):
 def gradient_summary(records):
     """Figure 2 in numbers: mean norms of the positive and negative gradient parts on the text features of visible
     classes present in the batch and absent from it (absent ones exist only under --visible-classes all)."""
-    parts = {"present": ([], []), "absent": ([], [])}
-    for r in records:
-        for present, pos, neg in zip(r["in_batch"], r["pos"], r["neg"]):
-            parts["present" if present else "absent"][0].append(pos)
-            parts["present" if present else "absent"][1].append(neg)
-    return {key: {"entries": len(pos), "pos": _mean(pos), "neg": _mean(neg)} for key, (pos, neg) in parts.items()}
+    entries = [e for r in records for e in zip(r["in_batch"], r["pos"], r["neg"])]  # (present, pos, neg)
+    parts = {"present": [e for e in entries if e[0]], "absent": [e for e in entries if not e[0]]}
+    return {key: {"entries": len(part), "pos": _mean([e[1] for e in part]), "neg": _mean([e[2] for e in part])}
+            for key, part in parts.items()}
 
 
 def matplotlib_figure():
@@ -461,16 +449,13 @@ def run_label(results):
 
 def class_ticks(ax, classes, names, most=40):
     """Label the class rows of a heatmap with class names, unless there are too many to read."""
-    if len(classes) > most or not names:
-        ax.set_yticks([])
-    else:
-        ax.set_yticks(range(len(classes)), [names[c] for c in classes], fontsize="small")
+    shown = classes if names and len(classes) <= most else []
+    ax.set_yticks(range(len(shown)), [names[c] for c in shown], fontsize="small")
 
 
 def plot_grad(records, results, out_png):
-    """Gradient timeline (Figure 2): classes (order of first appearance) x gradient steps, the positive and negative
-    parts of dL/dg_c in two panels; a strip at the left marks disjoint (blue) and blurry (orange) classes."""
-    from matplotlib.colors import ListedColormap
+    """Gradient timeline (Figure 2): classes (order of first appearance, named as disjoint or blurry) x gradient steps,
+    the positive and negative parts of dL/dg_c in two panels."""
     visible = dict.fromkeys(c for r in records for c in r["classes"])  # every class ever in the loss, in order
     classes = [c for c in dict.fromkeys([*results["seen_classes"], *visible]) if c in visible]
     fig = matplotlib_figure()(figsize=(12, 2 + 2 * max(2.0, 0.04 * len(classes))), layout="constrained")
@@ -479,21 +464,15 @@ def plot_grad(records, results, out_png):
     for j, r in enumerate(records):
         for c, p, n in zip(r["classes"], r["pos"], r["neg"]):
             pos[row[c]][j], neg[row[c]][j] = p, n
-    disjoint = {c for task in results.get("disjoint_classes", []) for c in task}
-    blurry = {c for task in results.get("blurry_classes", []) for c in task}
-    kinds = [[0 if c in disjoint else 1 if c in blurry else 2] for c in classes]  # (classes, 1)
-    width = max(1.0, len(records) / 50)  # of the strip, in steps
+    kind = {c: k for k in ("disjoint", "blurry") for task in results.get(f"{k}_classes", []) for c in task}
+    names = {c: f"{name} ({kind.get(c, '?')})" for c, name in enumerate(results.get("class_names", []))}
+    boundaries = [j - 0.5 for j in range(1, len(records)) if records[j]["task"] != records[j - 1]["task"]]
     for k, (matrix, part) in enumerate(((pos, "positive part (samples of c)"), (neg, "negative part (other samples)"))):
         ax = fig.add_subplot(2, 1, k + 1)
         image = ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap="viridis")
-        ax.imshow(kinds, aspect="auto", interpolation="nearest", extent=(-0.5 - width, -0.5, len(classes) - 0.5, -0.5),
-                  cmap=ListedColormap(["tab:blue", "tab:orange", "lightgrey"]), vmin=0, vmax=2)
-        ax.set_xlim(-0.5 - width, len(records) - 0.5)
-        for j in range(1, len(records)):
-            if records[j]["task"] != records[j - 1]["task"]:
-                ax.axvline(j - 0.5, color="red", lw=0.8, ls="--")
-        class_ticks(ax, classes, results.get("class_names", []))
-        ax.set_title(f"|dL/dg_c|, {part}; left strip: disjoint (blue) or blurry (orange) class")
+        ax.vlines(boundaries, -0.5, len(classes) - 0.5, color="red", lw=0.8, ls="--")
+        class_ticks(ax, classes, names)
+        ax.set_title(f"|dL/dg_c|, {part}")
         fig.colorbar(image, ax=ax, label="L2 norm")
     ax.set_xlabel("gradient step (dashed: task boundary; empty cell: class not in the loss)")
     fig.suptitle(f"Gradient on the text features, classes in order of first appearance: {run_label(results)}")
@@ -507,7 +486,7 @@ def plot_runs(runs, out_png):
     fig = matplotlib_figure()(figsize=(4 * n_cols + 2, 4 + 3.5 * n_rows), layout="constrained")
     grid = fig.add_gridspec(1 + n_rows, n_cols)
     curves = fig.add_subplot(grid[0, :])
-    heatmaps = []
+    image = None
     for i, r in enumerate(runs):
         samples = [a["samples"] for a in r["anytime"]]
         (line,) = curves.plot(samples, [100 * a["acc"] for a in r["anytime"]], marker=".", label=run_label(r))
@@ -518,14 +497,13 @@ def plot_runs(runs, out_png):
         if classes and ends:  # (classes, task ends)
             matrix = [[math.nan if accs[c] is None else 100 * accs[c] for accs in r["class_acc"]] for c in classes]
             image = ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=100)
-            heatmaps.append(ax)
         ax.set_xticks(range(ends), [f"T{t + 1}" for t in range(ends)])
         class_ticks(ax, classes, r.get("class_names", []))
         ax.set(xlabel="task end" if ends else "no task end yet", ylabel="classes, in seen order", title=run_label(r))
     curves.set(xlabel="samples seen (dotted: task ends)", ylabel="anytime accuracy on seen classes (%)")
     curves.legend(fontsize="small")
-    if heatmaps:
-        fig.colorbar(image, ax=heatmaps, label="per-class accuracy (%)")
+    if image is not None:
+        fig.colorbar(image, ax=fig.axes[1:], label="per-class accuracy (%)")
     save_png(fig, out_png)
 
 
@@ -614,24 +592,22 @@ def cmd_plot_grad(args):
     matplotlib_figure()
     records = read_grad(os.path.join(args.run_dir, "grad.jsonl"))
     print("| visible classes | entries | mean positive part | mean negative part |\n|---|---:|---:|---:|")
-    for key, s in gradient_summary(records).items():
+    for label, s in zip(("in the batch", "absent from the batch"), gradient_summary(records).values()):
         pos, neg = ("–" if x is None else f"{x:.4g}" for x in (s["pos"], s["neg"]))
-        print(f"| {key} {'in' if key == 'present' else 'from'} the batch | {s['entries']} | {pos} | {neg} |")
+        print(f"| {label} | {s['entries']} | {pos} | {neg} |")
     plot_grad(records, read_results(args.run_dir), args.out or os.path.join(args.run_dir, "grad.png"))
 
 
 def build_parser():
     parser = argparse.ArgumentParser(description="Evaluate SIT-tuned CLIP runs: zero-shot transfer, tables, plots.")
     commands = parser.add_subparsers(dest="command", required=True)
-
     p = commands.add_parser("zero-shot", help="top-1 accuracy on other datasets (all classes) -> zero_shot.json")
     weights = p.add_mutually_exclusive_group(required=True)
     weights.add_argument("--peft-weights", help="OUT/peft.pt of a run (rebuilds the tuned model and its prompt)")
     weights.add_argument("--model", help=f"plain CLIP: one of {clip_model.available_models()} or a checkpoint path")
     p.add_argument("--act", default="auto", choices=("auto",) + clip_model.ACTIVATIONS,
                    help="MLP activation of --model: auto = open_clip_config.json beside it, else OpenAI's QuickGELU")
-    p.add_argument("--datasets", default=",".join(ZERO_SHOT_DATASETS),
-                   help=f"comma-separated, from {', '.join(ZERO_SHOT_CHOICES)} (default: the five of the paper)")
+    p.add_argument("--datasets", default=",".join(ZERO_SHOT_DATASETS), help=f"from {', '.join(ZERO_SHOT_CHOICES)}")
     p.add_argument("--data-root", default="data", help="torchvision download folder; imagefolder reads ROOT/test/")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--batch-size", type=int, default=256)
@@ -640,11 +616,9 @@ def build_parser():
                    "names and preprocessing (default: the run's, from peft.pt, else ours)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="auto: bf16 on CUDA (default: the run's)")
     p.add_argument("--out", help="folder for zero_shot.json (default: beside --peft-weights, runs/zero-shot/<model>)")
-
     p = commands.add_parser("table", help="Markdown table of A_auc, A_avg, A_last, F_last: mean ± std over seeds")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, or folders to search for them")
     p.add_argument("--unfinished", action="store_true", help="include interrupted or failed runs")
-
     p = commands.add_parser("grid", help="print the train_online.py commands of the paper's comparison")
     p.add_argument("--dataset", default="cifar100", choices=stream.DATASETS)
     p.add_argument("--data-root", help="passed on to train_online.py")
@@ -656,11 +630,9 @@ def build_parser():
     p.add_argument("--time", default="02:00:00", help="--slurm: the time limit of each run")
     p.add_argument("--cpus", type=int, default=8, help="--slurm: CPU cores per run (data-loading workers)")
     p.add_argument("--partition", help="--slurm: the SLURM partition to submit to")
-
     p = commands.add_parser("plot", help="PNG of anytime accuracy curves and per-class accuracy at task ends")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, or folders to search for them")
     p.add_argument("--out", help="PNG path (default: RUN_DIR/plot.png for one run, ./plot.png for several)")
-
     p = commands.add_parser("plot-grad", help="PNG of the gradient timeline (Figure 2) of a --grad-analysis run")
     p.add_argument("run_dir", metavar="OUT", help="run folder with grad.jsonl and results.json")
     p.add_argument("--out", help="PNG path (default: OUT/grad.png)")
