@@ -1,33 +1,21 @@
 """
-Evaluation of SIT-tuned CLIP: the lifelong metrics, accuracy on the seen classes, zero-shot transfer, and the
-paper's analyses over run folders written by train_online.py.
-
-Contents, top to bottom:
-  1. the four lifelong metrics A_auc, A_avg, A_last, F_last (the released code's formulas, each in its docstring)
-  2. top-1 accuracy among the seen classes (what train_online.py calls at every evaluation)
-  3. zero-shot transfer to other datasets, and rebuilding a tuned model from OUT/peft.pt
-  4. analyses of run folders: seed tables, the experiment grid, the gradient timeline (Figure 2), plots
-  5. the command line:
+Evaluation of SIT-tuned CLIP: the lifelong metrics, top-1 accuracy on the seen classes, zero-shot transfer, and the
+analyses of the run folders train_online.py writes. Accuracies are fractions in code and files, % in printed tables.
 
     python evaluate.py zero-shot --peft-weights runs/x/peft.pt --datasets food101,eurosat --data-root data
-    python evaluate.py table runs/cifar100            # a folder of run folders, or run folders themselves
-    python evaluate.py grid --dataset cifar100        # the commands that reproduce the paper's comparison
-    python evaluate.py grid --dataset cifar100 --recipe released --slurm > grid.sbatch   # as a SLURM job array
-    python evaluate.py plot runs/x runs/y             # anytime accuracy and per-class accuracy (needs matplotlib)
-    python evaluate.py plot-grad runs/x               # gradient timeline of a --grad-analysis run (needs matplotlib)
-
-All accuracies are fractions in code and files, percentages in printed tables.
+    python evaluate.py table runs/cifar100            # mean ± std over seeds of the run folders below
+    python evaluate.py grid --dataset cifar100        # the commands of the paper's comparison (--slurm: a job array)
+    python evaluate.py plot runs/x runs/y             # anytime and per-class accuracy (needs matplotlib)
+    python evaluate.py plot-grad runs/x               # gradient timeline (Figure 2) of a --grad-analysis run
 """
 
 import argparse
-import functools
 import json
 import math
 import os
 import shlex
 import statistics
 import sys
-
 from dataclasses import replace
 
 import torch
@@ -41,14 +29,13 @@ import lora
 import stream
 
 
-
-
 # -----------------------------------------------------------------------------
 # 1. lifelong metrics (released formulas; inputs and outputs are fractions)
 
+METRICS = ("A_auc", "A_avg", "A_last", "F_last")
+
 
 def _mean(values):
-    values = list(values)
     return sum(values) / len(values) if values else None
 
 
@@ -73,23 +60,18 @@ def f_last(class_acc):
     if len(class_acc) < 2:
         return None  # nothing to forget before the first task end
     *earlier, last = class_acc
-    if any(len(row) != len(last) for row in earlier):
-        raise ValueError("class_acc rows have different numbers of classes")
     drops = []
     for c, last_acc in enumerate(last):
         before = [row[c] for row in earlier if row[c] is not None]
         if not before or max(before) <= 0:
             continue  # the released code's filter: unseen (0 there) or never learned
-        if last_acc is None:
-            raise ValueError(f"class {c} has an accuracy before the last task end but none at it")
         drops.append(max(before) - last_acc)
     return _mean(drops)  # None when no class qualifies (the released code would give NaN)
 
 
 def lifelong_metrics(anytime_accs, task_accs, class_acc):
     """The four numbers the paper reports for a run: A_auc, A_avg, A_last, F_last (fractions, None if undefined)."""
-    return {"A_auc": a_auc(anytime_accs), "A_avg": a_avg(task_accs),
-            "A_last": a_last(task_accs), "F_last": f_last(class_acc)}
+    return dict(zip(METRICS, (a_auc(anytime_accs), a_avg(task_accs), a_last(task_accs), f_last(class_acc))))
 
 
 # -----------------------------------------------------------------------------
@@ -97,11 +79,8 @@ def lifelong_metrics(anytime_accs, task_accs, class_acc):
 
 
 def top1_on_seen(image_features, labels, text_features, seen_classes):
-    """Top-1 accuracy on the test images of the seen classes, predicting among the seen classes only.
-
-    image_features (N, D) and text_features (S, D) are L2-normalized; row j of text_features is class
-    seen_classes[j]. Test images of unseen classes are ignored. Returns (accuracy, {class: accuracy}) for the seen
-    classes that have test images; everything stays on the features' device until one transfer at the end."""
+    """(top-1 accuracy, {class: accuracy}) on the test images of the seen classes, predicting among the seen classes
+    only. Features are L2-normalized: image (N, D), text (S, D) with row j for class seen_classes[j]."""
     seen = torch.as_tensor(seen_classes, device=image_features.device)  # (S,)
     is_class = labels.to(seen.device)[:, None] == seen[None, :]  # (N, S) one-hot; all False for an unseen class
     predicted = (image_features.float() @ text_features.float().t()).argmax(dim=1)  # (N,) positions in seen
@@ -109,8 +88,7 @@ def top1_on_seen(image_features, labels, text_features, seen_classes):
     total, correct = torch.stack([is_class.sum(0), hit.sum(0)]).tolist()  # the one device -> host transfer
     if sum(total) == 0:
         raise ValueError("no test images of the seen classes to evaluate on")
-    per_class = {c: k / n for c, n, k in zip(seen.tolist(), total, correct) if n > 0}
-    return sum(correct) / sum(total), per_class
+    return sum(correct) / sum(total), {c: k / n for c, n, k in zip(seen.tolist(), total, correct) if n > 0}
 
 
 # -----------------------------------------------------------------------------
@@ -119,8 +97,7 @@ def top1_on_seen(image_features, labels, text_features, seen_classes):
 ZERO_SHOT_DATASETS = ("food101", "caltech101", "eurosat", "flowers102", "oxford_pets")
 ZERO_SHOT_CHOICES = ZERO_SHOT_DATASETS + ("imagefolder",)
 ZERO_SHOT_PROTOCOLS = ("ours", "released")
-# Where torchvision downloads each dataset from, and where, under DATA_ROOT, a copy put there by hand is found
-# (torchvision checks its md5 and unpacks it without a connection).
+# Where torchvision downloads from, and where under DATA_ROOT it finds (checks, unpacks) a copy put there by hand.
 ZERO_SHOT_SOURCES = {
     "food101": ("http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz", "food-101.tar.gz"),
     "caltech101": ("https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip", "caltech101/caltech-101.zip"),
@@ -129,45 +106,26 @@ ZERO_SHOT_SOURCES = {
     "flowers102": ("https://www.robots.ox.ac.uk/~vgg/data/flowers/102/{102flowers.tgz,imagelabels.mat,setid.mat}",
                    "flowers-102/ (all three files)"),
     "oxford_pets": ("https://www.robots.ox.ac.uk/~vgg/data/pets/data/{images.tar.gz,annotations.tar.gz}",
-                    "oxford-iiit-pet/ (both archives)"),
-}
+                    "oxford-iiit-pet/ (both archives)")}
 # CoOp's split files, which the released protocol reads and torchvision does not fetch: folder, file, part read.
 COOP_SPLITS = {"oxford_pets": ("oxford-iiit-pet", "split_zhou_OxfordPets.json", "val"),
                "flowers102": ("flowers-102", "split_zhou_OxfordFlowers.json", "test")}
-COOP_URL = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 
-# Readable class names: CLIP's prompt names (openai/CLIP data/prompts.md) where torchvision's are not readable.
-# Caltech101: torchvision's folder names, except these; the rest only need "_" -> " ".
+# CLIP's prompt names (openai/CLIP data/prompts.md) where torchvision's are not readable; other Caltech101 names only
+# need "_" -> " ".
 CALTECH101_RENAMES = {
     "Faces": "off-center face", "Faces_easy": "centered face", "Leopards": "leopard", "Motorbikes": "motorbike",
     "airplanes": "airplane", "car_side": "side of a car", "cougar_body": "body of a cougar cat",
     "cougar_face": "face of a cougar cat", "crocodile_head": "head of a crocodile",
-    "flamingo_head": "head of a flamingo", "snoopy": "snoopy (cartoon beagle)", "yin_yang": "yin and yang symbol",
-}
+    "flamingo_head": "head of a flamingo", "snoopy": "snoopy (cartoon beagle)", "yin_yang": "yin and yang symbol"}
 EUROSAT_NAMES = {
     "AnnualCrop": "annual crop land", "Forest": "forest", "HerbaceousVegetation": "brushland or shrubland",
     "Highway": "highway or road", "Industrial": "industrial buildings or commercial buildings",
     "Pasture": "pasture land", "PermanentCrop": "permanent crop land",
-    "Residential": "residential buildings or homes or apartments", "River": "river", "SeaLake": "lake or sea",
-}
-# Flowers102 in label order (torchvision < 0.22 has no names; its later ones differ from CLIP's in three).
-FLOWERS102_NAMES = [
-    "pink primrose", "hard-leaved pocket orchid", "canterbury bells", "sweet pea", "english marigold", "tiger lily",
-    "moon orchid", "bird of paradise", "monkshood", "globe thistle", "snapdragon", "colt's foot", "king protea",
-    "spear thistle", "yellow iris", "globe flower", "purple coneflower", "peruvian lily", "balloon flower",
-    "giant white arum lily", "fire lily", "pincushion flower", "fritillary", "red ginger", "grape hyacinth",
-    "corn poppy", "prince of wales feathers", "stemless gentian", "artichoke", "sweet william", "carnation",
-    "garden phlox", "love in the mist", "mexican aster", "alpine sea holly", "ruby-lipped cattleya", "cape flower",
-    "great masterwort", "siam tulip", "lenten rose", "barbeton daisy", "daffodil", "sword lily", "poinsettia",
-    "bolero deep blue", "wallflower", "marigold", "buttercup", "oxeye daisy", "common dandelion", "petunia",
-    "wild pansy", "primula", "sunflower", "pelargonium", "bishop of llandaff", "gaura", "geranium", "orange dahlia",
-    "pink and yellow dahlia", "cautleya spicata", "japanese anemone", "black-eyed susan", "silverbush",
-    "californian poppy", "osteospermum", "spring crocus", "bearded iris", "windflower", "tree poppy", "gazania",
-    "azalea", "water lily", "rose", "thorn apple", "morning glory", "passion flower", "lotus", "toad lily", "anthurium",
-    "frangipani", "clematis", "hibiscus", "columbine", "desert-rose", "tree mallow", "magnolia", "cyclamen",
-    "watercress", "canna lily", "hippeastrum", "bee balm", "air plant", "foxglove", "bougainvillea", "camellia",
-    "mallow", "mexican petunia", "bromelia", "blanket flower", "trumpet creeper", "blackberry lily",
-]
+    "Residential": "residential buildings or homes or apartments", "River": "river", "SeaLake": "lake or sea"}
+# Flowers102: torchvision's names, except where CLIP's prompt names differ.
+FLOWERS102_RENAMES = {"globe-flower": "globe flower", "pink-yellow dahlia?": "pink and yellow dahlia",
+                      "ball moss": "air plant"}
 
 
 def check_zero_shot_names(names, protocol="ours"):
@@ -181,57 +139,51 @@ def check_zero_shot_names(names, protocol="ours"):
 
 
 def zero_shot_dataset(name, data_root, protocol="ours"):
-    """(dataset, indices of its evaluation images, {label: name} of the classes ranked) as `protocol` evaluates it;
-    torchvision downloads what is missing, or raises a clip_model.DownloadError naming the file to put in place."""
+    """(dataset, indices of its evaluation images, {label: name} of the classes ranked) as `protocol` evaluates it,
+    downloaded where missing (else a clip_model.DownloadError names the file to put in place)."""
     check_zero_shot_names([name], protocol)
+    released, tv = protocol == "released", torchvision.datasets
+    if released and name in COOP_SPLITS:  # before any download: the file a user must fetch by hand
+        folder, file, part = COOP_SPLITS[name]
+        coop = read_json(os.path.join(data_root, folder, file), "the released zero-shot protocol reads it; put CoOp's "
+                         "split file there: https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md")[part]
+        coop_names = {label: class_name for _, label, class_name in coop}  # entries [image file, label, name]
     try:
-        ds, indices, names = _zero_shot_dataset(name, data_root, protocol == "released")
+        if name == "imagefolder":
+            ds = stream.load_dataset("imagefolder", data_root, train=False)  # DATA_ROOT/test/<class>/*
+            names = ds.raw_classes if released else ds.classes
+        elif name == "food101":
+            ds = tv.Food101(data_root, split="test", download=True)
+            names = ds.classes if released else [c.replace("_", " ") for c in ds.classes]
+        elif name == "caltech101":  # no test split: all images
+            ds = tv.Caltech101(data_root, target_type="category", download=True)
+            names = [CALTECH101_RENAMES.get(c, c.replace("_", " ")) for c in ds.categories]
+            if released:  # the released code drops Faces_easy; we keep it, as CLIP's evaluation does
+                names = {c: n for c, n in enumerate(ds.categories) if n != "Faces_easy"}
+        elif name == "eurosat":
+            ds = tv.EuroSAT(data_root, download=True)  # no split either: all images
+            names = ds.classes if released else [EUROSAT_NAMES[c] for c in ds.classes]
+        elif name == "flowers102":
+            ds = tv.Flowers102(data_root, split="test", download=True)
+            names = coop_names if released else [FLOWERS102_RENAMES.get(c, c) for c in ds.classes]
+        else:  # Oxford Pets: ours, the test split; released, the trainval images CoOp's split validates with (~736)
+            ds = tv.OxfordIIITPet(data_root, "trainval" if released else "test", target_types="category", download=True)
+            names = coop_names if released else ds.classes  # already readable ("American Pit Bull Terrier")
     except ImportError as e:  # torchvision reads Flowers102's labels with scipy, which we do not require
-        raise stream.DataError(f"{name}: torchvision needs {e.name or 'a missing package'} to read it "
-                               f"(pip install {e.name or 'scipy'})") from None
+        raise stream.DataError(f"{name}: torchvision needs {e.name} to read it: pip install {e.name}") from None
     except OSError as e:  # no network (urllib's URLError is an OSError), or a file that cannot be written
         url, put_at = ZERO_SHOT_SOURCES[name]
         raise clip_model.DownloadError(name, url, e, os.path.join(data_root, put_at)) from None
     except RuntimeError as e:  # torchvision: corrupt or incomplete files
         raise stream.DataError(f"{name}: could not load it under {data_root}: {e}") from None
-    if not indices:
-        raise stream.DataError(f"{name}: no images to evaluate under {data_root}")
-    return ds, list(indices), names if isinstance(names, dict) else dict(enumerate(names))
-
-
-def _zero_shot_dataset(name, data_root, released):
-    """(dataset, indices, class names in label order or as {label: name}); released: as the released code."""
-    if released and name in COOP_SPLITS:  # before any download: the file a user must fetch by hand
-        folder, file, part = COOP_SPLITS[name]
-        coop = read_json(os.path.join(data_root, folder, file), "the released zero-shot protocol reads it; put CoOp's "
-                         f"split file there, as CoOp's dataset instructions say: {COOP_URL}")[part]
-        coop_names = {label: class_name for _, label, class_name in coop}  # entries [image file, label, name]
-    tv = torchvision.datasets
-    if name == "imagefolder":
-        ds = stream.load_dataset("imagefolder", data_root, train=False)  # DATA_ROOT/test/<class>/*
-        return ds, range(len(ds)), ds.raw_classes if released else ds.classes
-    if name == "food101":
-        ds = tv.Food101(data_root, split="test", download=True)
-        return ds, range(len(ds)), ds.classes if released else [c.replace("_", " ") for c in ds.classes]
-    if name == "caltech101":
-        # No test split: all images. The released code drops Faces_easy; we keep it, as CLIP's evaluation does.
-        ds = tv.Caltech101(data_root, target_type="category", download=True)
-        if released:
-            names = {c: n for c, n in enumerate(ds.categories) if n != "Faces_easy"}
-            return ds, [i for i, c in enumerate(ds.y) if c in names], names
-        return ds, range(len(ds)), [CALTECH101_RENAMES.get(c, c.replace("_", " ")) for c in ds.categories]
-    if name == "eurosat":
-        ds = tv.EuroSAT(data_root, download=True)  # no split either: all images
-        return ds, range(len(ds)), ds.classes if released else [EUROSAT_NAMES[c] for c in ds.classes]
-    if name == "flowers102":
-        ds = tv.Flowers102(data_root, split="test", download=True)
-        return ds, range(len(ds)), coop_names if released else FLOWERS102_NAMES
-    # Oxford Pets: ours, the test split; released, the trainval images that CoOp's split lists for validation (~736).
-    ds = tv.OxfordIIITPet(data_root, split="trainval" if released else "test", target_types="category", download=True)
-    if not released:
-        return ds, range(len(ds)), ds.classes  # already readable ("American Pit Bull Terrier")
-    files = {file for file, _, _ in coop}
-    return ds, [i for i, path in enumerate(ds._images) if os.path.basename(path) in files], coop_names
+    indices = list(range(len(ds)))
+    if released and name == "caltech101":
+        indices = [i for i, c in enumerate(ds.y) if c in names]
+    if released and name == "oxford_pets":
+        files = {file for file, _, _ in coop}
+        indices = [i for i, path in enumerate(ds._images) if os.path.basename(path) in files]
+    require(indices, name, f"no images to evaluate under {data_root}")
+    return ds, indices, names if isinstance(names, dict) else dict(enumerate(names))
 
 
 def fetch_zero_shot(names, data_root, protocol="ours"):
@@ -240,21 +192,19 @@ def fetch_zero_shot(names, data_root, protocol="ours"):
     return {name: len(zero_shot_dataset(name, data_root, protocol)[1]) for name in names}
 
 
-@torch.inference_mode()
 def autocast(device, precision):
     """bf16 autocast on CUDA by default (precision "auto"), plain fp32 elsewhere: a context-manager factory."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
+@torch.inference_mode()
 def zero_shot_transfer(model, datasets, data_root, prompt, device, batch_size=256, workers=2, mean=None, std=None,
                        resize="clip", protocol="ours", precision="auto"):
-    """Zero-shot transfer check (the paper's): {dataset: top-1 among all its classes}, with the run's prompt.
-
-    Test images take the anytime evaluation's path (stream.eval_batches, eval_transform) at the model's resolution:
-    protocol "ours" with `resize` and `mean`/`std` (default: the model's), "released" squashed and normalized with
-    ImageNet's statistics, as released for all five. precision: auto (bf16 on CUDA), bf16 or fp32. Every dataset is
-    opened (downloaded) before any is evaluated: a failed download loses no measurement. `model` is on `device`."""
+    """Zero-shot transfer check (the paper's): {dataset: top-1 among all its classes}, with the run's prompt. Test
+    images take the anytime evaluation's path (stream.eval_batches, eval_transform): protocol "ours" with `resize`
+    and `mean`/`std` (default: the model's), "released" squashed and with ImageNet's statistics, as released. Every
+    dataset is opened (downloaded) before any is evaluated: a failed download loses no measurement."""
     check_zero_shot_names(datasets, protocol)
     loaded = {name: zero_shot_dataset(name, data_root, protocol) for name in datasets}
     clip_model.get_tokenizer(model.config.vocab_size)  # the vocabulary too, before any work
@@ -283,8 +233,7 @@ def zero_shot_transfer(model, datasets, data_root, prompt, device, batch_size=25
 
 def zero_shot_markdown(accs):
     """Markdown table of zero-shot accuracies in percent, with their mean."""
-    lines = ["| dataset | top-1 (%) |", "|---|---:|"]
-    lines += [f"| {name} | {100 * acc:.2f} |" for name, acc in accs.items()]
+    lines = ["| dataset | top-1 (%) |", "|---|---:|"] + [f"| {name} | {100 * a:.2f} |" for name, a in accs.items()]
     if len(accs) > 1:
         lines.append(f"| mean | {100 * _mean(accs.values()):.2f} |")
     return "\n".join(lines)
@@ -293,39 +242,33 @@ def zero_shot_markdown(accs):
 def write_json(path, obj):
     """Write JSON atomically (a crash never leaves a half-written file)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    os.replace(path + ".tmp", path)
 
 
 def write_zero_shot(out_dir, accs, model, prompt, peft_weights=None, protocol="ours"):
     """OUT/zero_shot.json: {model, peft_weights, prompt, protocol, accuracy: {dataset: fraction}}; returns its path."""
     path = os.path.join(out_dir, "zero_shot.json")
-    write_json(path, {"model": model, "peft_weights": peft_weights, "prompt": prompt, "protocol": protocol,
-                      "accuracy": accs})
+    write_json(path, dict(model=model, peft_weights=peft_weights, prompt=prompt, protocol=protocol, accuracy=accs))
     return path
 
 
-PEFT_FILE_KEYS = ("model", "peft", "encoder", "peft_args", "state_dict", "prompt")
-
-
 def read_peft_file(path):
-    """The dict saved by train_online.py in OUT/peft.pt, checked for what is needed to rebuild the model."""
+    """The dict train_online.py saves in OUT/peft.pt, checked for what is needed to rebuild the model."""
+    keys = ["model", "peft", "encoder", "peft_args", "state_dict", "prompt"]
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a missing or corrupt file; all mean the same to the user
-        raise stream.DataError(f"{path}: not a readable peft.pt, which train_online.py writes to OUT/peft.pt "
-                               f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
-    if not (isinstance(saved, dict) and set(PEFT_FILE_KEYS) <= saved.keys() and saved["peft"] in ("lora", "adapter")):
-        raise stream.DataError(f"{path}: not the dict train_online.py saves (keys {list(PEFT_FILE_KEYS)}, "
-                               f"peft 'lora' or 'adapter')")
+        why = (str(e).splitlines() or [""])[0][:200]
+        raise stream.DataError(f"{path}: not a readable peft.pt ({type(e).__name__}: {why})") from None
+    ok = isinstance(saved, dict) and set(keys) <= saved.keys() and saved["peft"] in ("lora", "adapter")
+    require(ok, path, f"not the dict train_online.py saves in OUT/peft.pt (keys {keys}, peft lora or adapter)")
     return saved
 
 
 def load_peft_model(path, device="cpu"):
-    """Rebuild a tuned model from OUT/peft.pt: its CLIP (with the run's activation and, in model.config, the mean
-    and std the run normalized with), its LoRA/adapter, the saved weights -> (model, prompt)."""
+    """(model, prompt) of a run, rebuilt from OUT/peft.pt: its CLIP, activation, mean/std (in model.config), PEFT."""
     saved = read_peft_file(path)
     model = clip_model.load(saved["model"], device="cpu", act=saved.get("act"))  # CheckpointError names the path
     if "mean" in saved:
@@ -342,20 +285,24 @@ def load_peft_model(path, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
-# 4. analyses of run folders: seed tables, experiment grid, gradient timeline, plots
+# 4. analyses of run folders: seed tables, the grid of runs, the gradient timeline, plots
 
-METRICS = ("A_auc", "A_avg", "A_last", "F_last")
-GROUP_KEYS = ("dataset", "peft", "encoder", "visible_classes", "scenario")
 # Settings that should agree within a table row; the table warns when they do not.
 MUST_AGREE = ("model", "act", "n_tasks", "n", "m", "batch_size", "online_iter", "lr", "eval_period", "memory_size",
               "recipe", "lora_init", "double_softmax", "augment_per", "normalize", "test_resize", "class_names",
               "image_fit", "precision")
+REPOSITORY = os.path.dirname(os.path.abspath(__file__))  # where `python train_online.py` runs from
+
+
+def require(ok, path, problem):
+    """The one user-facing check of files and folders: unless ok, stream.DataError 'PATH: PROBLEM'."""
+    if not ok:
+        raise stream.DataError(f"{path}: {problem}")
 
 
 def read_json(path, what):
-    """Parse a JSON file, with one clear error line when it is missing or malformed."""
-    if not os.path.isfile(path):
-        raise stream.DataError(f"{path}: no such file ({what})")
+    """Parse a JSON file; `what` says who writes it, for the one error line when it is missing."""
+    require(os.path.isfile(path), path, f"no such file ({what})")
     try:
         with open(path) as f:
             return json.load(f)
@@ -365,47 +312,26 @@ def read_json(path, what):
 
 def read_results(run_dir):
     """OUT/results.json of one run, checked for the keys the analyses read."""
-    if not os.path.isdir(run_dir):
-        raise stream.DataError(f"{run_dir}: no such run folder")
     path = os.path.join(run_dir, "results.json")
     results = read_json(path, "train_online.py writes it in every run folder")
     needed = ("config", "status", "seen_classes", "anytime", "task_end_samples", "class_acc") + METRICS
-    missing = [k for k in needed if k not in results] if isinstance(results, dict) else list(needed)
-    if missing:
-        raise stream.DataError(f"{path}: missing key(s) {missing}")
+    missing = [k for k in needed if not isinstance(results, dict) or k not in results]
+    require(not missing, path, f"missing key(s) {missing}")
     return results
 
 
-def find_run_dirs(paths):
-    """Run folders among `paths`: a folder with results.json is a run; any other folder is searched below."""
-    runs = []
+def read_runs(paths):
+    """{run folder: read_results(run folder)} for the run folders (with a results.json) at or below `paths`."""
+    runs = {}
     for path in paths:
-        if not os.path.isdir(path):
-            raise stream.DataError(f"{path}: no such run folder")
-        if os.path.isfile(os.path.join(path, "results.json")):
-            runs.append(path)
-            continue
         found = sorted(root for root, _, files in os.walk(path) if "results.json" in files)
-        if not found:
-            raise stream.DataError(f"{path}: no results.json in it or below it (not a train_online.py run folder)")
-        runs += found
+        runs.update((run, read_results(run)) for run in found or [path])  # none: read_results names the missing file
     return runs
 
 
-def group_runs(results):
-    """Runs grouped by configuration (dataset, PEFT, tower, visible classes, scenario), in order of first appearance."""
-    groups = {}
-    for r in results:
-        c = r["config"]
-        key = tuple(None if c.get("peft") == "none" and k in ("encoder", "visible_classes") else c.get(k)
-                    for k in GROUP_KEYS)  # zero-shot CLIP trains no tower and has no loss
-        groups.setdefault(key, []).append(r)
-    return groups
-
-
 def mean_std(values):
-    """'mean ± std' in percent of the fractions that are not None. We use the sample std (ddof=1), as is usual
-    for a handful of seeds, and 0 for a single seed; '(n=k)' marks a metric that only k runs define."""
+    """'mean ± std' in percent of the fractions that are not None: the sample std (ddof=1), 0 for a single seed;
+    '(n=k)' marks a metric that only k runs define."""
     present = [100 * v for v in values if v is not None]
     if not present:
         return "–"
@@ -414,143 +340,95 @@ def mean_std(values):
     return cell if len(present) == len(values) else f"{cell} (n={len(present)})"
 
 
-def seed_table(groups):
-    """Markdown table: one row per configuration, A_auc, A_avg, A_last, F_last as mean ± std over seeds (%)."""
+def seed_table(results):
+    """(Markdown table, warnings): A_auc, A_avg, A_last, F_last as mean ± std over seeds (%), one row per dataset,
+    PEFT, tower, visible classes and scenario; a warning for each row mixing settings or repeating a seed."""
+    groups = {}
+    for r in results:
+        c = r["config"]
+        tuned = c.get("peft") != "none"  # zero-shot CLIP trains no tower and has no loss
+        key = (c.get("dataset"), c.get("peft"), c.get("encoder") if tuned else "–",
+               c.get("visible_classes") if tuned else "–", c.get("scenario"))
+        groups.setdefault(key, []).append(r)
     lines = ["| dataset | PEFT | tower | visible | scenario | seeds | A_auc | A_avg | A_last | F_last |",
              "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
-    for (dataset, peft, encoder, visible, scenario), runs in groups.items():
-        if peft == "none":
-            encoder = visible = "–"  # zero-shot CLIP trains no tower and has no loss
-        cells = [mean_std([r[m] for r in runs]) for m in METRICS]
-        lines.append(f"| {dataset} | {peft} | {encoder} | {visible} | {scenario} | {len(runs)} | "
-                     + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def group_warnings(groups):
-    """Lines that warn about rows mixing runs of different settings or repeating a seed."""
     warnings = []
     for key, runs in groups.items():
-        name = "/".join(str(k) for k in key)
+        cells = [*key, len(runs)] + [mean_std([r[m] for r in runs]) for m in METRICS]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+        name = "/".join(map(str, key))
         mixed = [k for k in MUST_AGREE if len({json.dumps(r["config"].get(k)) for r in runs}) > 1]
-        if mixed:
-            warnings.append(f"warning: row {name} mixes runs with different {', '.join(mixed)}")
-        seeds = [r["config"].get("seed") for r in runs]
-        if len(set(seeds)) < len(seeds):
-            warnings.append(f"warning: row {name} has repeated seeds {sorted(seeds)}")
-    return warnings
+        seeds = sorted(r["config"].get("seed") for r in runs)
+        warnings += [f"warning: row {name} mixes runs with different {', '.join(mixed)}"] if mixed else []
+        warnings += [f"warning: row {name} has repeated seeds {seeds}"] if len(set(seeds)) < len(seeds) else []
+    return "\n".join(lines), warnings
 
 
-PEFTS = ("lora", "adapter")
-ENCODERS = ("image", "text", "both")
-VISIBLE_CLASSES = ("batch", "all")
-SEEDS = (1, 2, 3, 4, 5)
-
-
-REPOSITORY = os.path.dirname(os.path.abspath(__file__))  # where `python train_online.py` runs from
-
-
-def grid_runs(dataset, data_root=None, seeds=SEEDS, zero_shot_eval=False, recipe="ours", runs_root="runs"):
-    """(out folder, train_online.py command) of each run of the paper's comparison: {LoRA, adapter} x {image, text,
-    both} x {batch (SIT), all}, plus zero-shot CLIP (--peft none), for every seed, each with its own --out folder
-    under runs_root/<dataset>/ (runs_root/<dataset>-released/ for the released recipe)."""
-    configs = [(p, e, v) for p in PEFTS for e in ENCODERS for v in VISIBLE_CLASSES] + [("none", None, None)]
+def grid_runs(dataset, data_root=None, seeds=(1, 2, 3, 4, 5), zero_shot_eval=False, recipe="ours", runs_root="runs"):
+    """(out folder, train_online.py command) of each run of the paper's comparison, {LoRA, adapter} x {image, text,
+    both} x {batch (SIT), all} and zero-shot CLIP for every seed, in runs_root/<dataset>[-released]/<config>/seed<k>."""
+    configs = [(p, e, v) for p in ("lora", "adapter") for e in clip_model.ENCODERS for v in ("batch", "all")]
     folder = os.path.join(runs_root, dataset if recipe == "ours" else f"{dataset}-{recipe}")
+    common = ["python", "train_online.py", "--dataset", dataset] + (["--data-root", data_root] if data_root else [])
+    common += (["--recipe", recipe] if recipe != "ours" else []) + (["--zero-shot-eval"] if zero_shot_eval else [])
     runs = []
-    for peft, encoder, visible in configs:
+    for peft, encoder, visible in configs + [("none", None, None)]:
         name = "zero-shot" if peft == "none" else f"{peft}-{encoder}-{visible}"
+        flags = ["--peft", peft] + (["--encoder", encoder, "--visible-classes", visible] if peft != "none" else [])
         for seed in seeds:
             out = os.path.join(folder, name, f"seed{seed}")
-            args = ["python", "train_online.py", "--dataset", dataset]
-            args += ["--data-root", data_root] if data_root else []
-            args += ["--recipe", recipe] if recipe != "ours" else []
-            args += ["--peft", peft]
-            args += ["--encoder", encoder, "--visible-classes", visible] if peft != "none" else []
-            args += ["--seed", str(seed), "--out", out]
-            args += ["--zero-shot-eval"] if zero_shot_eval else []
-            runs.append((out, shlex.join(args)))
+            runs.append((out, shlex.join(common + flags + ["--seed", str(seed), "--out", out])))
     return runs
 
 
 def is_finished(run_dir):
-    """Whether a run folder holds a results.json with status "finished" (paths relative to the repository)."""
-    path = os.path.join(REPOSITORY, run_dir, "results.json")
+    """Whether a run folder (relative to the repository) holds a results.json with status "finished"."""
     try:
-        with open(path) as f:
+        with open(os.path.join(REPOSITORY, run_dir, "results.json")) as f:
             return json.load(f).get("status") == "finished"
     except (OSError, ValueError, AttributeError):
         return False  # missing, half-written or malformed: run it (again)
 
 
 def slurm_script(commands, job_name, log_dir, time="02:00:00", cpus=8, partition=None):
-    """A SLURM batch script that runs `commands` as a job array, one run (and one GPU) per array task: task k runs
-    commands[k]. The commands are written into the script, so it needs no other file."""
-    lines = ["#!/bin/bash",
-             f"#SBATCH --job-name={job_name}",
-             f"#SBATCH --array=0-{len(commands) - 1}",
-             "#SBATCH --gres=gpu:1",
-             "#SBATCH --ntasks=1",
-             f"#SBATCH --cpus-per-task={cpus}",
-             f"#SBATCH --time={time}",
+    """A SLURM batch script (needing no other file) whose array task k runs commands[k] on one GPU."""
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --array=0-{len(commands) - 1}",
+             "#SBATCH --gres=gpu:1", "#SBATCH --ntasks=1", f"#SBATCH --cpus-per-task={cpus}", f"#SBATCH --time={time}",
              f"#SBATCH --output={os.path.join(log_dir, '%x-%A_%a.log')}"]
     lines += [f"#SBATCH --partition={partition}"] if partition else []
     lines += [f"# {len(commands)} runs of `python evaluate.py grid`. Submit with: sbatch THIS_FILE",
               "# After failures or a time limit, print the grid again with --skip-finished and submit that.",
-              "set -euo pipefail",
-              f"cd {shlex.quote(REPOSITORY)}",
+              "set -euo pipefail", f"cd {shlex.quote(REPOSITORY)}",
               'case "${SLURM_ARRAY_TASK_ID:?run this script with sbatch}" in']
     lines += [f"  {k}) {command} ;;" for k, command in enumerate(commands)]
     lines += ['  *) echo "no run for array task $SLURM_ARRAY_TASK_ID" >&2; exit 1 ;;', "esac"]
     return "\n".join(lines) + "\n"
 
 
-GRAD_KEYS = ("step", "task", "classes", "in_batch", "pos", "neg")
-
-
 def read_grad(path):
     """The records of OUT/grad.jsonl (one per gradient step), checked line by line."""
-    if not os.path.isfile(path):
-        raise stream.DataError(f"{path}: no such file (train_online.py --grad-analysis writes it)")
-    records = []
+    require(os.path.isfile(path), path, "no such file (train_online.py --grad-analysis writes it)")
+    records, lists = [], ("classes", "in_batch", "pos", "neg")
     with open(path) as f:
         for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
             try:
                 r = json.loads(line)
             except json.JSONDecodeError as e:
                 raise stream.DataError(f"{path}:{i}: malformed JSON ({e})") from None
-            if not isinstance(r, dict) or any(k not in r for k in GRAD_KEYS):
-                raise stream.DataError(f"{path}:{i}: expected an object with keys {list(GRAD_KEYS)}")
-            if not len(r["classes"]) == len(r["in_batch"]) == len(r["pos"]) == len(r["neg"]):
-                raise stream.DataError(f"{path}:{i}: classes, in_batch, pos and neg differ in length")
+            ok = isinstance(r, dict) and {"step", "task", *lists} <= r.keys() and len({len(r[k]) for k in lists}) == 1
+            require(ok, f"{path}:{i}", f"expected keys step, task and {', '.join(lists)} (lists of one length)")
             records.append(r)
-    if not records:
-        raise stream.DataError(f"{path}: no gradient steps recorded")
+    require(records, path, "no gradient steps recorded")
     return records
 
 
 def gradient_summary(records):
     """Figure 2 in numbers: mean norms of the positive and negative gradient parts on the text features of visible
     classes present in the batch and absent from it (absent ones exist only under --visible-classes all)."""
-    parts = {True: ([], []), False: ([], [])}
-    for r in records:
-        for present, pos, neg in zip(r["in_batch"], r["pos"], r["neg"]):
-            parts[bool(present)][0].append(pos)
-            parts[bool(present)][1].append(neg)
-    return {("present" if present else "absent"): {"entries": len(pos), "pos": _mean(pos), "neg": _mean(neg)}
-            for present, (pos, neg) in parts.items()}
-
-
-def gradient_summary_markdown(summary):
-    """Markdown table of gradient_summary."""
-    def number(x):
-        return "–" if x is None else f"{x:.4g}"
-    lines = ["| visible classes | entries | mean positive part | mean negative part |", "|---|---:|---:|---:|"]
-    for key, label in (("present", "in the batch"), ("absent", "absent from the batch")):
-        s = summary[key]
-        lines.append(f"| {label} | {s['entries']} | {number(s['pos'])} | {number(s['neg'])} |")
-    return "\n".join(lines)
+    entries = [e for r in records for e in zip(r["in_batch"], r["pos"], r["neg"])]  # (present, pos, neg)
+    parts = {"present": [e for e in entries if e[0]], "absent": [e for e in entries if not e[0]]}
+    return {key: {"entries": len(part), "pos": _mean([e[1] for e in part]), "neg": _mean([e[2] for e in part])}
+            for key, part in parts.items()}
 
 
 def matplotlib_figure():
@@ -569,98 +447,70 @@ def run_label(results):
     return f"{name} seed {c.get('seed')}"
 
 
-def class_order(results, extra=()):
-    """Class ids in order of first appearance in the stream (results.json), then any others in the given order."""
-    order = list(results["seen_classes"])
-    known = set(order)
-    return order + [c for c in dict.fromkeys(extra) if c not in known]
-
-
 def class_ticks(ax, classes, names, most=40):
     """Label the class rows of a heatmap with class names, unless there are too many to read."""
-    if len(classes) > most or not names:
-        ax.set_yticks([])
-    else:
-        ax.set_yticks(range(len(classes)), [names[c] for c in classes], fontsize="small")
+    shown = classes if names and len(classes) <= most else []
+    ax.set_yticks(range(len(shown)), [names[c] for c in shown], fontsize="small")
 
 
 def plot_grad(records, results, out_png):
-    """Gradient timeline (Figure 2): classes (order of first appearance) x gradient steps, positive and negative
-    parts of dL/dg_c in two panels; a strip marks disjoint and blurry classes; empty cells: class not visible."""
-    Figure = matplotlib_figure()
-    from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch
-
+    """Gradient timeline (Figure 2): classes (order of first appearance, named as disjoint or blurry) x gradient steps,
+    the positive and negative parts of dL/dg_c in two panels."""
     visible = dict.fromkeys(c for r in records for c in r["classes"])  # every class ever in the loss, in order
-    classes = [c for c in class_order(results, extra=visible) if c in visible]
+    classes = [c for c in dict.fromkeys([*results["seen_classes"], *visible]) if c in visible]
+    fig = matplotlib_figure()(figsize=(12, 2 + 2 * max(2.0, 0.04 * len(classes))), layout="constrained")
     row = {c: i for i, c in enumerate(classes)}
-    pos = [[math.nan] * len(records) for _ in classes]  # (classes, steps)
-    neg = [[math.nan] * len(records) for _ in classes]
+    pos, neg = ([[math.nan] * len(records) for _ in classes] for _ in range(2))  # (classes, steps) each
     for j, r in enumerate(records):
         for c, p, n in zip(r["classes"], r["pos"], r["neg"]):
             pos[row[c]][j], neg[row[c]][j] = p, n
-    disjoint = {c for task in results.get("disjoint_classes", []) for c in task}
-    blurry = {c for task in results.get("blurry_classes", []) for c in task}
-    kinds = [[0 if c in disjoint else 1 if c in blurry else 2] for c in classes]  # (classes, 1)
-    kind_colors = ["tab:blue", "tab:orange", "lightgrey"]
-    task_starts = [j for j in range(1, len(records)) if records[j]["task"] != records[j - 1]["task"]]
-
-    names = results.get("class_names", [])
-    fig = Figure(figsize=(12, 2 + 2 * max(2.0, 0.04 * len(classes))), layout="constrained")
-    grid = fig.add_gridspec(2, 2, width_ratios=[1, 60])
+    kind = {c: k for k in ("disjoint", "blurry") for task in results.get(f"{k}_classes", []) for c in task}
+    names = {c: f"{name} ({kind.get(c, '?')})" for c, name in enumerate(results.get("class_names", []))}
+    boundaries = [j - 0.5 for j in range(1, len(records)) if records[j]["task"] != records[j - 1]["task"]]
     for k, (matrix, part) in enumerate(((pos, "positive part (samples of c)"), (neg, "negative part (other samples)"))):
-        strip = fig.add_subplot(grid[k, 0])
-        strip.imshow(kinds, aspect="auto", interpolation="nearest", cmap=ListedColormap(kind_colors), vmin=0, vmax=2)
-        strip.set_xticks([])
-        class_ticks(strip, classes, names)
-        ax = fig.add_subplot(grid[k, 1], sharey=strip)
+        ax = fig.add_subplot(2, 1, k + 1)
         image = ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap="viridis")
-        for j in task_starts:
-            ax.axvline(j - 0.5, color="red", lw=0.8, ls="--")
-        ax.tick_params(axis="y", left=False, labelleft=False)
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.vlines(boundaries, -0.5, len(classes) - 0.5, color="red", lw=0.8, ls="--")
+        class_ticks(ax, classes, names)
         ax.set_title(f"|dL/dg_c|, {part}")
         fig.colorbar(image, ax=ax, label="L2 norm")
     ax.set_xlabel("gradient step (dashed: task boundary; empty cell: class not in the loss)")
-    fig.legend(handles=[Patch(color=kind_colors[0], label="disjoint class"),
-                        Patch(color=kind_colors[1], label="blurry class")], loc="outside lower left", ncols=2)
     fig.suptitle(f"Gradient on the text features, classes in order of first appearance: {run_label(results)}")
-    fig.savefig(out_png, dpi=100)
+    save_png(fig, out_png)
 
 
 def plot_runs(runs, out_png):
     """Anytime accuracy of each run (task ends marked) and, per run, the per-class accuracy at each task end."""
-    Figure = matplotlib_figure()
     n_cols = min(len(runs), 4)
     n_rows = math.ceil(len(runs) / n_cols)
-    fig = Figure(figsize=(4 * n_cols + 2, 4 + 3.5 * n_rows), layout="constrained")
+    fig = matplotlib_figure()(figsize=(4 * n_cols + 2, 4 + 3.5 * n_rows), layout="constrained")
     grid = fig.add_gridspec(1 + n_rows, n_cols)
     curves = fig.add_subplot(grid[0, :])
-    heatmaps = []
+    image = None
     for i, r in enumerate(runs):
         samples = [a["samples"] for a in r["anytime"]]
         (line,) = curves.plot(samples, [100 * a["acc"] for a in r["anytime"]], marker=".", label=run_label(r))
         for s in r["task_end_samples"]:
             curves.axvline(s, color=line.get_color(), lw=0.8, ls=":")
         ax = fig.add_subplot(grid[1 + i // n_cols, i % n_cols])
-        classes = class_order(r)
-        matrix = [[math.nan if accs[c] is None else 100 * accs[c] for accs in r["class_acc"]] for c in classes]
-        if classes and r["class_acc"]:  # (classes, task ends)
+        classes, ends = r["seen_classes"], len(r["class_acc"])
+        if classes and ends:  # (classes, task ends)
+            matrix = [[math.nan if accs[c] is None else 100 * accs[c] for accs in r["class_acc"]] for c in classes]
             image = ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=100)
-            heatmaps.append(ax)
-        else:
-            ax.text(0.5, 0.5, "no task end yet", ha="center", va="center", transform=ax.transAxes)
-        ax.set_xticks(range(len(r["class_acc"])), [f"T{t + 1}" for t in range(len(r["class_acc"]))])
+        ax.set_xticks(range(ends), [f"T{t + 1}" for t in range(ends)])
         class_ticks(ax, classes, r.get("class_names", []))
-        ax.set_xlabel("task end")
-        ax.set_ylabel("classes, in seen order")
-        ax.set_title(run_label(r), fontsize="medium")
-    curves.set_xlabel("samples seen (dotted: task ends)")
-    curves.set_ylabel("anytime accuracy on seen classes (%)")
+        ax.set(xlabel="task end" if ends else "no task end yet", ylabel="classes, in seen order", title=run_label(r))
+    curves.set(xlabel="samples seen (dotted: task ends)", ylabel="anytime accuracy on seen classes (%)")
     curves.legend(fontsize="small")
-    if heatmaps:
-        fig.colorbar(image, ax=heatmaps, label="per-class accuracy (%)")
-    fig.savefig(out_png, dpi=100)
+    if image is not None:
+        fig.colorbar(image, ax=fig.axes[1:], label="per-class accuracy (%)")
+    save_png(fig, out_png)
+
+
+def save_png(fig, path):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=100)
+    print(f"wrote {path}")
 
 
 # -----------------------------------------------------------------------------
@@ -677,7 +527,6 @@ def resolve_device(name):
 
 
 def cmd_zero_shot(args):
-    """zero-shot: accuracy table of plain or tuned CLIP on other datasets, saved as zero_shot.json."""
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     check_zero_shot_names(datasets)
     device = resolve_device(args.device)
@@ -687,9 +536,8 @@ def cmd_zero_shot(args):
         model, prompt = load_peft_model(args.peft_weights, device)  # with the run's mean/std
         out = args.out or os.path.dirname(os.path.abspath(args.peft_weights))
     else:
-        act = None if args.act == "auto" else args.act
-        model, name, resize, recipe = clip_model.load(args.model, device, act=act), args.model, "clip", {}
-        prompt = clip_model.PROMPT
+        model = clip_model.load(args.model, device, act=None if args.act == "auto" else args.act)
+        name, resize, recipe, prompt = args.model, "clip", {}, clip_model.PROMPT
         slug = os.path.splitext(os.path.basename(args.model))[0] if os.path.isfile(args.model) else args.model
         out = args.out or os.path.join("runs", "zero-shot", slug.replace("/", "-").replace("@", "-"))
     protocol = args.protocol or recipe.get("zero_shot_protocol", "ours")  # the run's, unless told otherwise
@@ -701,30 +549,27 @@ def cmd_zero_shot(args):
 
 
 def cmd_table(args):
-    """table: mean ± std over seeds of the finished runs found under the given folders."""
     results = []
-    for run in find_run_dirs(args.run_dirs):
-        r = read_results(run)
-        if r["status"] != "finished" and not args.unfinished:
+    for run, r in read_runs(args.run_dirs).items():
+        if r["status"] == "finished" or args.unfinished:
+            results.append(r)
+        else:
             print(f"skipping {run} (status {r['status']}; --unfinished includes it)", file=sys.stderr)
-            continue
-        results.append(r)
     if not results:
         raise stream.DataError("no finished runs to tabulate (--unfinished includes the others)")
-    groups = group_runs(results)
-    for warning in group_warnings(groups):
+    table, warnings = seed_table(results)
+    for warning in warnings:
         print(warning, file=sys.stderr)
-    print(seed_table(groups))
+    print(table)
 
 
 def cmd_grid(args):
-    """grid: one train_online.py command per line, or (--slurm) one SLURM job-array script that runs them."""
     runs = grid_runs(args.dataset, args.data_root, zero_shot_eval=args.zero_shot_eval, recipe=args.recipe,
                      runs_root=args.runs_root)
     if args.skip_finished:
-        done = [out for out, _ in runs if is_finished(out)]
-        runs = [(out, command) for out, command in runs if out not in done]
-        print(f"skipping {len(done)} finished run(s); {len(runs)} to run", file=sys.stderr)
+        todo = [(out, command) for out, command in runs if not is_finished(out)]
+        print(f"skipping {len(runs) - len(todo)} finished run(s); {len(todo)} to run", file=sys.stderr)
+        runs = todo
     commands = [command for _, command in runs]
     if not args.slurm:
         print("\n".join(commands))
@@ -737,92 +582,71 @@ def cmd_grid(args):
 
 
 def cmd_plot(args):
-    """plot: accuracy curves and per-class heatmaps of the runs found under the given folders."""
     matplotlib_figure()  # fail before reading anything when the optional extra is missing
-    runs = find_run_dirs(args.run_dirs)
-    results = [read_results(run) for run in runs]
-    out = args.out or (os.path.join(runs[0], "plot.png") if len(runs) == 1 else "plot.png")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    plot_runs(results, out)
-    print(f"wrote {out}")
+    runs = read_runs(args.run_dirs)
+    plot_runs(list(runs.values()), args.out or (os.path.join(*runs, "plot.png") if len(runs) == 1 else "plot.png"))
 
 
 def cmd_plot_grad(args):
-    """plot-grad: the gradient summary table and the timeline PNG of a --grad-analysis run."""
+    """Figure 2 in numbers (gradient_summary as a Markdown table), and the timeline PNG."""
     matplotlib_figure()
-    if not os.path.isdir(args.run_dir):
-        raise stream.DataError(f"{args.run_dir}: no such run folder")
     records = read_grad(os.path.join(args.run_dir, "grad.jsonl"))
-    results = read_results(args.run_dir)
-    print(gradient_summary_markdown(gradient_summary(records)))
-    out = args.out or os.path.join(args.run_dir, "grad.png")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    plot_grad(records, results, out)
-    print(f"wrote {out}")
+    print("| visible classes | entries | mean positive part | mean negative part |\n|---|---:|---:|---:|")
+    for label, s in zip(("in the batch", "absent from the batch"), gradient_summary(records).values()):
+        pos, neg = ("–" if x is None else f"{x:.4g}" for x in (s["pos"], s["neg"]))
+        print(f"| {label} | {s['entries']} | {pos} | {neg} |")
+    plot_grad(records, read_results(args.run_dir), args.out or os.path.join(args.run_dir, "grad.png"))
 
 
 def build_parser():
     parser = argparse.ArgumentParser(description="Evaluate SIT-tuned CLIP runs: zero-shot transfer, tables, plots.")
     commands = parser.add_subparsers(dest="command", required=True)
-
-    p = commands.add_parser("zero-shot", help="zero-shot top-1 accuracy on other datasets, all classes of each")
+    p = commands.add_parser("zero-shot", help="top-1 accuracy on other datasets (all classes) -> zero_shot.json")
     weights = p.add_mutually_exclusive_group(required=True)
     weights.add_argument("--peft-weights", help="OUT/peft.pt of a run (rebuilds the tuned model and its prompt)")
     weights.add_argument("--model", help=f"plain CLIP: one of {clip_model.available_models()} or a checkpoint path")
     p.add_argument("--act", default="auto", choices=("auto",) + clip_model.ACTIVATIONS,
                    help="MLP activation of --model: auto = open_clip_config.json beside it, else OpenAI's QuickGELU")
-    p.add_argument("--datasets", default=",".join(ZERO_SHOT_DATASETS),
-                   help=f"comma-separated, from {', '.join(ZERO_SHOT_CHOICES)} (default: the five of the paper)")
+    p.add_argument("--datasets", default=",".join(ZERO_SHOT_DATASETS), help=f"from {', '.join(ZERO_SHOT_CHOICES)}")
     p.add_argument("--data-root", default="data", help="torchvision download folder; imagefolder reads ROOT/test/")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--protocol", choices=ZERO_SHOT_PROTOCOLS, help="ours, or released (the released code's images, "
-                   "class names and preprocessing); default: the run's (peft.pt), else ours")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
-                   help="auto = bf16 autocast on CUDA; default: the run's (peft.pt), else auto")
-    p.add_argument("--out", help="folder for zero_shot.json (default: next to --peft-weights, "
-                                 "or runs/zero-shot/<model> for --model)")
-    p.set_defaults(func=cmd_zero_shot)
-
+    p.add_argument("--protocol", choices=ZERO_SHOT_PROTOCOLS, help="released: the released code's images, class "
+                   "names and preprocessing (default: the run's, from peft.pt, else ours)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="auto: bf16 on CUDA (default: the run's)")
+    p.add_argument("--out", help="folder for zero_shot.json (default: beside --peft-weights, runs/zero-shot/<model>)")
     p = commands.add_parser("table", help="Markdown table of A_auc, A_avg, A_last, F_last: mean ± std over seeds")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, or folders to search for them")
     p.add_argument("--unfinished", action="store_true", help="include interrupted or failed runs")
-    p.set_defaults(func=cmd_table)
-
     p = commands.add_parser("grid", help="print the train_online.py commands of the paper's comparison")
     p.add_argument("--dataset", default="cifar100", choices=stream.DATASETS)
     p.add_argument("--data-root", help="passed on to train_online.py")
     p.add_argument("--zero-shot-eval", action="store_true", help="add --zero-shot-eval to every command")
     p.add_argument("--recipe", default="ours", choices=("ours", "released"), help="passed on to every command")
-    p.add_argument("--runs-root", default="runs",
-                   help="the runs go to RUNS_ROOT/<dataset>[-released]/<config>/seed<k> (relative to the repository)")
-    p.add_argument("--skip-finished", action="store_true",
-                   help="leave out the runs whose folder holds a finished results.json")
+    p.add_argument("--runs-root", default="runs", help="runs go to RUNS_ROOT/<dataset>[-released]/<config>/seed<k>")
+    p.add_argument("--skip-finished", action="store_true", help="leave out runs with a finished results.json")
     p.add_argument("--slurm", action="store_true", help="print a SLURM job-array script instead (one GPU per run)")
     p.add_argument("--time", default="02:00:00", help="--slurm: the time limit of each run")
     p.add_argument("--cpus", type=int, default=8, help="--slurm: CPU cores per run (data-loading workers)")
     p.add_argument("--partition", help="--slurm: the SLURM partition to submit to")
-    p.set_defaults(func=cmd_grid)
-
     p = commands.add_parser("plot", help="PNG of anytime accuracy curves and per-class accuracy at task ends")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, or folders to search for them")
     p.add_argument("--out", help="PNG path (default: RUN_DIR/plot.png for one run, ./plot.png for several)")
-    p.set_defaults(func=cmd_plot)
-
     p = commands.add_parser("plot-grad", help="PNG of the gradient timeline (Figure 2) of a --grad-analysis run")
     p.add_argument("run_dir", metavar="OUT", help="run folder with grad.jsonl and results.json")
     p.add_argument("--out", help="PNG path (default: OUT/grad.png)")
-    p.set_defaults(func=cmd_plot_grad)
     return parser
 
 
 def main(argv=None):
     """Run one command; bad input gives one error line on stderr and exit status 1, never a traceback."""
     args = build_parser().parse_args(argv)
+    command = {"zero-shot": cmd_zero_shot, "table": cmd_table, "grid": cmd_grid, "plot": cmd_plot,
+               "plot-grad": cmd_plot_grad}[args.command]
     try:
-        args.func(args)
-    except (stream.DataError, clip_model.CheckpointError, clip_model.DownloadError, stream.DataError) as e:
+        command(args)
+    except (stream.DataError, clip_model.CheckpointError, clip_model.DownloadError) as e:
         print(f"evaluate.py {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

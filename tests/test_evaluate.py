@@ -529,8 +529,13 @@ def test_a_missing_coop_split_file_is_one_clear_line_before_any_download(tmp_pat
         evaluate.fetch_zero_shot([dataset], str(tmp_path / "data"), protocol="released")
 
 
-def test_flowers102_has_a_name_for_each_of_its_102_classes():
-    assert len(set(evaluate.FLOWERS102_NAMES)) == 102
+def test_flowers102_names_are_clips_102_names(tmp_path, monkeypatch):
+    import torchvision
+    monkeypatch.setattr(torchvision.datasets.Flowers102, "__init__", lambda self, root, split, download: setattr(
+        self, "_image_files", ["a.jpg"]))  # torchvision's class names, no download
+    _, _, names = evaluate.zero_shot_dataset("flowers102", str(tmp_path))
+    assert len(set(names.values())) == 102
+    assert (names[15], names[59], names[92]) == ("globe flower", "pink and yellow dahlia", "air plant")
 
 
 def test_unknown_zero_shot_dataset_fails_before_any_work():
