@@ -1,14 +1,8 @@
 """
-OpenAI's CLIP (ViT image tower + text transformer) in one readable file.
-
-Parameter names equal the keys of OpenAI's released state dicts, so their weights load with
-`load_state_dict(strict=True)` and no renaming. Top to bottom: the building blocks, the two towers and CLIP,
-`build_model` (every size inferred from the tensors), checkpoints (SHA256-verified downloads, OpenAI's TorchScript
-archives, plain state dicts, open_clip checkpoints with their `open_clip_config.json`), the byte-level BPE
-tokenizer, and the helpers for zero-shot classification.
-
-References: Radford et al., "Learning Transferable Visual Models From Natural Language Supervision",
-and OpenAI's `clip/model.py`, `clip/clip.py`, `clip/simple_tokenizer.py`.
+OpenAI's CLIP (Radford et al., "Learning Transferable Visual Models From Natural Language Supervision"): the ViT image
+tower and the text transformer, with parameter names equal to the keys of OpenAI's state dicts, so their weights load
+strictly without renaming. Then `build_model` (every size read off the tensors), checkpoints (OpenAI's, downloaded
+and SHA256-verified; plain or open_clip state dicts), the byte-level BPE tokenizer, and the zero-shot helpers.
 """
 
 import gzip
@@ -17,6 +11,7 @@ import html
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import urllib.request
 import warnings
@@ -72,8 +67,7 @@ class Attention(nn.Module):
         qkv = self.in_proj(x).view(B, T, 3, self.heads, C // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, T, hs)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return self.out_proj(y)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -86,14 +80,12 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_2 = LayerNorm(width)
         self.mlp = nn.Sequential()
         self.mlp.add_module("c_fc", nn.Linear(width, mlp_width))
-        # named "gelu" whatever it is, as in OpenAI's layout
-        self.mlp.add_module("gelu", QuickGELU() if act == "quickgelu" else nn.GELU())
+        self.mlp.add_module("gelu", QuickGELU() if act == "quickgelu" else nn.GELU())  # OpenAI's name for either
         self.mlp.add_module("c_proj", nn.Linear(mlp_width, width))
 
     def forward(self, x, attn_mask=None):
         x = x + self.attn(self.ln_1(x), attn_mask)
-        x = x + self.mlp(self.ln_2(x))
-        return x
+        return x + self.mlp(self.ln_2(x))
 
 
 class Transformer(nn.Module):
@@ -101,8 +93,6 @@ class Transformer(nn.Module):
 
     def __init__(self, width, layers, heads, mlp_width, act):
         super().__init__()
-        self.width = width
-        self.layers = layers
         self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, mlp_width, act) for _ in range(layers)])
 
     def forward(self, x, attn_mask=None):
@@ -114,7 +104,6 @@ class Transformer(nn.Module):
 # -----------------------------------------------------------------------------
 # the two towers and CLIP
 
-
 # The image normalization OpenAI's CLIP was trained with (open_clip checkpoints may bring their own).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -123,16 +112,16 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 @dataclass
 class CLIPConfig:
     embed_dim: int = 512           # joint image-text embedding size
-    image_size: int = 224    # input image side in pixels
+    image_size: int = 224          # input image side in pixels
     vision_layers: int = 12
     vision_width: int = 768
     vision_patch_size: int = 16
     context_length: int = 77       # text tokens, start and end-of-text included
     vocab_size: int = 49408        # BPE vocabulary incl. the two special tokens (see `get_tokenizer`)
     transformer_width: int = 512   # text tower width
-    transformer_heads: int = 8
+    transformer_heads: int = None  # None: transformer_width // 64 (OpenAI's; open_clip's ViT-H/g/bigG differ)
     transformer_layers: int = 12
-    vision_heads: int = None       # None: vision_width // 64 (OpenAI's head width; open_clip's ViT-H/g/bigG differ)
+    vision_heads: int = None       # None: vision_width // 64
     vision_mlp_width: int = None   # None: 4 * vision_width (open_clip's ViT-g/bigG use other MLP ratios)
     transformer_mlp_width: int = None  # None: 4 * transformer_width
     act: str = "quickgelu"         # MLP activation, one of ACTIVATIONS; nothing in the weights tells which
@@ -143,13 +132,12 @@ class CLIPConfig:
         if self.act not in ACTIVATIONS:
             raise ValueError(f"act={self.act!r}; expected one of {ACTIVATIONS}")
         self.vision_heads = self.vision_heads or self.vision_width // 64
+        self.transformer_heads = self.transformer_heads or self.transformer_width // 64
         self.vision_mlp_width = self.vision_mlp_width or 4 * self.vision_width
         self.transformer_mlp_width = self.transformer_mlp_width or 4 * self.transformer_width
-        self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
-        for tower, width, heads in (("image", self.vision_width, self.vision_heads),
-                                    ("text", self.transformer_width, self.transformer_heads)):
+        for width, heads in ((self.vision_width, self.vision_heads), (self.transformer_width, self.transformer_heads)):
             if heads < 1 or width % heads:
-                raise ValueError(f"the {tower} tower's width {width} does not split into {heads} attention heads")
+                raise ValueError(f"width {width} does not split into {heads} attention heads")
 
 
 # The same layout at toy size (width 64, 2 layers, one head, 32 px): for tests and `train_online.py --smoke`.
@@ -166,8 +154,7 @@ class VisionTransformer(nn.Module):
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         scale = width ** -0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        n_tokens = (image_size // patch_size) ** 2 + 1
-        self.positional_embedding = nn.Parameter(scale * torch.randn(n_tokens, width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn((image_size // patch_size) ** 2 + 1, width))
         self.ln_pre = LayerNorm(width)
         self.transformer = Transformer(width, layers, heads, mlp_width, act)
         self.ln_post = LayerNorm(width)
@@ -187,8 +174,7 @@ class CLIP(nn.Module):
 
     def __init__(self, config: CLIPConfig):
         super().__init__()
-        c = config
-        self.config = c
+        self.config = c = config
         self.visual = VisionTransformer(c.image_size, c.vision_patch_size, c.vision_width, c.vision_layers,
                                         c.vision_heads, c.vision_mlp_width, c.act, c.embed_dim)
         self.token_embedding = nn.Embedding(c.vocab_size, c.transformer_width)
@@ -201,22 +187,17 @@ class CLIP(nn.Module):
         # True = may attend (SDPA's boolean convention): token t sees tokens 0..t.
         causal = torch.ones(c.context_length, c.context_length, dtype=torch.bool).tril()
         self.register_buffer("causal_mask", causal, persistent=False)
-        self.initialize_parameters()
-
-    def initialize_parameters(self):
-        """OpenAI's initialisation, so that random models (tests, --smoke) are well-scaled."""
+        # OpenAI's initialization, so that random models (tests, --smoke) are well-scaled
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        for tower in (self.transformer, self.visual.transformer):
-            proj_std = (tower.width ** -0.5) * ((2 * tower.layers) ** -0.5)
-            attn_std = tower.width ** -0.5
-            fc_std = (2 * tower.width) ** -0.5
+        for tower, width in ((self.transformer, c.transformer_width), (self.visual.transformer, c.vision_width)):
+            proj_std = (width ** -0.5) * ((2 * len(tower.resblocks)) ** -0.5)
             for block in tower.resblocks:
-                nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+                nn.init.normal_(block.attn.in_proj_weight, std=width ** -0.5)
                 nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-                nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+                nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
                 nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
-        nn.init.normal_(self.text_projection, std=self.transformer.width ** -0.5)
+        nn.init.normal_(self.text_projection, std=c.transformer_width ** -0.5)
 
     @property
     def dtype(self):
@@ -230,8 +211,7 @@ class CLIP(nn.Module):
         """(B, T) token ids, T <= context_length -> (B, embed_dim) unnormalized features at the end-of-text token."""
         T = tokens.shape[1]
         x = self.token_embedding(tokens) + self.positional_embedding[:T].to(self.dtype)  # (B, T, width)
-        x = self.transformer(x, self.causal_mask[:T, :T])
-        x = self.ln_final(x)
+        x = self.ln_final(self.transformer(x, self.causal_mask[:T, :T]))
         eot = tokens.argmax(dim=-1)  # end-of-text has the largest id
         return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection  # (B, embed_dim)
 
@@ -243,45 +223,31 @@ class CLIP(nn.Module):
 
 
 def build_model(state_dict, act="quickgelu", **settings) -> CLIP:
-    """Build a CLIP whose every size is read off OpenAI-layout tensors, then load them strictly (fp32).
-
-    What the tensors cannot tell comes from the arguments: the MLP activation `act`, and in `settings` any of the
-    CLIPConfig fields vision_heads, transformer_heads (default: width // 64), image_mean, image_std."""
-    sd = {k: v for k, v in state_dict.items() if k not in ("image_size", "context_length", "vocab_size")}
+    """Build a CLIP whose every size is read off OpenAI-layout tensors, then load them strictly (fp32). What the
+    tensors cannot tell comes from `act` and `settings` (CLIPConfig fields: head counts, image_mean, image_std)."""
+    # OpenAI's TorchScript archives also hold these three sizes as tensors
+    sd = {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
     if "visual.proj" not in sd:
         if any(k.startswith("visual.layer1.") for k in sd):
             raise CheckpointError("this is a ResNet CLIP checkpoint; only ViT CLIP models are supported")
         raise CheckpointError("not an OpenAI-layout ViT CLIP state dict (no 'visual.proj' key)")
-
-    def n_blocks(prefix):
-        return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
-
     try:
         patch = sd["visual.conv1.weight"].shape[-1]
         grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-        inferred = dict(
-            embed_dim=sd["text_projection"].shape[1],
-            image_size=patch * grid,
-            vision_layers=n_blocks("visual.transformer.resblocks."),
-            vision_width=sd["visual.conv1.weight"].shape[0],
-            vision_patch_size=patch,
-            context_length=sd["positional_embedding"].shape[0],
-            vocab_size=sd["token_embedding.weight"].shape[0],
-            transformer_width=sd["ln_final.weight"].shape[0],
-            transformer_heads=sd["ln_final.weight"].shape[0] // 64,
-            transformer_layers=n_blocks("transformer.resblocks."),
-            vision_mlp_width=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-            transformer_mlp_width=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-        )
+        inferred = dict(embed_dim=sd["text_projection"].shape[1], image_size=patch * grid, vision_patch_size=patch,
+                        vision_width=sd["visual.conv1.weight"].shape[0],
+                        vision_layers=sum(k.startswith("visual.") and k.endswith(".ln_1.weight") for k in sd),
+                        vision_mlp_width=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                        context_length=sd["positional_embedding"].shape[0],
+                        vocab_size=sd["token_embedding.weight"].shape[0],
+                        transformer_width=sd["ln_final.weight"].shape[0],
+                        transformer_layers=sum(k.startswith("transformer.") and k.endswith(".ln_1.weight") for k in sd),
+                        transformer_mlp_width=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0])
         model = CLIP(CLIPConfig(**{**inferred, "act": act, **settings}))
-    except KeyError as e:
-        raise CheckpointError(f"incomplete CLIP state dict: missing key {e}") from None
-    except (TypeError, ValueError) as e:  # an unknown setting, activation or head count
-        raise CheckpointError(f"cannot build this CLIP: {e}") from None
-    try:
         model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"state dict does not match a ViT CLIP of the inferred sizes: {e}") from None
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a missing key, a bad setting, a wrong shape
+        raise CheckpointError(f"cannot build a ViT CLIP from this state dict and these settings "
+                              f"({type(e).__name__}: {' '.join(str(e).split())})") from None
     return model.eval()
 
 
@@ -295,8 +261,8 @@ def towers(model: CLIP, encoder):
     """The transformer of the image tower, of the text tower, or both."""
     if encoder not in ENCODERS:
         raise ValueError(f"encoder={encoder!r}; expected one of {ENCODERS}")
-    return {"image": [model.visual.transformer], "text": [model.transformer],
-            "both": [model.visual.transformer, model.transformer]}[encoder]
+    image, text = [model.visual.transformer], [model.transformer]
+    return {"image": image, "text": text, "both": image + text}[encoder]
 
 
 def load_tensors(own, state_dict, what, settings):
@@ -304,14 +270,13 @@ def load_tensors(own, state_dict, what, settings):
     ValueError naming the first bad key (the `what` tensors were saved with other `settings`)."""
     if not own:
         raise ValueError(f"the model has no {what} parameters; add them with the saved settings first")
-    missing, unexpected = sorted(own.keys() - state_dict.keys()), sorted(state_dict.keys() - own.keys())
-    if missing or unexpected:
-        keys, problem = (missing, "missing") if missing else (unexpected, "unexpected")
-        raise ValueError(f"{what} state dict: {len(keys)} {problem} keys, e.g. {keys[0]!r} "
+    bad = sorted(own.keys() ^ state_dict.keys())
+    if bad:
+        raise ValueError(f"{what} state dict: {bad[0]!r} is {'missing' if bad[0] in own else 'unexpected'} "
                          f"(saved with other {settings}?)")
     for name, tensor in state_dict.items():
-        if not isinstance(tensor, torch.Tensor) or tensor.shape != own[name].shape:
-            got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        if got != tuple(own[name].shape):
             raise ValueError(f"{what} state dict: {name!r} is {got}, the model expects {tuple(own[name].shape)} "
                              f"(saved with other {settings}?)")
     with torch.no_grad():
@@ -323,8 +288,7 @@ def load_tensors(own, state_dict, what, settings):
 # checkpoints: download with checksum; TorchScript archive, plain state dict, open_clip config
 
 _BASE = "https://openaipublic.azureedge.net/clip/models"
-# The path segment of each URL is the file's SHA256, which we verify after download.
-_MODELS = {
+_MODELS = {  # the folder of each URL is the file's SHA256, verified after download
     "ViT-B/32": f"{_BASE}/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
     "ViT-B/16": f"{_BASE}/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
     "ViT-L/14": f"{_BASE}/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
@@ -338,8 +302,6 @@ class CheckpointError(RuntimeError):
 
 
 class DownloadError(OSError):
-    """A file that had to be downloaded and could not be: what, from where, why, and where to put it by hand."""
-
     def __init__(self, what, url, error, put_at):
         reason = getattr(error, "reason", error)  # urllib's URLError wraps the OS error that says why
         super().__init__(f"could not download {what} from {url} ({reason}); without network, fetch it elsewhere "
@@ -352,16 +314,12 @@ def available_models():
 
 
 def sha256sum(path):
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def download(url, root, sha256, what=None):
-    """The path of `url`'s file in `root`: a verified copy already there (no connection opened), or downloaded with
-    a progress bar and verified; a failed connection is a DownloadError."""
+    """The path of `url`'s file in `root`: a verified copy there (no connection opened), or downloaded and verified."""
     os.makedirs(root, exist_ok=True)
     path = os.path.join(root, os.path.basename(url))
     if os.path.isfile(path) and sha256sum(path) == sha256:
@@ -369,11 +327,8 @@ def download(url, root, sha256, what=None):
     tmp = path + ".part"
     try:
         with urllib.request.urlopen(url) as source, open(tmp, "wb") as out:
-            total = int(source.headers.get("Content-Length", 0)) or None
-            with tqdm(total=total, unit="iB", unit_scale=True, unit_divisor=1024, desc=os.path.basename(url)) as bar:
-                for chunk in iter(lambda: source.read(1 << 16), b""):
-                    out.write(chunk)
-                    bar.update(len(chunk))
+            with tqdm.wrapattr(out, "write", total=getattr(source, "length", None), desc=os.path.basename(url)) as bar:
+                shutil.copyfileobj(source, bar)
     except OSError as e:  # no network, DNS, HTTP error (a URLError is an OSError), or a broken connection
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -385,8 +340,18 @@ def download(url, root, sha256, what=None):
     return path
 
 
+def checkpoint_path(name_or_path, download_root=None):
+    """The local file of an OpenAI model name (downloaded once, SHA256-verified) or of a checkpoint path."""
+    if name_or_path in _MODELS:
+        url = _MODELS[name_or_path]
+        return download(url, download_root or CACHE_DIR, url.split("/")[-2], f"the CLIP {name_or_path} weights")
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    raise CheckpointError(f"{name_or_path}: no such checkpoint file, nor a model name in {available_models()}")
+
+
 def is_torchscript(path):
-    """TorchScript archives are zip files with compiled code beside the pickled tensors."""
+    """TorchScript archives (how OpenAI ships CLIP) are zip files with compiled code beside the pickled tensors."""
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as archive:
@@ -394,8 +359,7 @@ def is_torchscript(path):
 
 
 def read_state_dict(path):
-    """Tensors of a TorchScript archive (how OpenAI ships CLIP), a plain state dict, or a training checkpoint
-    {"state_dict": {...}} (open_clip's epoch_N.pt, whose keys carry DistributedDataParallel's "module." prefix)."""
+    """Tensors of a TorchScript archive, a state dict, or a training checkpoint (open_clip's epoch_N.pt)."""
     try:
         if is_torchscript(path):
             with warnings.catch_warnings():
@@ -409,39 +373,24 @@ def read_state_dict(path):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: holds a {type(sd).__name__}, not a state dict of tensors")
-    if sd and all(k.startswith("module.") for k in sd):
+    if sd and all(k.startswith("module.") for k in sd):  # DistributedDataParallel's prefix
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
 
 
-def checkpoint_path(name_or_path, download_root=None):
-    """The local file of an OpenAI model name (downloaded once, SHA256-verified) or of a checkpoint path."""
-    if name_or_path in _MODELS:
-        url = _MODELS[name_or_path]
-        return download(url, download_root or CACHE_DIR, url.split("/")[-2], f"the CLIP {name_or_path} weights")
-    if os.path.isfile(name_or_path):
-        return name_or_path
-    raise CheckpointError(f"{name_or_path}: no such checkpoint file, nor a model name in {available_models()}")
-
-
 OPEN_CLIP_CONFIG = "open_clip_config.json"  # beside open_clip's weights, as on its model hubs
 # open_clip options that change the forward pass without changing the state-dict keys, or that we do not implement:
-# a config that sets any of them to another value than this is refused, never loaded as a different model.
-_OPEN_CLIP_DEFAULTS = {
-    "vision_cfg": {"timm_model_name": None, "pool_type": "tok", "attentional_pool": False,
-                   "final_ln_after_pool": False, "no_ln_pre": False, "pos_embed_type": "learnable"},
-    "text_cfg": {"hf_model_name": None, "hf_tokenizer_name": None, "tokenizer_kwargs": None, "pool_type": "argmax",
-                 "no_causal_mask": False, "final_ln_after_pool": False, "embed_cls": False, "proj_type": "linear",
-                 "proj_bias": False},
-    "both": {"ls_init_value": None, "act_kwargs": None, "norm_kwargs": None, "block_type": None, "qk_norm": False,
-             "scaled_cosine_attn": False, "scale_heads": False, "scale_attn_inner": False, "scale_attn": False,
-             "scale_fc": False},
-}
+# a config that sets one to another value than open_clip's default is refused, never loaded as a different model.
+_OPEN_CLIP_OFF = ("timm_model_name attentional_pool no_ln_pre hf_model_name hf_tokenizer_name tokenizer_kwargs "
+                  "no_causal_mask final_ln_after_pool embed_cls proj_bias ls_init_value act_kwargs norm_kwargs qk_norm "
+                  "scaled_cosine_attn scale_heads scale_attn_inner scale_attn scale_fc").split()  # default: unset
+_OPEN_CLIP_DEFAULTS = {"vision_cfg": {"pool_type": "tok", "pos_embed_type": "learnable", "block_type": "default"},
+                       "text_cfg": {"pool_type": "argmax", "proj_type": "linear", "block_type": "default"}}
 
 
 def open_clip_settings(path):
-    """build_model settings from an open_clip_config.json: act (its model_cfg.quick_gelu, false when absent), the
-    head counts (vision width // head_width, text heads) and the preprocess_cfg mean/std."""
+    """build_model settings from an open_clip_config.json (act: its quick_gelu, false when absent; the head counts;
+    the preprocess_cfg mean/std), and the sizes it gives, to compare with the weights'."""
     try:
         with open(path) as f:
             cfg = json.load(f)
@@ -452,11 +401,10 @@ def open_clip_settings(path):
     if model_cfg.get("custom_text") or "multimodal_cfg" in model_cfg or "init_logit_bias" in model_cfg:
         raise CheckpointError(f"{path}: a custom-text, CoCa or SigLIP model; only CLIP ViTs are supported")
     for tower, options in (("vision_cfg", vision), ("text_cfg", text)):
-        for key, default in {**_OPEN_CLIP_DEFAULTS[tower], **_OPEN_CLIP_DEFAULTS["both"]}.items():
-            value = options.get(key) or default  # absent, None, False or {}: open_clip's default
-            if value not in (default, "default"):  # ("default" is how block_type names its default)
-                raise CheckpointError(f"{path}: {tower}.{key} = {options[key]!r} is not supported "
-                                      f"(only {default!r}): this model would not compute what open_clip computes")
+        for key, default in {**dict.fromkeys(_OPEN_CLIP_OFF), **_OPEN_CLIP_DEFAULTS[tower]}.items():
+            if (options.get(key) or default) != default:  # absent, None, False, {} or the default: open_clip's
+                raise CheckpointError(f"{path}: {tower}.{key} = {options[key]!r} is not supported: this model would "
+                                      "not compute what open_clip computes")
     preprocess = cfg.get("preprocess_cfg", {})
     settings = {"act": "quickgelu" if model_cfg.get("quick_gelu", False) else "gelu",
                 "vision_heads": vision.get("width", 768) // vision.get("head_width", 64),
@@ -475,14 +423,10 @@ def open_clip_settings(path):
 
 def load(name_or_path, device="cpu", download_root=None, act=None) -> CLIP:
     """Load a ViT CLIP by OpenAI name (downloaded, SHA256-verified) or from a checkpoint path; fp32, eval mode.
-
-    `act` is the MLP activation: "quickgelu" (OpenAI's models) or "gelu" (most open_clip models). With act=None, an
-    open_clip_config.json beside the checkpoint decides it (and gives head counts and mean/std); otherwise OpenAI's
-    QuickGELU is assumed, and said, unless the file is one of OpenAI's."""
-    if act not in (None,) + ACTIVATIONS:
-        raise CheckpointError(f"act={act!r}; expected None (decide from the checkpoint) or one of {ACTIVATIONS}")
+    `act`: "quickgelu" (OpenAI's models), "gelu" (most open_clip models), or None: an open_clip_config.json beside
+    the checkpoint decides it (and the head counts, mean/std), else QuickGELU is assumed (said unless OpenAI's)."""
     path = checkpoint_path(name_or_path, download_root)
-    state_dict = read_state_dict(path)  # its errors name the path already
+    state_dict = read_state_dict(path)
     config_path = os.path.join(os.path.dirname(os.path.abspath(path)), OPEN_CLIP_CONFIG)
     settings, sizes = open_clip_settings(config_path) if os.path.isfile(config_path) else ({}, {})
     if act is not None:
@@ -495,10 +439,10 @@ def load(name_or_path, device="cpu", download_root=None, act=None) -> CLIP:
         model = build_model(state_dict, **settings)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    wrong = {k: (v, getattr(model.config, k)) for k, v in sizes.items() if getattr(model.config, k) != v}
+    wrong = [f"{k} {v} in the config, {getattr(model.config, k)} in the weights"
+             for k, v in sizes.items() if getattr(model.config, k) != v]
     if wrong:
-        raise CheckpointError(f"{config_path} describes another model than {path}: "
-                              + ", ".join(f"{k} {v} in the config, {w} in the weights" for k, (v, w) in wrong.items()))
+        raise CheckpointError(f"{config_path} describes another model than {path}: " + ", ".join(wrong))
     return model.to(device)
 
 
@@ -520,13 +464,10 @@ def bpe_vocab_path(path=None):
     path = path or os.environ.get("CLIP_BPE_PATH")
     if path and not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: BPE vocabulary file not found")
-    candidates = [path] if path else [os.path.join(CACHE_DIR, _BPE_NAME)]
-    for package in ("open_clip", "clip"):  # located without importing them
-        spec = importlib.util.find_spec(package)
-        if spec and spec.submodule_search_locations:
-            candidates.append(os.path.join(spec.submodule_search_locations[0], _BPE_NAME))
-    for candidate in candidates:
-        if os.path.isfile(candidate):
+    specs = [importlib.util.find_spec(package) for package in ("open_clip", "clip")]  # located, not imported
+    folders = [CACHE_DIR] + [s.submodule_search_locations[0] for s in specs if s and s.submodule_search_locations]
+    for candidate in [path] + [os.path.join(folder, _BPE_NAME) for folder in folders]:
+        if candidate and os.path.isfile(candidate):
             return candidate
     return download(_BPE_URL, CACHE_DIR, _BPE_SHA256, what="the BPE vocabulary of CLIP's tokenizer")
 
@@ -534,13 +475,6 @@ def bpe_vocab_path(path=None):
 def is_openai_vocabulary(path):
     """Whether a BPE vocabulary file is OpenAI's, byte for byte (its SHA256)."""
     return sha256sum(path) == _BPE_SHA256
-
-
-def read_merges(path, n):
-    """The first n merges (pairs of symbols) of a BPE vocabulary file, after its header line."""
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        merges = f.read().split("\n")[1:n + 1]
-    return [tuple(m.split()) for m in merges]
 
 
 def bytes_to_unicode():
@@ -552,8 +486,7 @@ def bytes_to_unicode():
 
 def clean_text(text):
     """OpenAI's cleaning: fix mojibake, unescape HTML (twice), collapse whitespace, lowercase."""
-    text = ftfy.fix_text(text)
-    text = html.unescape(html.unescape(text)).strip()
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
@@ -566,8 +499,7 @@ class Tokenizer:
     def __init__(self, merges):
         self.byte_encoder = bytes_to_unicode()
         vocab = list(self.byte_encoder.values())
-        vocab += [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
-        vocab += ["<|startoftext|>", "<|endoftext|>"]
+        vocab += [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
         self.encoder = {token: i for i, token in enumerate(vocab)}
         self.bpe_ranks = {m: i for i, m in enumerate(merges)}
         self.cache = {"<|startoftext|>": "<|startoftext|>", "<|endoftext|>": "<|endoftext|>"}
@@ -579,18 +511,15 @@ class Tokenizer:
             return self.cache[token]
         word = tuple(token[:-1]) + (token[-1] + "</w>",)
         while len(word) > 1:
-            pairs = set(zip(word, word[1:]))
-            best = min(pairs, key=lambda p: self.bpe_ranks.get(p, float("inf")))
+            best = min(zip(word, word[1:]), key=lambda p: self.bpe_ranks.get(p, float("inf")))
             if best not in self.bpe_ranks:
                 break
-            merged, i = [], 0
-            while i < len(word):
-                if word[i:i + 2] == best:
-                    merged.append(best[0] + best[1])
-                    i += 2
+            merged = []  # every occurrence of `best`, left to right
+            for symbol in word:
+                if merged and (merged[-1], symbol) == best:
+                    merged[-1] += symbol
                 else:
-                    merged.append(word[i])
-                    i += 1
+                    merged.append(symbol)
             word = tuple(merged)
         self.cache[token] = " ".join(word)
         return self.cache[token]
@@ -610,7 +539,11 @@ def get_tokenizer(vocab_size=OPENAI_VOCAB_SIZE, bpe_path=None):
     if not 0 <= n_merges <= OPENAI_VOCAB_SIZE - BYTE_VOCAB_SIZE:
         raise CheckpointError(f"no tokenizer for a vocabulary of {vocab_size} tokens: expected {BYTE_VOCAB_SIZE} "
                               f"(bytes only) to {OPENAI_VOCAB_SIZE} (OpenAI's BPE)")
-    return Tokenizer(read_merges(bpe_vocab_path(bpe_path), n_merges) if n_merges else [])
+    if not n_merges:
+        return Tokenizer([])
+    with gzip.open(bpe_vocab_path(bpe_path), "rt", encoding="utf-8") as f:
+        merges = f.read().split("\n")[1:n_merges + 1]  # after the header line
+    return Tokenizer([tuple(m.split()) for m in merges])
 
 
 def tokenize(texts, context_length=77, truncate=False, vocab_size=OPENAI_VOCAB_SIZE) -> torch.LongTensor:
@@ -624,8 +557,7 @@ def tokenize(texts, context_length=77, truncate=False, vocab_size=OPENAI_VOCAB_S
         if len(ids) > context_length:
             if not truncate:
                 raise ValueError(f"input {text!r} is {len(ids)} tokens, longer than context length {context_length}")
-            ids = ids[:context_length]
-            ids[-1] = tokenizer.eot
+            ids = ids[:context_length - 1] + [tokenizer.eot]
         result[i, :len(ids)] = torch.tensor(ids)
     return result
 

@@ -1,15 +1,13 @@
 """
 LoRA (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models") for the towers of clip_model.CLIP.
-
 A frozen linear map y = W x + b is tuned as
 
     y = W x + b + (alpha / r) * B A x,    A: (r, in) random,  B: (out, r) zero,
 
-so only A and B train, and at initialisation B A = 0: the tuned model starts exactly at zero-shot CLIP.
-`apply_lora` puts this on the q, k, v rows of each block's fused attention input projection (`in_proj_weight`),
-on its output projection (`out_proj`), and optionally on the MLP, in the image tower, the text tower or both.
-Every original parameter keeps its object and its OpenAI state-dict name; the new ones are named `*lora_A`,
-`*lora_B`. `merge_lora` folds B A into W for inference.
+so only A and B train, and B A = 0 at first: the tuned model starts exactly at zero-shot CLIP. `apply_lora` puts
+this on the q, k, v rows of each block's fused attention input projection (`in_proj_weight`), on its output
+projection (`out_proj`), and optionally on the MLP. The original parameters keep their objects and OpenAI
+state-dict names; the new ones are named `*lora_A`, `*lora_B`.
 """
 
 import math
@@ -28,9 +26,8 @@ INITS = ("zero", "released")
 
 
 def init_lora_(A, B, init="zero"):
-    """A as loralib (kaiming-uniform, nn.Linear's default) and B = 0, so that B A = 0 at the start; or, with
-    init="released", A and B both xavier-uniform (gain 1) as the released code draws its q/k/v update, which
-    moves those weights by about 1e-3 per entry before any training (step 0 is then not zero-shot CLIP)."""
+    """A as loralib (kaiming-uniform, nn.Linear's default) and B = 0; or, with init="released", both xavier-uniform
+    as the released code draws its q/k/v update (about 1e-3 per entry: step 0 is then not zero-shot CLIP)."""
     if init == "released":
         nn.init.xavier_uniform_(A)
         nn.init.xavier_uniform_(B)
@@ -57,16 +54,8 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        # Two thin matmuls, x -> A x -> B A x: the (out, in) matrix B A is never built during training, and the
-        # scaling multiplies the r-wide A x, not the full-width output.
+        # x -> A x -> B A x: two thin matmuls, never the (out, in) matrix B A; the scaling acts on the r-wide A x
         return y + F.linear(self.scaling * F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
-
-    @torch.no_grad()
-    def merge(self):
-        """W <- W + (alpha/r) B A, then switch the low-rank path off."""
-        if not self.merged:
-            self.weight += (self.lora_B @ self.lora_A * self.scaling).to(self.weight.dtype)
-            self.merged = True
 
 
 class LoRAAttention(clip_model.Attention):
@@ -89,11 +78,9 @@ class LoRAAttention(clip_model.Attention):
 
     def placed_B(self):
         """B with zero rows for the slots LoRA does not target: (3*width, r), rows of q, k, v in order."""
-        if len(self.lora_slots) == 3:
-            return self.lora_B  # the default: q, k and v all targeted, nothing to place
-        n, width, r = len(self.lora_slots), self.in_proj_weight.shape[1], self.lora_B.shape[1]
-        placed = self.lora_B.new_zeros(3, width, r).index_copy(0, self.lora_slots, self.lora_B.view(n, width, r))
-        return placed.flatten(0, 1)
+        n, r = len(self.lora_slots), self.lora_B.shape[1]
+        placed = self.lora_B.new_zeros(3, self.lora_B.shape[0] // n, r)
+        return placed.index_copy(0, self.lora_slots, self.lora_B.view(n, -1, r)).flatten(0, 1)
 
     def in_proj(self, x):
         """[q, k, v] = W_qkv x + b_qkv + (alpha/r) B A x, B zero on the untargeted slots."""
@@ -101,13 +88,6 @@ class LoRAAttention(clip_model.Attention):
         if self.merged:
             return qkv
         return qkv + F.linear(self.scaling * F.linear(self.lora_dropout(x), self.lora_A), self.placed_B())
-
-    @torch.no_grad()
-    def merge(self):
-        """W_qkv <- W_qkv + (alpha/r) B A, then switch the low-rank path off."""
-        if not self.merged:
-            self.in_proj_weight += (self.placed_B() @ self.lora_A * self.scaling).to(self.in_proj_weight.dtype)
-            self.merged = True
 
 
 # -----------------------------------------------------------------------------
@@ -149,15 +129,19 @@ def apply_lora(model, encoder="both", r=4, alpha=1.0, targets=TARGETS, dropout=0
     return model
 
 
+@torch.no_grad()
 def merge_lora(model):
     """Fold every update into its frozen weight, W <- W + (alpha/r) B A, for inference (outputs unchanged)."""
-    # Explicit, never on .eval(): loralib merges on eval() and unmerges on train(), so a checkpoint saved in
-    # eval mode holds merged weights, and loading it under LoRA counts the update twice.
+    # Explicit, never on .eval() as in loralib: there a checkpoint saved in eval mode holds merged weights, and
+    # loading it under LoRA counts the update twice.
     modules = lora_modules(model)
     if not modules:
         raise ValueError("model has no LoRA modules; nothing to merge (call apply_lora first)")
-    for module in modules:
-        module.merge()
+    for m in modules:
+        if not m.merged:
+            W, B = (m.in_proj_weight, m.placed_B()) if isinstance(m, LoRAAttention) else (m.weight, m.lora_B)
+            W += (B @ m.lora_A * m.scaling).to(W.dtype)
+            m.merged = True
     return model
 
 

@@ -89,9 +89,10 @@ class Holder(torch.nn.Module):
 
 
 def torchscript_archive(state_dict, path):
-    """A TorchScript archive whose state_dict() is `state_dict`, as OpenAI ships CLIP."""
+    """A TorchScript archive whose state_dict() is `state_dict` and three sizes, as OpenAI ships CLIP."""
     root = Holder()
-    for key, value in state_dict.items():
+    sizes = {"input_resolution": torch.tensor(224), "context_length": torch.tensor(77), "vocab_size": torch.tensor(49408)}
+    for key, value in {**state_dict, **sizes}.items():
         *parents, name = key.split(".")
         module = root
         for part in parents:
