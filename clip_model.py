@@ -314,8 +314,11 @@ def available_models():
 
 
 def sha256sum(path):
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+        for chunk in iter(lambda: f.read(1 << 20), b""):  # in 1 MB chunks: ViT-L/14@336px is 900 MB
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def download(url, root, sha256, what=None):
