@@ -114,61 +114,58 @@ def sit_step(model, optimizer, images, labels, visible, text_features, augment, 
 # features, with the caches that frozen towers allow
 
 
-class TextFeatures:
-    """Normalized text features g_c by class id; each computed once when the text tower is frozen."""
+class FeatureCache:
+    """Normalized features by id (a class, or a test image), computed by encode(ids); while the tower that computes
+    them is frozen, each once in the whole run (bookkeeping on the host: no device syncs)."""
 
-    def __init__(self, model, class_names, prompt, cache=True):
-        self.model = model
-        self.use_cache = cache and not is_tuned(model.transformer)
-        tokens = clip_model.tokenize([prompt.format(name) for name in class_names], model.config.context_length,
-                                     vocab_size=model.config.vocab_size)
-        self.device = model.positional_embedding.device
-        self.tokens = clip_model.trim_padding(tokens).to(self.device)
-        self.cache = torch.zeros(len(class_names), model.config.embed_dim, device=self.device)
-        self.cached = torch.zeros(len(class_names), dtype=torch.bool)  # bookkeeping on the host: no device syncs
+    def __init__(self, encode, n, dim, device, frozen):
+        self.encode = encode
+        self.frozen = frozen
+        self.cache = torch.zeros(n, dim, device=device)
+        self.cached = torch.zeros(n, dtype=torch.bool)
 
-    def __call__(self, classes):
-        """(len(classes), D) features of these class ids (a CPU tensor); with grad when the text tower trains."""
-        rows = classes.to(self.device, non_blocking=True)
-        if not self.use_cache:
-            return F.normalize(self.model.encode_text(self.tokens[rows]), dim=-1)
-        missing = classes[~self.cached[classes]]
-        if len(missing):  # a class seen for the first time: encode it once, for training and evaluation alike
+    def __call__(self, ids):
+        """(len(ids), D) features of these ids (a CPU tensor); with grad when the tower trains."""
+        if not self.frozen:
+            return self.encode(ids)
+        missing = ids[~self.cached[ids]]
+        if len(missing):  # e.g. a class seen for the first time: encoded once, for training and evaluation alike
             with torch.no_grad():
-                new = missing.to(self.device, non_blocking=True)
-                self.cache[new] = F.normalize(self.model.encode_text(self.tokens[new]), dim=-1).float()
+                self.cache[missing.to(self.cache.device)] = self.encode(missing).float()
             self.cached[missing] = True
-        return self.cache[rows]
+        return self.cache[ids.to(self.cache.device, non_blocking=True)]
+
+
+def text_feature_cache(model, class_names, prompt, cache=True):
+    """g_c by class id: the text features of `prompt` with each class name."""
+    device = model.positional_embedding.device
+    tokens = clip_model.tokenize([prompt.format(name) for name in class_names], model.config.context_length,
+                                 vocab_size=model.config.vocab_size)
+    tokens = clip_model.trim_padding(tokens).to(device)
+
+    def encode(classes):
+        return F.normalize(model.encode_text(tokens[classes.to(device, non_blocking=True)]), dim=-1)
+    frozen = cache and not is_tuned(model.transformer)
+    return FeatureCache(encode, len(class_names), model.config.embed_dim, device, frozen)
 
 
 class TestImages:
-    """The test split as one uint8 tensor on the device, and its image features (cached if the tower is frozen)."""
+    """The test split as one uint8 tensor on the device, and `features`, their image features by index."""
 
     def __init__(self, model, batches, transform, batch_size, cache=True):
         self.model = model
         self.transform = transform  # uint8 (N, 3, H, W) -> the normalized model input
         self.batch_size = batch_size
-        self.use_cache = cache and not is_tuned(model.visual)
-        device = model.positional_embedding.device
         images, labels = zip(*batches)
-        self.images = torch.cat(images).to(device)  # (N, 3, H, W) uint8
+        self.images = torch.cat(images).to(model.positional_embedding.device)  # (N, 3, H, W) uint8
         self.labels = torch.cat(labels)  # on the host: the seen classes' samples are chosen without a device sync
-        self.cache = torch.zeros(len(self.labels), model.config.embed_dim, device=device)
-        self.cached = torch.zeros(len(self.labels), dtype=torch.bool, device=device)
+        frozen = cache and not is_tuned(model.visual)
+        self.features = FeatureCache(self.encode, len(self.labels), model.config.embed_dim, self.images.device, frozen)
 
     def encode(self, indices):
+        indices = indices.to(self.images.device, non_blocking=True)
         return torch.cat([F.normalize(self.model.encode_image(self.transform(self.images[chunk])), dim=-1).float()
                           for chunk in indices.split(self.batch_size)])
-
-    def features(self, indices):
-        """(len(indices), D) normalized image features of these test samples."""
-        if not self.use_cache:
-            return self.encode(indices)
-        missing = indices[~self.cached[indices]]
-        if len(missing):  # the frozen image tower encodes each test image once in the whole run
-            self.cache[missing] = self.encode(missing)
-            self.cached[missing] = True
-        return self.cache[indices]
 
 
 @torch.inference_mode()
@@ -178,7 +175,7 @@ def evaluate_seen(test, text_features, seen, amp=contextlib.nullcontext):
     indices = stream.seen_test_indices(test.labels, seen)
     with amp():
         g = text_features(seen)
-        f = test.features(indices.to(test.images.device))
+        f = test.features(indices)
     return evaluate.top1_on_seen(f, test.labels[indices], g, seen.tolist())
 
 
@@ -448,7 +445,7 @@ def run_stream(config, s):
     record = {**config._asdict(), "act": model.config.act, "model": s.model_path, "out": s.out,
               "mean": list(s.mean), "std": list(s.std)}  # the configuration and what it resolved to
     results = Results(s.out, record, s.prompt_names, s.split)
-    text_features = TextFeatures(model, s.prompt_names, config.prompt, cache=not config.no_cache)
+    text_features = text_feature_cache(model, s.prompt_names, config.prompt, cache=not config.no_cache)
     test_batches = stream.eval_batches(s.test_set, range(len(s.test_set)), config.eval_batch_size, config.workers,
                                        image_size=load_size, resize=config.test_resize, image_fit=config.image_fit,
                                        seed=config.seed)
