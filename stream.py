@@ -1,10 +1,8 @@
 """The data side of online lifelong learning: the Si-Blurry stream, the datasets, and the batches the learner sees.
 
-  1. the Si-Blurry sampler, index for index as the released sampler (KHU-AGI/Si-Blurry, Debatrix/LifeLong-CLIP),
-  2. datasets by name: `targets`, readable `classes`, `raw_classes` (the released code's prompt names), and
-     (PIL RGB image, int label) items; missing data and failed downloads end with one clear line,
-  3. batches: the AutoAugmented stream (in DataLoader workers), the training transform batched on the device, and
-     the test images; each image geometry (`fit_image`) is the same when loaded and on the device.
+The sampler is index for index the released one (KHU-AGI/Si-Blurry, Debatrix/LifeLong-CLIP). Datasets give `targets`,
+readable `classes`, `raw_classes` (the released prompt names) and (PIL RGB image, label) items; each image geometry
+(`fit_image`) is the same on PIL images when loaded and on uint8 tensors on the device.
 """
 import collections
 import functools
@@ -44,7 +42,16 @@ class StreamSplit(NamedTuple):
 
 def si_blurry_split(targets, num_classes, n_tasks=5, n=50, m=10, seed=1, stochastic=True) -> StreamSplit:
     """Si-Blurry stream (stochastic) or i-Blurry-like stream: N% of classes disjoint, M% of blurry samples blurred."""
-    targets = _check_stream_arguments(targets, num_classes, n_tasks, n, m)
+    if not 1 <= n_tasks <= num_classes:
+        raise ValueError(f"n_tasks={n_tasks} is outside 1..num_classes={num_classes}: every class would be dropped")
+    for name, value in (("n", n), ("m", m)):
+        if not 0 <= value <= 100:
+            raise ValueError(f"{name} is a percentage in 0..100, got {value}")
+    targets = torch.as_tensor(targets).tolist()
+    outside = sorted({y for y in targets if not 0 <= y < num_classes})
+    if not targets or outside:
+        raise ValueError(f"targets must be one or more labels in 0..{num_classes - 1}; got {len(targets)} labels, "
+                         f"these outside: {outside[:5]}")
     g = torch.Generator().manual_seed(seed)  # the only source of randomness, drawn in the released sampler's order
     n_disjoint = num_classes * n // 100 // n_tasks * n_tasks
     n_blurry = (num_classes - n_disjoint) // n_tasks * n_tasks  # quirk: classes left over by the rounding are dropped
@@ -56,7 +63,8 @@ def si_blurry_split(targets, num_classes, n_tasks=5, n=50, m=10, seed=1, stochas
     else:
         disjoint_classes = _cut(disjoint, [n_disjoint // n_tasks] * n_tasks)
         blurry_classes = _cut(blurry, [n_blurry // n_tasks] * n_tasks)
-    disjoint_indices, blurry_indices = _indices_by_task(targets, disjoint_classes, blurry_classes)
+    disjoint_indices = _indices_by_task(targets, disjoint_classes)
+    blurry_indices = _indices_by_task(targets, blurry_classes)
 
     # The pool of blurred samples, dealt back in task order, shares[t] samples to task t while it lasts.
     if stochastic:
@@ -77,24 +85,6 @@ def si_blurry_tasks(targets, num_classes, n_tasks=5, n=50, m=10, seed=1, stochas
     return si_blurry_split(targets, num_classes, n_tasks, n, m, seed, stochastic).tasks
 
 
-def _check_stream_arguments(targets, num_classes, n_tasks, n, m) -> list[int]:
-    """The targets as a list of ints, after a ValueError naming any argument the sampler cannot use."""
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be positive, got {num_classes}")
-    if not 1 <= n_tasks <= num_classes:
-        raise ValueError(f"n_tasks={n_tasks} is outside 1..num_classes={num_classes}: every class would be dropped")
-    for name, value in (("n", n), ("m", m)):
-        if not 0 <= value <= 100:
-            raise ValueError(f"{name} is a percentage in 0..100, got {value}")
-    targets = targets.tolist() if isinstance(targets, torch.Tensor) else [int(y) for y in targets]
-    if not targets:
-        raise ValueError("targets is empty: a stream needs at least one sample")
-    bad = next((i for i, y in enumerate(targets) if not 0 <= y < num_classes), None)
-    if bad is not None:
-        raise ValueError(f"targets[{bad}] = {targets[bad]} is outside 0..{num_classes - 1} (num_classes={num_classes})")
-    return targets
-
-
 def _random_sizes(total: int, n_tasks: int, g: torch.Generator) -> list[int]:
     """Sizes of n_tasks consecutive parts of `total`, cut at sorted random points (no draw when total is 0)."""
     if total == 0:
@@ -109,18 +99,14 @@ def _cut(items: list, sizes: list[int]) -> list[list]:
     return [items[s:s + size] for s, size in zip(starts, sizes)]
 
 
-def _indices_by_task(targets, disjoint_classes, blurry_classes) -> tuple[list[list[int]], list[list[int]]]:
-    """Per task, the dataset indices of its disjoint classes and of its blurry classes, in dataset order."""
-    disjoint_owner = {c: t for t, classes in enumerate(disjoint_classes) for c in classes}
-    blurry_owner = {c: t for t, classes in enumerate(blurry_classes) for c in classes}
-    disjoint_indices = [[] for _ in disjoint_classes]
-    blurry_indices = [[] for _ in blurry_classes]
+def _indices_by_task(targets: list[int], classes_per_task: list[list[int]]) -> list[list[int]]:
+    """Per task, the dataset indices of its classes, in dataset order."""
+    owner = {c: t for t, classes in enumerate(classes_per_task) for c in classes}
+    indices = [[] for _ in classes_per_task]
     for i, y in enumerate(targets):
-        if y in disjoint_owner:
-            disjoint_indices[disjoint_owner[y]].append(i)
-        elif y in blurry_owner:
-            blurry_indices[blurry_owner[y]].append(i)
-    return disjoint_indices, blurry_indices
+        if y in owner:
+            indices[owner[y]].append(i)
+    return indices
 
 
 def _pool(blurry_indices, taken: list[int], g: torch.Generator) -> tuple[list[list[int]], list[int]]:
@@ -134,23 +120,20 @@ def _pool(blurry_indices, taken: list[int], g: torch.Generator) -> tuple[list[li
 
 def describe_stream(split: StreamSplit, targets, classes) -> str:
     """A one-screen summary of a stream: per task, its classes, its samples, and the samples blurred in and out."""
-    targets = targets.tolist() if isinstance(targets, torch.Tensor) else list(targets)
     owner = {c: t for per_task in (split.disjoint_classes, split.blurry_classes)
              for t, cs in enumerate(per_task) for c in cs}
-    moves = [(owner[targets[i]], t) for t, task in enumerate(split.tasks) for i in task if owner[targets[i]] != t]
-    blurred_out = collections.Counter(home for home, _ in moves)  # moves: (owning task, task) of each blurred sample
-    blurred_in = collections.Counter(t for _, t in moves)
-    n_disjoint = sum(map(len, split.disjoint_classes))
-    n_blurry = sum(map(len, split.blurry_classes))
+    moves = [(owner[int(targets[i])], t) for t, task in enumerate(split.tasks) for i in task]  # (owning task, task)
+    blurred_out = collections.Counter(home for home, t in moves if home != t)
+    blurred_in = collections.Counter(t for home, t in moves if home != t)
+    n_disjoint, n_blurry = sum(map(len, split.disjoint_classes)), sum(map(len, split.blurry_classes))
+    lines = [f"stream: {len(split.tasks)} tasks, {len(moves)} samples, {n_disjoint} disjoint and {n_blurry} blurry "
+             f"classes ({len(classes) - n_disjoint - n_blurry} dropped by rounding), "
+             f"{sum(map(len, split.blurred))} samples dealt from the blur pool"]
 
     def names(cs):
         return f" ({', '.join(classes[c] for c in cs[:3])}{', ...' if len(cs) > 3 else ''})" if cs else ""
 
-    lines = [f"stream: {len(split.tasks)} tasks, {sum(map(len, split.tasks))} samples, {n_disjoint} disjoint and "
-             f"{n_blurry} blurry classes ({len(classes) - n_disjoint - n_blurry} dropped by rounding), "
-             f"{sum(map(len, split.blurred))} samples dealt from the blur pool"]
-    for t, task in enumerate(split.tasks):
-        d, b = split.disjoint_classes[t], split.blurry_classes[t]
+    for t, (task, d, b) in enumerate(zip(split.tasks, split.disjoint_classes, split.blurry_classes)):
         lines.append(f"task {t}: {len(task)} samples | disjoint {len(d)}{names(d)} | blurry {len(b)}{names(b)}"
                      f" | blurred in {blurred_in[t]}, out {blurred_out[t]}")
     return "\n".join(lines)
