@@ -154,21 +154,17 @@ def _seed_of(*parts) -> int:
 
 class SyntheticDataset(Dataset):
     """Generated images, cheap and deterministic, that a tiny model can learn: class c is a grey grating (stripes)
-    with its own orientation (horizontal or vertical) and frequency; each image draws its own phase and noise.
-    Shape, not colour, tells the classes apart, so AutoAugment's colour operations leave them learnable, and
-    neither a flip nor a crop turns one class into another."""
+    with its own orientation and frequency, each image with its own phase and noise. Shape, not colour, tells the
+    classes apart, so AutoAugment's colour operations, flips and crops leave them learnable."""
 
     FREQUENCIES = (1, 3, 5, 7, 10)  # stripes across the image; 2 orientations x 5 frequencies = 10 patterns
 
     def __init__(self, num_classes: int, per_class: int, image_size: int = 32, seed: int = 0, train: bool = True):
         self.targets = [i % num_classes for i in range(num_classes * per_class)]
-        self.classes = [self.name(c) for c in range(num_classes)]  # e.g. "3 vertical stripes"
+        patterns = map(self.pattern, range(num_classes))
+        self.classes = [f"{s} {'vertical' if v else 'horizontal'} stripe{'s' if s > 1 else ''}" for v, s in patterns]
         self.raw_classes = list(self.classes)
         self.image_size, self.seed, self.train = image_size, seed, train
-
-    def name(self, c: int) -> str:
-        vertical, stripes = self.pattern(c)
-        return f"{stripes} {'vertical' if vertical else 'horizontal'} stripe{'s' if stripes > 1 else ''}"
 
     def pattern(self, c: int) -> tuple[bool, int]:
         """Class c's grating: (vertical stripes?, number of stripes). Beyond ten classes the stripe counts grow by
@@ -180,12 +176,10 @@ class SyntheticDataset(Dataset):
         return len(self.targets)
 
     def __getitem__(self, i: int):
-        if not 0 <= i < len(self):
-            raise IndexError(f"index {i} is outside 0..{len(self) - 1}")
         g = torch.Generator().manual_seed(_seed_of(self.seed, self.train, i))  # made on demand: building is free
         vertical, stripes = self.pattern(self.targets[i])
         n = self.image_size
-        position = torch.arange(n, dtype=torch.float32).view(1, n) if vertical else torch.arange(n).view(n, 1).float()
+        position = torch.arange(n, dtype=torch.float32).view((1, n) if vertical else (n, 1))
         phase = 2 * torch.pi * torch.rand((), generator=g)
         wave = 0.5 + 0.5 * torch.sin(2 * torch.pi * stripes * position / n + phase)  # (n, 1) or (1, n) in [0, 1]
         pixels = 60 + 140 * wave.expand(n, n) + torch.randn(n, n, generator=g) * 8  # (n, n) grey levels
@@ -202,46 +196,44 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        path = self.paths[i]
         try:
-            with Image.open(path) as image:
+            with Image.open(self.paths[i]) as image:
                 return image.convert("RGB"), self.targets[i]
         except OSError as err:  # PIL's UnidentifiedImageError and truncated files are OSErrors
-            raise DataError(f"cannot read image {path}: {err}") from err
+            raise DataError(f"cannot read image {self.paths[i]}: {err}") from err
 
 
-def _readable(name: str) -> str:
-    """A class name fit for a prompt: underscores become spaces."""
-    return name.replace("_", " ")
+def _class_folders(folder: str) -> list[str]:
+    """The sorted names of a folder's subfolders, one per class."""
+    names = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir()) if os.path.isdir(folder) else []
+    if not names:
+        raise DataError(f"{folder} is missing or has no class folders (expected {folder}/<class>/<images>)")
+    return names
 
 
 def _image_files(folder: str) -> list[str]:
     """The image files under a folder in torchvision ImageFolder's order (sorted walk), so indices match it."""
-    if not os.path.isdir(folder):
-        raise DataError(f"missing folder {folder}")
     files = [os.path.join(directory, name)
              for directory, _, names in sorted(os.walk(folder, followlinks=True))
              for name in sorted(names) if name.lower().endswith(IMG_EXTENSIONS)]
     if not files:
-        raise DataError(f"{folder} has no images (expected files ending in {', '.join(IMG_EXTENSIONS)})")
+        raise DataError(f"{folder} is missing or has no images (expected files ending in {', '.join(IMG_EXTENSIONS)})")
     return files
 
 
-def _labelled_files(folders: dict[str, int]) -> tuple[list[str], list[int]]:
-    """The image files of each class folder in turn, each with its folder's label ({folder: label})."""
-    paths, targets = [], []
-    for folder, label in folders.items():
-        files = _image_files(folder)
-        paths += files
-        targets += [label] * len(files)
-    return paths, targets
+def _labelled_files(folder: str, classes: list[str]) -> tuple[list[str], list[int]]:
+    """The image files under folder/<class>/, classes in sorted (ImageFolder's) order, each file labelled by the
+    position of its class in `classes`."""
+    label = {c: k for k, c in enumerate(classes)}
+    pairs = [(path, label[c]) for c in sorted(classes) for path in _image_files(os.path.join(folder, c))]
+    return [path for path, _ in pairs], [y for _, y in pairs]
 
 
 def _read_lines(path: str) -> list[str]:
-    """The non-empty lines of a text file, or a DataError naming it."""
+    """The non-empty lines of a text file, stripped, or a DataError naming it."""
     try:
         with open(path) as f:
-            return [line.rstrip("\n") for line in f if line.strip()]
+            return [line.strip() for line in f if line.strip()]
     except OSError as err:
         raise DataError(f"cannot read {path}: {err}") from err
 
@@ -279,7 +271,7 @@ def _cifar100(root: str, train: bool, download: bool) -> Dataset:
     except (OSError, RuntimeError) as err:
         raise DataError(f"cannot load CIFAR-100 from {os.path.join(root, cifar.base_folder)}: {err}") from err
     dataset.raw_classes = list(dataset.classes)  # "aquarium_fish", as the released code prompts
-    dataset.classes = [_readable(c) for c in dataset.classes]
+    dataset.classes = [c.replace("_", " ") for c in dataset.classes]
     return dataset
 
 
@@ -290,24 +282,23 @@ TINYIMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"  # Stanford publishes none
 def _tinyimagenet(root: str, train: bool, download: bool) -> Dataset:
     """Tiny-ImageNet-200: train folders; the val folder, labelled by its annotations, is the test split."""
     folder = _fetch(root, "tiny-imagenet-200", TINYIMAGENET_URL, TINYIMAGENET_MD5, download, "Tiny-ImageNet")
-    wnids = [line.strip() for line in _read_lines(os.path.join(folder, "wnids.txt"))]
-    label = {wnid: k for k, wnid in enumerate(wnids)}  # labels in wnids.txt order, as the released loader, not sorted
+    wnids = _read_lines(os.path.join(folder, "wnids.txt"))  # labels in this order, as the released loader, not sorted
     words = dict(line.split("\t", 1) for line in _read_lines(os.path.join(folder, "words.txt")))
     missing = [w for w in wnids if w not in words]
     if missing:
         raise DataError(f"{os.path.join(folder, 'words.txt')} has no name for {', '.join(missing[:5])}")
-    classes = [_readable(words[w].split(",")[0].strip()) for w in wnids]  # the first synonym, e.g. "Egyptian cat"
+    classes = [words[w].split(",")[0].strip().replace("_", " ") for w in wnids]  # the first synonym: "Egyptian cat"
     raw = list(TINYIMAGENET_RELEASED_NAMES) if len(wnids) == len(TINYIMAGENET_RELEASED_NAMES) else classes
     if train:
-        folders = {os.path.join(folder, "train", w): label[w] for w in sorted(wnids)}  # ImageFolder's order
-        return ImageFiles(*_labelled_files(folders), classes, raw)
+        return ImageFiles(*_labelled_files(os.path.join(folder, "train"), wnids), classes, raw)
     annotations_path = os.path.join(folder, "val", "val_annotations.txt")
-    annotations = dict(line.split("\t")[:2] for line in _read_lines(annotations_path))
+    wnid_of = dict(line.split("\t")[:2] for line in _read_lines(annotations_path))
+    label = {wnid: k for k, wnid in enumerate(wnids)}
     paths = _image_files(os.path.join(folder, "val", "images"))
-    unlabelled = [p for p in paths if annotations.get(os.path.basename(p)) not in label]
-    if unlabelled:
-        raise DataError(f"{annotations_path} gives no known class for {unlabelled[0]}")
-    return ImageFiles(paths, [label[annotations[os.path.basename(p)]] for p in paths], classes, raw)
+    targets = [label.get(wnid_of.get(os.path.basename(path))) for path in paths]
+    if None in targets:
+        raise DataError(f"{annotations_path} gives no known class for {paths[targets.index(None)]}")
+    return ImageFiles(paths, targets, classes, raw)
 
 
 # The names the released SIT code puts in its Tiny-ImageNet prompts (CLIP's curated ImageNet names, not
@@ -374,10 +365,10 @@ IMAGENET_R_CLASSES = (  # the names of its 200 ImageNet classes, in the order of
 def _imagenet_r(root: str, train: bool, download: bool) -> Dataset:
     """ImageNet-R: 200 class folders, split 80/20 by a generator seeded 0, the same split whatever the run seed."""
     folder = _fetch(root, "imagenet-r", IMAGENET_R_URL, IMAGENET_R_MD5, download, "ImageNet-R")
-    wnids = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    wnids = _class_folders(folder)
     if len(wnids) != len(IMAGENET_R_CLASSES):
         raise DataError(f"{folder} has {len(wnids)} class folders; ImageNet-R has {len(IMAGENET_R_CLASSES)}")
-    paths, labels = _labelled_files({os.path.join(folder, wnid): k for k, wnid in enumerate(wnids)})
+    paths, labels = _labelled_files(folder, wnids)
     order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(0))
     n_train = int(len(paths) * 0.8)
     keep = sorted((order[:n_train] if train else order[n_train:]).tolist())
@@ -387,22 +378,13 @@ def _imagenet_r(root: str, train: bool, download: bool) -> Dataset:
 
 def _imagefolder(root: str, train: bool, download: bool) -> Dataset:
     """A user's own data: ROOT/train/<class>/* and ROOT/test/<class>/*, classes sorted by folder name."""
-    classes = {}
-    for split in ("train", "test"):
-        folder = os.path.join(root, split)
-        if not os.path.isdir(folder):
-            raise DataError(f"{folder} is missing; imagefolder expects ROOT/train/<class>/ and ROOT/test/<class>/")
-        classes[split] = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
-        if not classes[split]:
-            raise DataError(f"{folder} has no class folders")
-    if classes["train"] != classes["test"]:
-        only_train = sorted(set(classes["train"]) - set(classes["test"]))
-        only_test = sorted(set(classes["test"]) - set(classes["train"]))
-        raise DataError(f"the class folders of {os.path.join(root, 'train')} and {os.path.join(root, 'test')} differ: "
-                        f"only in train {only_train}, only in test {only_test}")
-    names = classes["train"]
-    folders = {os.path.join(root, "train" if train else "test", name): k for k, name in enumerate(names)}
-    return ImageFiles(*_labelled_files(folders), [_readable(c) for c in names], names)
+    train_folder, test_folder = os.path.join(root, "train"), os.path.join(root, "test")
+    names, test_names = _class_folders(train_folder), _class_folders(test_folder)
+    if names != test_names:
+        raise DataError(f"{train_folder} and {test_folder} have different class folders: "
+                        f"{sorted(set(names) ^ set(test_names))}")
+    classes = [name.replace("_", " ") for name in names]
+    return ImageFiles(*_labelled_files(train_folder if train else test_folder, names), classes, names)
 
 
 DATASETS = {"cifar100": _cifar100, "tinyimagenet": _tinyimagenet, "imagenet-r": _imagenet_r,
