@@ -7,6 +7,7 @@ readable `classes`, `raw_classes` (the released prompt names) and (PIL RGB image
 import collections
 import functools
 import hashlib
+import itertools
 import os
 from typing import NamedTuple
 
@@ -472,15 +473,11 @@ def stream_batches(dataset, tasks, batch_size=64, online_iter=3, policy="cifar10
 
     AutoAugment is drawn per sample, or once per batch and online iteration (augment_per="batch", as released).
     Images are brought to `image_size` when loaded (None keeps them as they are; see `fit_image`)."""
-    stream = [(t, i) for t, task in enumerate(tasks) for i in task]
-    sizes = [len(indices) for _, indices in task_batches(tasks, batch_size)]
-    batches = _cut(list(range(len(stream))), sizes)  # the batches as stream positions, for the DataLoader
-    # Each sample's AutoAugment draws are a function of this key: its stream position, or its batch's number.
-    keys = list(range(len(stream))) if augment_per == "sample" else [b for b, bat in enumerate(batches) for _ in bat]
-    items = _AugmentedStream(dataset, stream, keys, online_iter, POLICIES[policy], seed, image_size, image_fit)
-    return DataLoader(items, batch_sampler=batches, num_workers=workers, collate_fn=_collate_stream,
-                      pin_memory=torch.cuda.is_available(),
-                      generator=torch.Generator())  # the loader draws a seed from it; the caller's RNG stays untouched
+    batches = task_batches(tasks, batch_size)
+    starts = itertools.accumulate((len(indices) for _, indices in batches), initial=0)  # stream positions
+    load = functools.partial(_stream_batch, dataset, online_iter, AutoAugment(POLICIES[policy]), seed, image_size,
+                             image_fit, augment_per)
+    return _loader([(b, start, *batch) for b, (start, batch) in enumerate(zip(starts, batches))], load, workers)
 
 
 def task_batches(tasks, batch_size) -> list[tuple[int, list[int]]]:
@@ -489,37 +486,32 @@ def task_batches(tasks, batch_size) -> list[tuple[int, list[int]]]:
     return [(t, task[b:b + batch_size]) for t, task in enumerate(tasks) for b in range(0, len(task), batch_size)]
 
 
-class _AugmentedStream(Dataset):
-    """Stream position -> (task, online_iter AutoAugmented copies (online_iter, 3, H, W) uint8, label, index)."""
+def _loader(work: list, load, workers: int) -> DataLoader:
+    """load(w) for each w of work in turn, run in DataLoader workers."""
+    return DataLoader(work, batch_size=None, num_workers=workers, collate_fn=load, pin_memory=torch.cuda.is_available(),
+                      generator=torch.Generator())  # the loader draws a seed from it; the caller's RNG stays untouched
 
-    def __init__(self, dataset, stream, keys, online_iter, policy, seed, image_size, image_fit):
-        self.dataset, self.stream, self.keys, self.online_iter = dataset, stream, keys, online_iter
-        self.seed, self.image_size, self.image_fit = seed, image_size, image_fit
-        self.autoaugment = AutoAugment(policy)
 
-    def __len__(self) -> int:
-        return len(self.stream)
-
-    def __getitem__(self, position: int):
-        task, index = self.stream[position]
-        image, label = self.dataset[index]
+def _stream_batch(dataset, online_iter, autoaugment, seed, image_size, image_fit, augment_per, batch) -> StreamBatch:
+    """Batch b of the stream, whose first sample is at stream position `start`, with its AutoAugmented copies."""
+    b, start, task, indices = batch
+    copies, labels = [], []
+    for position, index in enumerate(indices, start):
+        image, label = dataset[index]
         # once per sample, shared by its online iterations (as the released loader's random crop)
-        image = fit_image(image, self.image_size, self.image_fit, seed=_seed_of(self.seed, position, -1))
-        copies = [TF.pil_to_tensor(self.augment(image, self.keys[position], it)) for it in range(self.online_iter)]
-        return task, torch.stack(copies), label, index
-
-    def augment(self, image: Image.Image, key: int, iteration: int) -> Image.Image:
-        """AutoAugment whose draws (sub-policy, probabilities, signs) are a function of seed, key and iteration."""
-        with torch.random.fork_rng(devices=[]):  # AutoAugment draws from the global RNG: fork it, leave it untouched
-            torch.default_generator.manual_seed(_seed_of(self.seed, key, iteration))
-            return self.autoaugment(image)
+        image = fit_image(image, image_size, image_fit, seed=_seed_of(seed, position, -1))
+        key = position if augment_per == "sample" else b  # AutoAugment's draws are a function of seed, key, iteration
+        seeds = [_seed_of(seed, key, it) for it in range(online_iter)]
+        copies.append(torch.stack([TF.pil_to_tensor(_augment(autoaugment, image, s)) for s in seeds]))
+        labels.append(label)
+    return StreamBatch(task, _stack(copies, dim=1), torch.tensor(labels), torch.tensor(indices))
 
 
-def _collate_stream(items) -> StreamBatch:
-    """Samples stacked into a StreamBatch; per-sample copies (online_iter, 3, H, W) -> (online_iter, B, 3, H, W)."""
-    tasks, copies, labels, indices = zip(*items)
-    assert len(set(tasks)) == 1, "a batch crossed a task boundary"
-    return StreamBatch(tasks[0], _stack(copies, dim=1), torch.tensor(labels), torch.tensor(indices))
+def _augment(autoaugment: AutoAugment, image: Image.Image, seed: int) -> Image.Image:
+    """AutoAugment whose draws (sub-policy, probabilities, signs) are a function of the seed."""
+    with torch.random.fork_rng(devices=[]):  # AutoAugment draws from the global RNG: fork it, leave it untouched
+        torch.default_generator.manual_seed(seed)
+        return autoaugment(image)
 
 
 @functools.cache
@@ -571,31 +563,6 @@ class BatchAugment:
         return padded[sample, channel, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]  # (N, 3, H, W)
 
 
-class _EvalItems(Dataset):
-    """Position k -> (uint8 RGB (3, H, W) image of dataset[indices[k]], label), brought to `image_size` when loaded."""
-
-    def __init__(self, dataset, indices, image_size, resize, image_fit, seed):
-        self.dataset, self.indices, self.image_size = dataset, indices, image_size
-        self.resize, self.image_fit, self.seed = resize, image_fit, seed
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, k: int):
-        index = self.indices[k]
-        image, label = self.dataset[index]
-        if self.image_fit == "random":  # the released ImageNet-R loader crops test images at random too
-            image = fit_image(image, self.image_size, "random", seed=_seed_of(self.seed, index, -2))
-        image = fit_image(image, self.image_size, TEST_RESIZES[self.resize])
-        return TF.pil_to_tensor(image.convert("RGB")), label  # RGB after the geometry, as OpenAI's preprocessing
-
-
-def _collate_eval(items):
-    """(uint8 images (B, 3, H, W), labels (B,))."""
-    images, labels = zip(*items)
-    return _stack(images), torch.tensor(labels)
-
-
 def eval_batches(dataset, indices, batch_size=512, workers=2, image_size=None, resize="clip", image_fit="centre",
                  seed=0):
     """Test samples in index order as an iterable of (uint8 RGB images (B, 3, H, W), labels (B,)) for eval_transform,
@@ -603,10 +570,22 @@ def eval_batches(dataset, indices, batch_size=512, workers=2, image_size=None, r
 
     With an `image_size` n, images are brought to n x n when loaded by `resize` (see TEST_RESIZES), after, with
     image_fit="random", the released ImageNet-R random crop (drawn once per test image from `seed`)."""
-    indices = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
-    return DataLoader(_EvalItems(dataset, indices, image_size, resize, image_fit, seed), batch_size=batch_size,
-                      num_workers=workers, collate_fn=_collate_eval, pin_memory=torch.cuda.is_available(),
-                      generator=torch.Generator())
+    indices = [int(i) for i in indices]
+    chunks = [indices[b:b + batch_size] for b in range(0, len(indices), batch_size)]
+    return _loader(chunks, functools.partial(_eval_batch, dataset, image_size, resize, image_fit, seed), workers)
+
+
+def _eval_batch(dataset, image_size, resize, image_fit, seed, indices):
+    """(uint8 RGB images (B, 3, H, W), labels (B,)) of dataset[indices], brought to `image_size`."""
+    images, labels = [], []
+    for index in indices:
+        image, label = dataset[index]
+        if image_fit == "random":  # the released ImageNet-R loader crops test images at random too
+            image = fit_image(image, image_size, "random", seed=_seed_of(seed, index, -2))
+        image = fit_image(image, image_size, TEST_RESIZES[resize])
+        images.append(TF.pil_to_tensor(image.convert("RGB")))  # RGB after the geometry, as OpenAI's preprocessing
+        labels.append(label)
+    return _stack(images), torch.tensor(labels)
 
 
 def eval_transform(images: torch.Tensor, image_size: int, resize="clip", mean=clip_model.CLIP_MEAN,
