@@ -133,7 +133,6 @@ def describe_stream(split: StreamSplit, targets, classes) -> str:
 
     def names(cs):
         return f" ({', '.join(classes[c] for c in cs[:3])}{', ...' if len(cs) > 3 else ''})" if cs else ""
-
     for t, (task, d, b) in enumerate(zip(split.tasks, split.disjoint_classes, split.blurry_classes)):
         lines.append(f"task {t}: {len(task)} samples | disjoint {len(d)}{names(d)} | blurry {len(b)}{names(b)}"
                      f" | blurred in {blurred_in[t]}, out {blurred_out[t]}")
@@ -255,11 +254,10 @@ def download_archive(what: str, url: str, root: str, md5: str, filename: str = N
 def _fetch(root: str, folder: str, url: str, md5: str, download: bool, what: str) -> str:
     """root/folder, downloading and unpacking the official archive first if it is missing."""
     path = os.path.join(root, folder)
-    if os.path.isdir(path):
-        return path
-    if not download:
-        raise DataError(f"{path} not found; pass download=True to fetch {url}")
-    download_archive(what, url, root, md5)
+    if not os.path.isdir(path):
+        if not download:
+            raise DataError(f"{path} not found; pass download=True to fetch {url}")
+        download_archive(what, url, root, md5)
     return path
 
 
@@ -304,63 +302,57 @@ def _tinyimagenet(root: str, train: bool, download: bool) -> Dataset:
 
 # The names the released SIT code puts in its Tiny-ImageNet prompts (CLIP's curated ImageNet names, not
 # words.txt's), in wnids.txt order: what --class-names raw uses for this dataset.
-TINYIMAGENET_RELEASED_NAMES = (
-    'Egyptian Mau', 'fishing casting reel', 'volleyball', 'rocking chair', 'lemon', 'American bullfrog', 'basketball',
-    'cliff', 'espresso', 'plunger', 'parking meter', 'German Shepherd Dog', 'dining table', 'monarch butterfly',
-    'brown bear', 'school bus', 'pizza', 'guinea pig', 'umbrella', 'pipe organ', 'oboe', 'maypole', 'goldfish',
-    'pot pie', 'hourglass', 'beach', 'computer keyboard', 'arabian camel', 'ice cream', 'metal nail', 'space heater',
-    'cardigan', 'baboon', 'snail', 'coral reef', 'albatross', 'spider web', 'sea cucumber', 'backpack',
-    'Labrador Retriever', 'pretzel', 'king penguin', 'sulphur butterfly', 'tarantula', 'red panda', 'soda bottle',
-    'banana', 'sock', 'cockroach', 'missile', 'beer bottle', 'praying mantis', 'freight car', 'guacamole',
-    'remote control', 'fire salamander', 'lakeshore', 'chimpanzee', 'payphone', 'fur coat', 'mountain', 'lampshade',
-    'torch', 'abacus', 'moving van', 'barrel', 'tabby cat', 'goose', 'koala', 'high-speed train', 'CD player', 'teapot',
-    'birdhouse', 'gazelle', 'academic gown', 'tractor', 'ladybug', 'miniskirt', 'Golden Retriever', 'triumphal arch',
-    'cannon', 'neck brace', 'sombrero', 'gas mask or respirator', 'candle', 'desk', 'frying pan', 'bee', 'dam',
-    'spiny lobster', 'police van', 'iPod', 'punching bag', 'lighthouse', 'jellyfish', 'wok', "potter's wheel", 'sandal',
-    'pill bottle', 'butcher shop', 'slug', 'pig', 'cougar', 'construction crane', 'vestment', 'dragonfly',
-    'automated teller machine', 'mushroom', 'rickshaw', 'water tower', 'storage chest', 'snorkel', 'sunglasses', 'fly',
-    'limousine', 'black stork', 'dugong', 'sports car', 'water jug', 'suspension bridge', 'ox', 'popsicle', 'turnstile',
-    'Christmas stocking', 'broom', 'scorpion', 'wooden spoon', 'picket fence', 'rugby ball', 'sewing machine',
-    'through arch bridge', 'Persian cat', 'refrigerator', 'barn', 'apron', 'Yorkshire Terrier', 'swim trunks / shorts',
-    'stopwatch', 'lawn mower', 'thatched roof', 'fountain', 'southern black widow', 'bikini', 'plate', 'teddy bear',
-    'barbershop', 'candy store', 'station wagon', 'scoreboard', 'orange', 'flagpole', 'American lobster', 'trolleybus',
-    'drumstick', 'dumbbell', 'brass memorial plaque', 'bow tie', 'convertible', 'bighorn sheep', 'orangutan',
-    'American alligator', 'centipede', 'syringe', 'go-kart', 'brain coral', 'sea slug', 'cliff dwelling',
-    'mashed potatoes', 'viaduct', 'military uniform', 'pomegranate', 'chain', 'kimono', 'comic book', 'trilobite',
-    'bison', 'pole', 'boa constrictor', 'poncho', 'bathtub', 'grasshopper', 'stick insect', 'Chihuahua', 'tailed frog',
-    'lion', 'altar', 'obelisk', 'beaker', 'bell pepper', 'baluster / handrail', 'bucket', 'magnetic compass',
-    'meatloaf', 'gondola', 'Standard Poodle', 'acorn', 'lifeboat', 'binoculars', 'cauliflower', 'African bush elephant',
-)
+TINYIMAGENET_RELEASED_NAMES = tuple((
+    "Egyptian Mau, fishing casting reel, volleyball, rocking chair, lemon, American bullfrog, basketball, cliff, "
+    "espresso, plunger, parking meter, German Shepherd Dog, dining table, monarch butterfly, brown bear, school bus, "
+    "pizza, guinea pig, umbrella, pipe organ, oboe, maypole, goldfish, pot pie, hourglass, beach, computer keyboard, "
+    "arabian camel, ice cream, metal nail, space heater, cardigan, baboon, snail, coral reef, albatross, spider web, "
+    "sea cucumber, backpack, Labrador Retriever, pretzel, king penguin, sulphur butterfly, tarantula, red panda, "
+    "soda bottle, banana, sock, cockroach, missile, beer bottle, praying mantis, freight car, guacamole, "
+    "remote control, fire salamander, lakeshore, chimpanzee, payphone, fur coat, mountain, lampshade, torch, abacus, "
+    "moving van, barrel, tabby cat, goose, koala, high-speed train, CD player, teapot, birdhouse, gazelle, "
+    "academic gown, tractor, ladybug, miniskirt, Golden Retriever, triumphal arch, cannon, neck brace, sombrero, "
+    "gas mask or respirator, candle, desk, frying pan, bee, dam, spiny lobster, police van, iPod, punching bag, "
+    "lighthouse, jellyfish, wok, potter's wheel, sandal, pill bottle, butcher shop, slug, pig, cougar, "
+    "construction crane, vestment, dragonfly, automated teller machine, mushroom, rickshaw, water tower, "
+    "storage chest, snorkel, sunglasses, fly, limousine, black stork, dugong, sports car, water jug, "
+    "suspension bridge, ox, popsicle, turnstile, Christmas stocking, broom, scorpion, wooden spoon, picket fence, "
+    "rugby ball, sewing machine, through arch bridge, Persian cat, refrigerator, barn, apron, Yorkshire Terrier, "
+    "swim trunks / shorts, stopwatch, lawn mower, thatched roof, fountain, southern black widow, bikini, plate, "
+    "teddy bear, barbershop, candy store, station wagon, scoreboard, orange, flagpole, American lobster, trolleybus, "
+    "drumstick, dumbbell, brass memorial plaque, bow tie, convertible, bighorn sheep, orangutan, American alligator, "
+    "centipede, syringe, go-kart, brain coral, sea slug, cliff dwelling, mashed potatoes, viaduct, military uniform, "
+    "pomegranate, chain, kimono, comic book, trilobite, bison, pole, boa constrictor, poncho, bathtub, grasshopper, "
+    "stick insect, Chihuahua, tailed frog, lion, altar, obelisk, beaker, bell pepper, baluster / handrail, bucket, "
+    "magnetic compass, meatloaf, gondola, Standard Poodle, acorn, lifeboat, binoculars, cauliflower, "
+    "African bush elephant"
+).split(", "))
 
 
 IMAGENET_R_URL = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"
 IMAGENET_R_MD5 = "a61312130a589d0ca1a8fca1f2bd3337"  # Berkeley publishes none; this is the one other loaders check
-IMAGENET_R_CLASSES = (  # the names of its 200 ImageNet classes, in the order of their sorted WordNet ids
-    "goldfish", "great white shark", "hammerhead", "stingray", "hen", "ostrich", "goldfinch", "junco", "bald eagle",
-    "vulture", "newt", "axolotl", "tree frog", "iguana", "African chameleon", "cobra", "scorpion", "tarantula",
-    "centipede", "peacock", "lorikeet", "hummingbird", "toucan", "duck", "goose", "black swan", "koala", "jellyfish",
-    "snail", "lobster", "hermit crab", "flamingo", "american egret", "pelican", "king penguin", "grey whale",
-    "killer whale", "sea lion", "chihuahua", "shih tzu", "afghan hound", "basset hound", "beagle", "bloodhound",
-    "italian greyhound", "whippet", "weimaraner", "yorkshire terrier", "boston terrier", "scottish terrier",
-    "west highland white terrier", "golden retriever", "labrador retriever", "cocker spaniels", "collie",
-    "border collie", "rottweiler", "german shepherd dog", "boxer", "french bulldog", "saint bernard", "husky",
-    "dalmatian", "pug", "pomeranian", "chow chow", "pembroke welsh corgi", "toy poodle", "standard poodle",
-    "timber wolf", "hyena", "red fox", "tabby cat", "leopard", "snow leopard", "lion", "tiger", "cheetah",
-    "polar bear", "meerkat", "ladybug", "fly", "bee", "ant", "grasshopper", "cockroach", "mantis", "dragonfly",
-    "monarch butterfly", "starfish", "wood rabbit", "porcupine", "fox squirrel", "beaver", "guinea pig", "zebra",
-    "pig", "hippopotamus", "bison", "gazelle", "llama", "skunk", "badger", "orangutan", "gorilla", "chimpanzee",
-    "gibbon", "baboon", "panda", "eel", "clown fish", "puffer fish", "accordion", "ambulance", "assault rifle",
-    "backpack", "barn", "wheelbarrow", "basketball", "bathtub", "lighthouse", "beer glass", "binoculars",
-    "birdhouse", "bow tie", "broom", "bucket", "cauldron", "candle", "cannon", "canoe", "carousel", "castle",
-    "mobile phone", "cowboy hat", "electric guitar", "fire engine", "flute", "gasmask", "grand piano", "guillotine",
-    "hammer", "harmonica", "harp", "hatchet", "jeep", "joystick", "lab coat", "lawn mower", "lipstick", "mailbox",
-    "missile", "mitten", "parachute", "pickup truck", "pirate ship", "revolver", "rugby ball", "sandal", "saxophone",
-    "school bus", "schooner", "shield", "soccer ball", "space shuttle", "spider web", "steam locomotive", "scarf",
-    "submarine", "tank", "tennis ball", "tractor", "trombone", "vase", "violin", "military aircraft", "wine bottle",
-    "ice cream", "bagel", "pretzel", "cheeseburger", "hotdog", "cabbage", "broccoli", "cucumber", "bell pepper",
-    "mushroom", "Granny Smith", "strawberry", "lemon", "pineapple", "banana", "pomegranate", "pizza", "burrito",
-    "espresso", "volcano", "baseball player", "scuba diver", "acorn",
-)
+IMAGENET_R_CLASSES = tuple((  # the names of its 200 ImageNet classes, in the order of their sorted WordNet ids
+    "goldfish, great white shark, hammerhead, stingray, hen, ostrich, goldfinch, junco, bald eagle, vulture, newt, "
+    "axolotl, tree frog, iguana, African chameleon, cobra, scorpion, tarantula, centipede, peacock, lorikeet, "
+    "hummingbird, toucan, duck, goose, black swan, koala, jellyfish, snail, lobster, hermit crab, flamingo, "
+    "american egret, pelican, king penguin, grey whale, killer whale, sea lion, chihuahua, shih tzu, afghan hound, "
+    "basset hound, beagle, bloodhound, italian greyhound, whippet, weimaraner, yorkshire terrier, boston terrier, "
+    "scottish terrier, west highland white terrier, golden retriever, labrador retriever, cocker spaniels, collie, "
+    "border collie, rottweiler, german shepherd dog, boxer, french bulldog, saint bernard, husky, dalmatian, pug, "
+    "pomeranian, chow chow, pembroke welsh corgi, toy poodle, standard poodle, timber wolf, hyena, red fox, "
+    "tabby cat, leopard, snow leopard, lion, tiger, cheetah, polar bear, meerkat, ladybug, fly, bee, ant, "
+    "grasshopper, cockroach, mantis, dragonfly, monarch butterfly, starfish, wood rabbit, porcupine, fox squirrel, "
+    "beaver, guinea pig, zebra, pig, hippopotamus, bison, gazelle, llama, skunk, badger, orangutan, gorilla, "
+    "chimpanzee, gibbon, baboon, panda, eel, clown fish, puffer fish, accordion, ambulance, assault rifle, backpack, "
+    "barn, wheelbarrow, basketball, bathtub, lighthouse, beer glass, binoculars, birdhouse, bow tie, broom, bucket, "
+    "cauldron, candle, cannon, canoe, carousel, castle, mobile phone, cowboy hat, electric guitar, fire engine, "
+    "flute, gasmask, grand piano, guillotine, hammer, harmonica, harp, hatchet, jeep, joystick, lab coat, lawn mower, "
+    "lipstick, mailbox, missile, mitten, parachute, pickup truck, pirate ship, revolver, rugby ball, sandal, "
+    "saxophone, school bus, schooner, shield, soccer ball, space shuttle, spider web, steam locomotive, scarf, "
+    "submarine, tank, tennis ball, tractor, trombone, vase, violin, military aircraft, wine bottle, ice cream, bagel, "
+    "pretzel, cheeseburger, hotdog, cabbage, broccoli, cucumber, bell pepper, mushroom, Granny Smith, strawberry, "
+    "lemon, pineapple, banana, pomegranate, pizza, burrito, espresso, volcano, baseball player, scuba diver, acorn"
+).split(", "))
 
 
 def _imagenet_r(root: str, train: bool, download: bool) -> Dataset:
@@ -435,13 +427,11 @@ class StreamBatch(NamedTuple):
 
 
 def fit_image(image, image_size, image_fit="centre", seed=0):
-    """An image brought to n x n, n = image_size (None: unchanged), by one geometry, the same on a PIL image when
-    loaded (variable-size images, so that they batch) and on uint8 tensors (3, H, W) or (N, 3, H, W) on the device
-    (fixed-size datasets, upsampled), where torchvision rounds and clamps to within one grey level of PIL.
-
+    """A PIL image or uint8 tensor (3, H, W) or (N, 3, H, W) brought to n x n, n = image_size (None: unchanged); on
+    tensors torchvision rounds and clamps to within one grey level of PIL.
     centre: the shorter side resized to n (bicubic), then a centre crop: OpenAI's test geometry.
-    random: the shorter side resized to n * 8/7 (bilinear), then a crop drawn from `seed` (one per call): the
-            released ImageNet-R loader's Resize(256) + RandomCrop(224), for train and test images.
+    random: the shorter side resized to n * 8/7 (bilinear), then a crop drawn from `seed`: the released ImageNet-R
+            loader's Resize(256) + RandomCrop(224), for train and test images.
     squash: the whole image resized to n x n (bilinear, aspect ratio not kept): the released test geometry."""
     if image_size is None:
         return image
@@ -470,9 +460,8 @@ def _stack(images, dim=0) -> torch.Tensor:
 def stream_batches(dataset, tasks, batch_size=64, online_iter=3, policy="cifar10", workers=2, seed=1, image_size=None,
                    augment_per="sample", image_fit="centre"):
     """The online stream as an iterable of StreamBatch: tasks in order, batches never cross a task boundary.
-
     AutoAugment is drawn per sample, or once per batch and online iteration (augment_per="batch", as released).
-    Images are brought to `image_size` when loaded (None keeps them as they are; see `fit_image`)."""
+    Images are brought to `image_size` by `image_fit` when loaded (None keeps them as they are)."""
     batches = task_batches(tasks, batch_size)
     starts = itertools.accumulate((len(indices) for _, indices in batches), initial=0)  # stream positions
     load = functools.partial(_stream_batch, dataset, online_iter, AutoAugment(POLICIES[policy]), seed, image_size,
@@ -481,8 +470,7 @@ def stream_batches(dataset, tasks, batch_size=64, online_iter=3, policy="cifar10
 
 
 def task_batches(tasks, batch_size) -> list[tuple[int, list[int]]]:
-    """(task, dataset indices) of each batch of the stream: tasks in order, a batch never crosses a task boundary,
-    and the last batch of a task may be short."""
+    """(task, dataset indices) of each batch of the stream; the last batch of a task may be short."""
     return [(t, task[b:b + batch_size]) for t, task in enumerate(tasks) for b in range(0, len(task), batch_size)]
 
 
@@ -516,8 +504,7 @@ def _augment(autoaugment: AutoAugment, image: Image.Image, seed: int) -> Image.I
 
 @functools.cache
 def _mean_std(device: torch.device, mean: tuple, std: tuple):
-    """The channel mean and std as (1, 3, 1, 1) tensors, made once per device: torch.tensor(..., device=cuda)
-    is a host-to-device copy that waits for the GPU, which the training step must not do."""
+    """The channel mean and std as (1, 3, 1, 1) tensors, made once per device: making them waits for the GPU."""
     return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
 
 
@@ -529,7 +516,6 @@ def normalize(images: torch.Tensor, mean=clip_model.CLIP_MEAN, std=clip_model.CL
 
 class BatchAugment:
     """The training transform after AutoAugment, batched on the device: resize, padded random crop, flip, normalize.
-
     per="sample" draws a crop offset and a flip for each image; per="batch" one of each for the whole batch (as
     the released transform, applied to the batch tensor)."""
 
@@ -540,14 +526,11 @@ class BatchAugment:
         self.generator = None  # made on the device of the first batch, seeded with the run seed
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H, W) -> float (N, 3, n, n), n = image_size: squashed, cropped, maybe flipped, normalized."""
+        """uint8 (N, 3, H, W) -> float (N, 3, n, n), n = image_size: squashed, then a random crop of the zero-padded
+        images (black border, as the released transform) and a random h-flip, normalized."""
         if self.generator is None:
             self.generator = torch.Generator(images.device).manual_seed(self.seed)
         images = fit_image(images, self.image_size, "squash")
-        return normalize(self.crop_and_flip(images), self.mean, self.std)
-
-    def crop_and_flip(self, images: torch.Tensor) -> torch.Tensor:
-        """A random crop of the zero-padded images (black border, as the released transform) and a random h-flip."""
         n, c, h, w = images.shape
         p, device = self.padding, images.device
         draws = n if self.per == "sample" else 1  # one draw broadcast to the whole batch
@@ -558,20 +541,17 @@ class BatchAugment:
         rows = top[:, None] + torch.arange(h, device=device)  # (N, H) rows of the padded image
         cols = left[:, None] + torch.arange(w, device=device)  # (N, W)
         cols = torch.where(flip[:, None], cols.flip(1), cols)  # reading columns backwards is the horizontal flip
-        sample = torch.arange(n, device=device).view(n, 1, 1, 1)
-        channel = torch.arange(c, device=device).view(1, c, 1, 1)
-        return padded[sample, channel, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]  # (N, 3, H, W)
+        sample, channel = torch.arange(n, device=device).view(n, 1, 1, 1), torch.arange(c, device=device).view(c, 1, 1)
+        crops = padded[sample, channel, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]  # (N, 3, H, W)
+        return normalize(crops, self.mean, self.std)
 
 
 def eval_batches(dataset, indices, batch_size=512, workers=2, image_size=None, resize="clip", image_fit="centre",
                  seed=0):
-    """Test samples in index order as an iterable of (uint8 RGB images (B, 3, H, W), labels (B,)) for eval_transform,
-    from any dataset of (PIL image, label) items (greyscale and palette images included).
-
-    With an `image_size` n, images are brought to n x n when loaded by `resize` (see TEST_RESIZES), after, with
+    """Test samples in index order as an iterable of (uint8 RGB images (B, 3, H, W), labels (B,)) for eval_transform.
+    With an `image_size`, images are fitted when loaded by `resize` (see TEST_RESIZES), after, with
     image_fit="random", the released ImageNet-R random crop (drawn once per test image from `seed`)."""
-    indices = [int(i) for i in indices]
-    chunks = [indices[b:b + batch_size] for b in range(0, len(indices), batch_size)]
+    chunks = [[int(i) for i in indices[b:b + batch_size]] for b in range(0, len(indices), batch_size)]
     return _loader(chunks, functools.partial(_eval_batch, dataset, image_size, resize, image_fit, seed), workers)
 
 
