@@ -1,14 +1,13 @@
 """The data side of online lifelong learning: the Si-Blurry stream, the datasets, and the batches the learner sees.
 
-  1. the Si-Blurry sampler, index for index as the released sampler (KHU-AGI/Si-Blurry, Debatrix/LifeLong-CLIP),
-  2. datasets by name: `targets`, readable `classes`, `raw_classes` (the released code's prompt names), and
-     (PIL RGB image, int label) items; missing data and failed downloads end with one clear line,
-  3. batches: the AutoAugmented stream (in DataLoader workers), the training transform batched on the device, and
-     the test images; each image geometry (`fit_image`) is the same when loaded and on the device.
+The sampler is index for index the released one (KHU-AGI/Si-Blurry, Debatrix/LifeLong-CLIP). Datasets give `targets`,
+readable `classes`, `raw_classes` (the released prompt names) and (PIL RGB image, label) items; each image geometry
+(`fit_image`) is the same on PIL images when loaded and on uint8 tensors on the device.
 """
 import collections
 import functools
 import hashlib
+import itertools
 import os
 from typing import NamedTuple
 
@@ -44,7 +43,16 @@ class StreamSplit(NamedTuple):
 
 def si_blurry_split(targets, num_classes, n_tasks=5, n=50, m=10, seed=1, stochastic=True) -> StreamSplit:
     """Si-Blurry stream (stochastic) or i-Blurry-like stream: N% of classes disjoint, M% of blurry samples blurred."""
-    targets = _check_stream_arguments(targets, num_classes, n_tasks, n, m)
+    if not 1 <= n_tasks <= num_classes:
+        raise ValueError(f"n_tasks={n_tasks} is outside 1..num_classes={num_classes}: every class would be dropped")
+    for name, value in (("n", n), ("m", m)):
+        if not 0 <= value <= 100:
+            raise ValueError(f"{name} is a percentage in 0..100, got {value}")
+    targets = torch.as_tensor(targets).tolist()
+    outside = sorted({y for y in targets if not 0 <= y < num_classes})
+    if not targets or outside:
+        raise ValueError(f"targets must be one or more labels in 0..{num_classes - 1}; got {len(targets)} labels, "
+                         f"these outside: {outside[:5]}")
     g = torch.Generator().manual_seed(seed)  # the only source of randomness, drawn in the released sampler's order
     n_disjoint = num_classes * n // 100 // n_tasks * n_tasks
     n_blurry = (num_classes - n_disjoint) // n_tasks * n_tasks  # quirk: classes left over by the rounding are dropped
@@ -56,7 +64,8 @@ def si_blurry_split(targets, num_classes, n_tasks=5, n=50, m=10, seed=1, stochas
     else:
         disjoint_classes = _cut(disjoint, [n_disjoint // n_tasks] * n_tasks)
         blurry_classes = _cut(blurry, [n_blurry // n_tasks] * n_tasks)
-    disjoint_indices, blurry_indices = _indices_by_task(targets, disjoint_classes, blurry_classes)
+    disjoint_indices = _indices_by_task(targets, disjoint_classes)
+    blurry_indices = _indices_by_task(targets, blurry_classes)
 
     # The pool of blurred samples, dealt back in task order, shares[t] samples to task t while it lasts.
     if stochastic:
@@ -77,24 +86,6 @@ def si_blurry_tasks(targets, num_classes, n_tasks=5, n=50, m=10, seed=1, stochas
     return si_blurry_split(targets, num_classes, n_tasks, n, m, seed, stochastic).tasks
 
 
-def _check_stream_arguments(targets, num_classes, n_tasks, n, m) -> list[int]:
-    """The targets as a list of ints, after a ValueError naming any argument the sampler cannot use."""
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be positive, got {num_classes}")
-    if not 1 <= n_tasks <= num_classes:
-        raise ValueError(f"n_tasks={n_tasks} is outside 1..num_classes={num_classes}: every class would be dropped")
-    for name, value in (("n", n), ("m", m)):
-        if not 0 <= value <= 100:
-            raise ValueError(f"{name} is a percentage in 0..100, got {value}")
-    targets = targets.tolist() if isinstance(targets, torch.Tensor) else [int(y) for y in targets]
-    if not targets:
-        raise ValueError("targets is empty: a stream needs at least one sample")
-    bad = next((i for i, y in enumerate(targets) if not 0 <= y < num_classes), None)
-    if bad is not None:
-        raise ValueError(f"targets[{bad}] = {targets[bad]} is outside 0..{num_classes - 1} (num_classes={num_classes})")
-    return targets
-
-
 def _random_sizes(total: int, n_tasks: int, g: torch.Generator) -> list[int]:
     """Sizes of n_tasks consecutive parts of `total`, cut at sorted random points (no draw when total is 0)."""
     if total == 0:
@@ -109,18 +100,14 @@ def _cut(items: list, sizes: list[int]) -> list[list]:
     return [items[s:s + size] for s, size in zip(starts, sizes)]
 
 
-def _indices_by_task(targets, disjoint_classes, blurry_classes) -> tuple[list[list[int]], list[list[int]]]:
-    """Per task, the dataset indices of its disjoint classes and of its blurry classes, in dataset order."""
-    disjoint_owner = {c: t for t, classes in enumerate(disjoint_classes) for c in classes}
-    blurry_owner = {c: t for t, classes in enumerate(blurry_classes) for c in classes}
-    disjoint_indices = [[] for _ in disjoint_classes]
-    blurry_indices = [[] for _ in blurry_classes]
+def _indices_by_task(targets: list[int], classes_per_task: list[list[int]]) -> list[list[int]]:
+    """Per task, the dataset indices of its classes, in dataset order."""
+    owner = {c: t for t, classes in enumerate(classes_per_task) for c in classes}
+    indices = [[] for _ in classes_per_task]
     for i, y in enumerate(targets):
-        if y in disjoint_owner:
-            disjoint_indices[disjoint_owner[y]].append(i)
-        elif y in blurry_owner:
-            blurry_indices[blurry_owner[y]].append(i)
-    return disjoint_indices, blurry_indices
+        if y in owner:
+            indices[owner[y]].append(i)
+    return indices
 
 
 def _pool(blurry_indices, taken: list[int], g: torch.Generator) -> tuple[list[list[int]], list[int]]:
@@ -134,23 +121,19 @@ def _pool(blurry_indices, taken: list[int], g: torch.Generator) -> tuple[list[li
 
 def describe_stream(split: StreamSplit, targets, classes) -> str:
     """A one-screen summary of a stream: per task, its classes, its samples, and the samples blurred in and out."""
-    targets = targets.tolist() if isinstance(targets, torch.Tensor) else list(targets)
     owner = {c: t for per_task in (split.disjoint_classes, split.blurry_classes)
              for t, cs in enumerate(per_task) for c in cs}
-    moves = [(owner[targets[i]], t) for t, task in enumerate(split.tasks) for i in task if owner[targets[i]] != t]
-    blurred_out = collections.Counter(home for home, _ in moves)  # moves: (owning task, task) of each blurred sample
-    blurred_in = collections.Counter(t for _, t in moves)
-    n_disjoint = sum(map(len, split.disjoint_classes))
-    n_blurry = sum(map(len, split.blurry_classes))
+    moves = [(owner[int(targets[i])], t) for t, task in enumerate(split.tasks) for i in task]  # (owning task, task)
+    blurred_out = collections.Counter(home for home, t in moves if home != t)
+    blurred_in = collections.Counter(t for home, t in moves if home != t)
+    n_disjoint, n_blurry = sum(map(len, split.disjoint_classes)), sum(map(len, split.blurry_classes))
+    lines = [f"stream: {len(split.tasks)} tasks, {len(moves)} samples, {n_disjoint} disjoint and {n_blurry} blurry "
+             f"classes ({len(classes) - n_disjoint - n_blurry} dropped by rounding), "
+             f"{sum(map(len, split.blurred))} samples dealt from the blur pool"]
 
     def names(cs):
         return f" ({', '.join(classes[c] for c in cs[:3])}{', ...' if len(cs) > 3 else ''})" if cs else ""
-
-    lines = [f"stream: {len(split.tasks)} tasks, {sum(map(len, split.tasks))} samples, {n_disjoint} disjoint and "
-             f"{n_blurry} blurry classes ({len(classes) - n_disjoint - n_blurry} dropped by rounding), "
-             f"{sum(map(len, split.blurred))} samples dealt from the blur pool"]
-    for t, task in enumerate(split.tasks):
-        d, b = split.disjoint_classes[t], split.blurry_classes[t]
+    for t, (task, d, b) in enumerate(zip(split.tasks, split.disjoint_classes, split.blurry_classes)):
         lines.append(f"task {t}: {len(task)} samples | disjoint {len(d)}{names(d)} | blurry {len(b)}{names(b)}"
                      f" | blurred in {blurred_in[t]}, out {blurred_out[t]}")
     return "\n".join(lines)
@@ -171,21 +154,17 @@ def _seed_of(*parts) -> int:
 
 class SyntheticDataset(Dataset):
     """Generated images, cheap and deterministic, that a tiny model can learn: class c is a grey grating (stripes)
-    with its own orientation (horizontal or vertical) and frequency; each image draws its own phase and noise.
-    Shape, not colour, tells the classes apart, so AutoAugment's colour operations leave them learnable, and
-    neither a flip nor a crop turns one class into another."""
+    with its own orientation and frequency, each image with its own phase and noise. Shape, not colour, tells the
+    classes apart, so AutoAugment's colour operations, flips and crops leave them learnable."""
 
     FREQUENCIES = (1, 3, 5, 7, 10)  # stripes across the image; 2 orientations x 5 frequencies = 10 patterns
 
     def __init__(self, num_classes: int, per_class: int, image_size: int = 32, seed: int = 0, train: bool = True):
         self.targets = [i % num_classes for i in range(num_classes * per_class)]
-        self.classes = [self.name(c) for c in range(num_classes)]  # e.g. "3 vertical stripes"
+        patterns = map(self.pattern, range(num_classes))
+        self.classes = [f"{s} {'vertical' if v else 'horizontal'} stripe{'s' if s > 1 else ''}" for v, s in patterns]
         self.raw_classes = list(self.classes)
         self.image_size, self.seed, self.train = image_size, seed, train
-
-    def name(self, c: int) -> str:
-        vertical, stripes = self.pattern(c)
-        return f"{stripes} {'vertical' if vertical else 'horizontal'} stripe{'s' if stripes > 1 else ''}"
 
     def pattern(self, c: int) -> tuple[bool, int]:
         """Class c's grating: (vertical stripes?, number of stripes). Beyond ten classes the stripe counts grow by
@@ -197,12 +176,10 @@ class SyntheticDataset(Dataset):
         return len(self.targets)
 
     def __getitem__(self, i: int):
-        if not 0 <= i < len(self):
-            raise IndexError(f"index {i} is outside 0..{len(self) - 1}")
         g = torch.Generator().manual_seed(_seed_of(self.seed, self.train, i))  # made on demand: building is free
         vertical, stripes = self.pattern(self.targets[i])
         n = self.image_size
-        position = torch.arange(n, dtype=torch.float32).view(1, n) if vertical else torch.arange(n).view(n, 1).float()
+        position = torch.arange(n, dtype=torch.float32).view((1, n) if vertical else (n, 1))
         phase = 2 * torch.pi * torch.rand((), generator=g)
         wave = 0.5 + 0.5 * torch.sin(2 * torch.pi * stripes * position / n + phase)  # (n, 1) or (1, n) in [0, 1]
         pixels = 60 + 140 * wave.expand(n, n) + torch.randn(n, n, generator=g) * 8  # (n, n) grey levels
@@ -219,46 +196,44 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        path = self.paths[i]
         try:
-            with Image.open(path) as image:
+            with Image.open(self.paths[i]) as image:
                 return image.convert("RGB"), self.targets[i]
         except OSError as err:  # PIL's UnidentifiedImageError and truncated files are OSErrors
-            raise DataError(f"cannot read image {path}: {err}") from err
+            raise DataError(f"cannot read image {self.paths[i]}: {err}") from err
 
 
-def _readable(name: str) -> str:
-    """A class name fit for a prompt: underscores become spaces."""
-    return name.replace("_", " ")
+def _class_folders(folder: str) -> list[str]:
+    """The sorted names of a folder's subfolders, one per class."""
+    names = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir()) if os.path.isdir(folder) else []
+    if not names:
+        raise DataError(f"{folder} is missing or has no class folders (expected {folder}/<class>/<images>)")
+    return names
 
 
 def _image_files(folder: str) -> list[str]:
     """The image files under a folder in torchvision ImageFolder's order (sorted walk), so indices match it."""
-    if not os.path.isdir(folder):
-        raise DataError(f"missing folder {folder}")
     files = [os.path.join(directory, name)
              for directory, _, names in sorted(os.walk(folder, followlinks=True))
              for name in sorted(names) if name.lower().endswith(IMG_EXTENSIONS)]
     if not files:
-        raise DataError(f"{folder} has no images (expected files ending in {', '.join(IMG_EXTENSIONS)})")
+        raise DataError(f"{folder} is missing or has no images (expected files ending in {', '.join(IMG_EXTENSIONS)})")
     return files
 
 
-def _labelled_files(folders: dict[str, int]) -> tuple[list[str], list[int]]:
-    """The image files of each class folder in turn, each with its folder's label ({folder: label})."""
-    paths, targets = [], []
-    for folder, label in folders.items():
-        files = _image_files(folder)
-        paths += files
-        targets += [label] * len(files)
-    return paths, targets
+def _labelled_files(folder: str, classes: list[str]) -> tuple[list[str], list[int]]:
+    """The image files under folder/<class>/, classes in sorted (ImageFolder's) order, each file labelled by the
+    position of its class in `classes`."""
+    label = {c: k for k, c in enumerate(classes)}
+    pairs = [(path, label[c]) for c in sorted(classes) for path in _image_files(os.path.join(folder, c))]
+    return [path for path, _ in pairs], [y for _, y in pairs]
 
 
 def _read_lines(path: str) -> list[str]:
-    """The non-empty lines of a text file, or a DataError naming it."""
+    """The non-empty lines of a text file, stripped, or a DataError naming it."""
     try:
         with open(path) as f:
-            return [line.rstrip("\n") for line in f if line.strip()]
+            return [line.strip() for line in f if line.strip()]
     except OSError as err:
         raise DataError(f"cannot read {path}: {err}") from err
 
@@ -279,11 +254,10 @@ def download_archive(what: str, url: str, root: str, md5: str, filename: str = N
 def _fetch(root: str, folder: str, url: str, md5: str, download: bool, what: str) -> str:
     """root/folder, downloading and unpacking the official archive first if it is missing."""
     path = os.path.join(root, folder)
-    if os.path.isdir(path):
-        return path
-    if not download:
-        raise DataError(f"{path} not found; pass download=True to fetch {url}")
-    download_archive(what, url, root, md5)
+    if not os.path.isdir(path):
+        if not download:
+            raise DataError(f"{path} not found; pass download=True to fetch {url}")
+        download_archive(what, url, root, md5)
     return path
 
 
@@ -296,7 +270,7 @@ def _cifar100(root: str, train: bool, download: bool) -> Dataset:
     except (OSError, RuntimeError) as err:
         raise DataError(f"cannot load CIFAR-100 from {os.path.join(root, cifar.base_folder)}: {err}") from err
     dataset.raw_classes = list(dataset.classes)  # "aquarium_fish", as the released code prompts
-    dataset.classes = [_readable(c) for c in dataset.classes]
+    dataset.classes = [c.replace("_", " ") for c in dataset.classes]
     return dataset
 
 
@@ -307,94 +281,87 @@ TINYIMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"  # Stanford publishes none
 def _tinyimagenet(root: str, train: bool, download: bool) -> Dataset:
     """Tiny-ImageNet-200: train folders; the val folder, labelled by its annotations, is the test split."""
     folder = _fetch(root, "tiny-imagenet-200", TINYIMAGENET_URL, TINYIMAGENET_MD5, download, "Tiny-ImageNet")
-    wnids = [line.strip() for line in _read_lines(os.path.join(folder, "wnids.txt"))]
-    label = {wnid: k for k, wnid in enumerate(wnids)}  # labels in wnids.txt order, as the released loader, not sorted
+    wnids = _read_lines(os.path.join(folder, "wnids.txt"))  # labels in this order, as the released loader, not sorted
     words = dict(line.split("\t", 1) for line in _read_lines(os.path.join(folder, "words.txt")))
     missing = [w for w in wnids if w not in words]
     if missing:
         raise DataError(f"{os.path.join(folder, 'words.txt')} has no name for {', '.join(missing[:5])}")
-    classes = [_readable(words[w].split(",")[0].strip()) for w in wnids]  # the first synonym, e.g. "Egyptian cat"
+    classes = [words[w].split(",")[0].strip().replace("_", " ") for w in wnids]  # the first synonym: "Egyptian cat"
     raw = list(TINYIMAGENET_RELEASED_NAMES) if len(wnids) == len(TINYIMAGENET_RELEASED_NAMES) else classes
     if train:
-        folders = {os.path.join(folder, "train", w): label[w] for w in sorted(wnids)}  # ImageFolder's order
-        return ImageFiles(*_labelled_files(folders), classes, raw)
+        return ImageFiles(*_labelled_files(os.path.join(folder, "train"), wnids), classes, raw)
     annotations_path = os.path.join(folder, "val", "val_annotations.txt")
-    annotations = dict(line.split("\t")[:2] for line in _read_lines(annotations_path))
+    wnid_of = dict(line.split("\t")[:2] for line in _read_lines(annotations_path))
+    label = {wnid: k for k, wnid in enumerate(wnids)}
     paths = _image_files(os.path.join(folder, "val", "images"))
-    unlabelled = [p for p in paths if annotations.get(os.path.basename(p)) not in label]
-    if unlabelled:
-        raise DataError(f"{annotations_path} gives no known class for {unlabelled[0]}")
-    return ImageFiles(paths, [label[annotations[os.path.basename(p)]] for p in paths], classes, raw)
+    targets = [label.get(wnid_of.get(os.path.basename(path))) for path in paths]
+    if None in targets:
+        raise DataError(f"{annotations_path} gives no known class for {paths[targets.index(None)]}")
+    return ImageFiles(paths, targets, classes, raw)
 
 
 # The names the released SIT code puts in its Tiny-ImageNet prompts (CLIP's curated ImageNet names, not
 # words.txt's), in wnids.txt order: what --class-names raw uses for this dataset.
-TINYIMAGENET_RELEASED_NAMES = (
-    'Egyptian Mau', 'fishing casting reel', 'volleyball', 'rocking chair', 'lemon', 'American bullfrog', 'basketball',
-    'cliff', 'espresso', 'plunger', 'parking meter', 'German Shepherd Dog', 'dining table', 'monarch butterfly',
-    'brown bear', 'school bus', 'pizza', 'guinea pig', 'umbrella', 'pipe organ', 'oboe', 'maypole', 'goldfish',
-    'pot pie', 'hourglass', 'beach', 'computer keyboard', 'arabian camel', 'ice cream', 'metal nail', 'space heater',
-    'cardigan', 'baboon', 'snail', 'coral reef', 'albatross', 'spider web', 'sea cucumber', 'backpack',
-    'Labrador Retriever', 'pretzel', 'king penguin', 'sulphur butterfly', 'tarantula', 'red panda', 'soda bottle',
-    'banana', 'sock', 'cockroach', 'missile', 'beer bottle', 'praying mantis', 'freight car', 'guacamole',
-    'remote control', 'fire salamander', 'lakeshore', 'chimpanzee', 'payphone', 'fur coat', 'mountain', 'lampshade',
-    'torch', 'abacus', 'moving van', 'barrel', 'tabby cat', 'goose', 'koala', 'high-speed train', 'CD player', 'teapot',
-    'birdhouse', 'gazelle', 'academic gown', 'tractor', 'ladybug', 'miniskirt', 'Golden Retriever', 'triumphal arch',
-    'cannon', 'neck brace', 'sombrero', 'gas mask or respirator', 'candle', 'desk', 'frying pan', 'bee', 'dam',
-    'spiny lobster', 'police van', 'iPod', 'punching bag', 'lighthouse', 'jellyfish', 'wok', "potter's wheel", 'sandal',
-    'pill bottle', 'butcher shop', 'slug', 'pig', 'cougar', 'construction crane', 'vestment', 'dragonfly',
-    'automated teller machine', 'mushroom', 'rickshaw', 'water tower', 'storage chest', 'snorkel', 'sunglasses', 'fly',
-    'limousine', 'black stork', 'dugong', 'sports car', 'water jug', 'suspension bridge', 'ox', 'popsicle', 'turnstile',
-    'Christmas stocking', 'broom', 'scorpion', 'wooden spoon', 'picket fence', 'rugby ball', 'sewing machine',
-    'through arch bridge', 'Persian cat', 'refrigerator', 'barn', 'apron', 'Yorkshire Terrier', 'swim trunks / shorts',
-    'stopwatch', 'lawn mower', 'thatched roof', 'fountain', 'southern black widow', 'bikini', 'plate', 'teddy bear',
-    'barbershop', 'candy store', 'station wagon', 'scoreboard', 'orange', 'flagpole', 'American lobster', 'trolleybus',
-    'drumstick', 'dumbbell', 'brass memorial plaque', 'bow tie', 'convertible', 'bighorn sheep', 'orangutan',
-    'American alligator', 'centipede', 'syringe', 'go-kart', 'brain coral', 'sea slug', 'cliff dwelling',
-    'mashed potatoes', 'viaduct', 'military uniform', 'pomegranate', 'chain', 'kimono', 'comic book', 'trilobite',
-    'bison', 'pole', 'boa constrictor', 'poncho', 'bathtub', 'grasshopper', 'stick insect', 'Chihuahua', 'tailed frog',
-    'lion', 'altar', 'obelisk', 'beaker', 'bell pepper', 'baluster / handrail', 'bucket', 'magnetic compass',
-    'meatloaf', 'gondola', 'Standard Poodle', 'acorn', 'lifeboat', 'binoculars', 'cauliflower', 'African bush elephant',
-)
+TINYIMAGENET_RELEASED_NAMES = tuple((
+    "Egyptian Mau, fishing casting reel, volleyball, rocking chair, lemon, American bullfrog, basketball, cliff, "
+    "espresso, plunger, parking meter, German Shepherd Dog, dining table, monarch butterfly, brown bear, school bus, "
+    "pizza, guinea pig, umbrella, pipe organ, oboe, maypole, goldfish, pot pie, hourglass, beach, computer keyboard, "
+    "arabian camel, ice cream, metal nail, space heater, cardigan, baboon, snail, coral reef, albatross, spider web, "
+    "sea cucumber, backpack, Labrador Retriever, pretzel, king penguin, sulphur butterfly, tarantula, red panda, "
+    "soda bottle, banana, sock, cockroach, missile, beer bottle, praying mantis, freight car, guacamole, "
+    "remote control, fire salamander, lakeshore, chimpanzee, payphone, fur coat, mountain, lampshade, torch, abacus, "
+    "moving van, barrel, tabby cat, goose, koala, high-speed train, CD player, teapot, birdhouse, gazelle, "
+    "academic gown, tractor, ladybug, miniskirt, Golden Retriever, triumphal arch, cannon, neck brace, sombrero, "
+    "gas mask or respirator, candle, desk, frying pan, bee, dam, spiny lobster, police van, iPod, punching bag, "
+    "lighthouse, jellyfish, wok, potter's wheel, sandal, pill bottle, butcher shop, slug, pig, cougar, "
+    "construction crane, vestment, dragonfly, automated teller machine, mushroom, rickshaw, water tower, "
+    "storage chest, snorkel, sunglasses, fly, limousine, black stork, dugong, sports car, water jug, "
+    "suspension bridge, ox, popsicle, turnstile, Christmas stocking, broom, scorpion, wooden spoon, picket fence, "
+    "rugby ball, sewing machine, through arch bridge, Persian cat, refrigerator, barn, apron, Yorkshire Terrier, "
+    "swim trunks / shorts, stopwatch, lawn mower, thatched roof, fountain, southern black widow, bikini, plate, "
+    "teddy bear, barbershop, candy store, station wagon, scoreboard, orange, flagpole, American lobster, trolleybus, "
+    "drumstick, dumbbell, brass memorial plaque, bow tie, convertible, bighorn sheep, orangutan, American alligator, "
+    "centipede, syringe, go-kart, brain coral, sea slug, cliff dwelling, mashed potatoes, viaduct, military uniform, "
+    "pomegranate, chain, kimono, comic book, trilobite, bison, pole, boa constrictor, poncho, bathtub, grasshopper, "
+    "stick insect, Chihuahua, tailed frog, lion, altar, obelisk, beaker, bell pepper, baluster / handrail, bucket, "
+    "magnetic compass, meatloaf, gondola, Standard Poodle, acorn, lifeboat, binoculars, cauliflower, "
+    "African bush elephant"
+).split(", "))
 
 
 IMAGENET_R_URL = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"
 IMAGENET_R_MD5 = "a61312130a589d0ca1a8fca1f2bd3337"  # Berkeley publishes none; this is the one other loaders check
-IMAGENET_R_CLASSES = (  # the names of its 200 ImageNet classes, in the order of their sorted WordNet ids
-    "goldfish", "great white shark", "hammerhead", "stingray", "hen", "ostrich", "goldfinch", "junco", "bald eagle",
-    "vulture", "newt", "axolotl", "tree frog", "iguana", "African chameleon", "cobra", "scorpion", "tarantula",
-    "centipede", "peacock", "lorikeet", "hummingbird", "toucan", "duck", "goose", "black swan", "koala", "jellyfish",
-    "snail", "lobster", "hermit crab", "flamingo", "american egret", "pelican", "king penguin", "grey whale",
-    "killer whale", "sea lion", "chihuahua", "shih tzu", "afghan hound", "basset hound", "beagle", "bloodhound",
-    "italian greyhound", "whippet", "weimaraner", "yorkshire terrier", "boston terrier", "scottish terrier",
-    "west highland white terrier", "golden retriever", "labrador retriever", "cocker spaniels", "collie",
-    "border collie", "rottweiler", "german shepherd dog", "boxer", "french bulldog", "saint bernard", "husky",
-    "dalmatian", "pug", "pomeranian", "chow chow", "pembroke welsh corgi", "toy poodle", "standard poodle",
-    "timber wolf", "hyena", "red fox", "tabby cat", "leopard", "snow leopard", "lion", "tiger", "cheetah",
-    "polar bear", "meerkat", "ladybug", "fly", "bee", "ant", "grasshopper", "cockroach", "mantis", "dragonfly",
-    "monarch butterfly", "starfish", "wood rabbit", "porcupine", "fox squirrel", "beaver", "guinea pig", "zebra",
-    "pig", "hippopotamus", "bison", "gazelle", "llama", "skunk", "badger", "orangutan", "gorilla", "chimpanzee",
-    "gibbon", "baboon", "panda", "eel", "clown fish", "puffer fish", "accordion", "ambulance", "assault rifle",
-    "backpack", "barn", "wheelbarrow", "basketball", "bathtub", "lighthouse", "beer glass", "binoculars",
-    "birdhouse", "bow tie", "broom", "bucket", "cauldron", "candle", "cannon", "canoe", "carousel", "castle",
-    "mobile phone", "cowboy hat", "electric guitar", "fire engine", "flute", "gasmask", "grand piano", "guillotine",
-    "hammer", "harmonica", "harp", "hatchet", "jeep", "joystick", "lab coat", "lawn mower", "lipstick", "mailbox",
-    "missile", "mitten", "parachute", "pickup truck", "pirate ship", "revolver", "rugby ball", "sandal", "saxophone",
-    "school bus", "schooner", "shield", "soccer ball", "space shuttle", "spider web", "steam locomotive", "scarf",
-    "submarine", "tank", "tennis ball", "tractor", "trombone", "vase", "violin", "military aircraft", "wine bottle",
-    "ice cream", "bagel", "pretzel", "cheeseburger", "hotdog", "cabbage", "broccoli", "cucumber", "bell pepper",
-    "mushroom", "Granny Smith", "strawberry", "lemon", "pineapple", "banana", "pomegranate", "pizza", "burrito",
-    "espresso", "volcano", "baseball player", "scuba diver", "acorn",
-)
+IMAGENET_R_CLASSES = tuple((  # the names of its 200 ImageNet classes, in the order of their sorted WordNet ids
+    "goldfish, great white shark, hammerhead, stingray, hen, ostrich, goldfinch, junco, bald eagle, vulture, newt, "
+    "axolotl, tree frog, iguana, African chameleon, cobra, scorpion, tarantula, centipede, peacock, lorikeet, "
+    "hummingbird, toucan, duck, goose, black swan, koala, jellyfish, snail, lobster, hermit crab, flamingo, "
+    "american egret, pelican, king penguin, grey whale, killer whale, sea lion, chihuahua, shih tzu, afghan hound, "
+    "basset hound, beagle, bloodhound, italian greyhound, whippet, weimaraner, yorkshire terrier, boston terrier, "
+    "scottish terrier, west highland white terrier, golden retriever, labrador retriever, cocker spaniels, collie, "
+    "border collie, rottweiler, german shepherd dog, boxer, french bulldog, saint bernard, husky, dalmatian, pug, "
+    "pomeranian, chow chow, pembroke welsh corgi, toy poodle, standard poodle, timber wolf, hyena, red fox, "
+    "tabby cat, leopard, snow leopard, lion, tiger, cheetah, polar bear, meerkat, ladybug, fly, bee, ant, "
+    "grasshopper, cockroach, mantis, dragonfly, monarch butterfly, starfish, wood rabbit, porcupine, fox squirrel, "
+    "beaver, guinea pig, zebra, pig, hippopotamus, bison, gazelle, llama, skunk, badger, orangutan, gorilla, "
+    "chimpanzee, gibbon, baboon, panda, eel, clown fish, puffer fish, accordion, ambulance, assault rifle, backpack, "
+    "barn, wheelbarrow, basketball, bathtub, lighthouse, beer glass, binoculars, birdhouse, bow tie, broom, bucket, "
+    "cauldron, candle, cannon, canoe, carousel, castle, mobile phone, cowboy hat, electric guitar, fire engine, "
+    "flute, gasmask, grand piano, guillotine, hammer, harmonica, harp, hatchet, jeep, joystick, lab coat, lawn mower, "
+    "lipstick, mailbox, missile, mitten, parachute, pickup truck, pirate ship, revolver, rugby ball, sandal, "
+    "saxophone, school bus, schooner, shield, soccer ball, space shuttle, spider web, steam locomotive, scarf, "
+    "submarine, tank, tennis ball, tractor, trombone, vase, violin, military aircraft, wine bottle, ice cream, bagel, "
+    "pretzel, cheeseburger, hotdog, cabbage, broccoli, cucumber, bell pepper, mushroom, Granny Smith, strawberry, "
+    "lemon, pineapple, banana, pomegranate, pizza, burrito, espresso, volcano, baseball player, scuba diver, acorn"
+).split(", "))
 
 
 def _imagenet_r(root: str, train: bool, download: bool) -> Dataset:
     """ImageNet-R: 200 class folders, split 80/20 by a generator seeded 0, the same split whatever the run seed."""
     folder = _fetch(root, "imagenet-r", IMAGENET_R_URL, IMAGENET_R_MD5, download, "ImageNet-R")
-    wnids = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    wnids = _class_folders(folder)
     if len(wnids) != len(IMAGENET_R_CLASSES):
         raise DataError(f"{folder} has {len(wnids)} class folders; ImageNet-R has {len(IMAGENET_R_CLASSES)}")
-    paths, labels = _labelled_files({os.path.join(folder, wnid): k for k, wnid in enumerate(wnids)})
+    paths, labels = _labelled_files(folder, wnids)
     order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(0))
     n_train = int(len(paths) * 0.8)
     keep = sorted((order[:n_train] if train else order[n_train:]).tolist())
@@ -404,22 +371,13 @@ def _imagenet_r(root: str, train: bool, download: bool) -> Dataset:
 
 def _imagefolder(root: str, train: bool, download: bool) -> Dataset:
     """A user's own data: ROOT/train/<class>/* and ROOT/test/<class>/*, classes sorted by folder name."""
-    classes = {}
-    for split in ("train", "test"):
-        folder = os.path.join(root, split)
-        if not os.path.isdir(folder):
-            raise DataError(f"{folder} is missing; imagefolder expects ROOT/train/<class>/ and ROOT/test/<class>/")
-        classes[split] = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
-        if not classes[split]:
-            raise DataError(f"{folder} has no class folders")
-    if classes["train"] != classes["test"]:
-        only_train = sorted(set(classes["train"]) - set(classes["test"]))
-        only_test = sorted(set(classes["test"]) - set(classes["train"]))
-        raise DataError(f"the class folders of {os.path.join(root, 'train')} and {os.path.join(root, 'test')} differ: "
-                        f"only in train {only_train}, only in test {only_test}")
-    names = classes["train"]
-    folders = {os.path.join(root, "train" if train else "test", name): k for k, name in enumerate(names)}
-    return ImageFiles(*_labelled_files(folders), [_readable(c) for c in names], names)
+    train_folder, test_folder = os.path.join(root, "train"), os.path.join(root, "test")
+    names, test_names = _class_folders(train_folder), _class_folders(test_folder)
+    if names != test_names:
+        raise DataError(f"{train_folder} and {test_folder} have different class folders: "
+                        f"{sorted(set(names) ^ set(test_names))}")
+    classes = [name.replace("_", " ") for name in names]
+    return ImageFiles(*_labelled_files(train_folder if train else test_folder, names), classes, names)
 
 
 DATASETS = {"cifar100": _cifar100, "tinyimagenet": _tinyimagenet, "imagenet-r": _imagenet_r,
@@ -469,13 +427,11 @@ class StreamBatch(NamedTuple):
 
 
 def fit_image(image, image_size, image_fit="centre", seed=0):
-    """An image brought to n x n, n = image_size (None: unchanged), by one geometry, the same on a PIL image when
-    loaded (variable-size images, so that they batch) and on uint8 tensors (3, H, W) or (N, 3, H, W) on the device
-    (fixed-size datasets, upsampled), where torchvision rounds and clamps to within one grey level of PIL.
-
+    """A PIL image or uint8 tensor (3, H, W) or (N, 3, H, W) brought to n x n, n = image_size (None: unchanged); on
+    tensors torchvision rounds and clamps to within one grey level of PIL.
     centre: the shorter side resized to n (bicubic), then a centre crop: OpenAI's test geometry.
-    random: the shorter side resized to n * 8/7 (bilinear), then a crop drawn from `seed` (one per call): the
-            released ImageNet-R loader's Resize(256) + RandomCrop(224), for train and test images.
+    random: the shorter side resized to n * 8/7 (bilinear), then a crop drawn from `seed`: the released ImageNet-R
+            loader's Resize(256) + RandomCrop(224), for train and test images.
     squash: the whole image resized to n x n (bilinear, aspect ratio not kept): the released test geometry."""
     if image_size is None:
         return image
@@ -504,63 +460,51 @@ def _stack(images, dim=0) -> torch.Tensor:
 def stream_batches(dataset, tasks, batch_size=64, online_iter=3, policy="cifar10", workers=2, seed=1, image_size=None,
                    augment_per="sample", image_fit="centre"):
     """The online stream as an iterable of StreamBatch: tasks in order, batches never cross a task boundary.
-
     AutoAugment is drawn per sample, or once per batch and online iteration (augment_per="batch", as released).
-    Images are brought to `image_size` when loaded (None keeps them as they are; see `fit_image`)."""
-    stream = [(t, i) for t, task in enumerate(tasks) for i in task]
-    sizes = [len(indices) for _, indices in task_batches(tasks, batch_size)]
-    batches = _cut(list(range(len(stream))), sizes)  # the batches as stream positions, for the DataLoader
-    # Each sample's AutoAugment draws are a function of this key: its stream position, or its batch's number.
-    keys = list(range(len(stream))) if augment_per == "sample" else [b for b, bat in enumerate(batches) for _ in bat]
-    items = _AugmentedStream(dataset, stream, keys, online_iter, POLICIES[policy], seed, image_size, image_fit)
-    return DataLoader(items, batch_sampler=batches, num_workers=workers, collate_fn=_collate_stream,
-                      pin_memory=torch.cuda.is_available(),
-                      generator=torch.Generator())  # the loader draws a seed from it; the caller's RNG stays untouched
+    Images are brought to `image_size` by `image_fit` when loaded (None keeps them as they are)."""
+    batches = task_batches(tasks, batch_size)
+    starts = itertools.accumulate((len(indices) for _, indices in batches), initial=0)  # stream positions
+    load = functools.partial(_stream_batch, dataset, online_iter, AutoAugment(POLICIES[policy]), seed, image_size,
+                             image_fit, augment_per)
+    return _loader([(b, start, *batch) for b, (start, batch) in enumerate(zip(starts, batches))], load, workers)
 
 
 def task_batches(tasks, batch_size) -> list[tuple[int, list[int]]]:
-    """(task, dataset indices) of each batch of the stream: tasks in order, a batch never crosses a task boundary,
-    and the last batch of a task may be short."""
+    """(task, dataset indices) of each batch of the stream; the last batch of a task may be short."""
     return [(t, task[b:b + batch_size]) for t, task in enumerate(tasks) for b in range(0, len(task), batch_size)]
 
 
-class _AugmentedStream(Dataset):
-    """Stream position -> (task, online_iter AutoAugmented copies (online_iter, 3, H, W) uint8, label, index)."""
+def _loader(work: list, load, workers: int) -> DataLoader:
+    """load(w) for each w of work in turn, run in DataLoader workers."""
+    return DataLoader(work, batch_size=None, num_workers=workers, collate_fn=load, pin_memory=torch.cuda.is_available(),
+                      generator=torch.Generator())  # the loader draws a seed from it; the caller's RNG stays untouched
 
-    def __init__(self, dataset, stream, keys, online_iter, policy, seed, image_size, image_fit):
-        self.dataset, self.stream, self.keys, self.online_iter = dataset, stream, keys, online_iter
-        self.seed, self.image_size, self.image_fit = seed, image_size, image_fit
-        self.autoaugment = AutoAugment(policy)
 
-    def __len__(self) -> int:
-        return len(self.stream)
-
-    def __getitem__(self, position: int):
-        task, index = self.stream[position]
-        image, label = self.dataset[index]
+def _stream_batch(dataset, online_iter, autoaugment, seed, image_size, image_fit, augment_per, batch) -> StreamBatch:
+    """Batch b of the stream, whose first sample is at stream position `start`, with its AutoAugmented copies."""
+    b, start, task, indices = batch
+    copies, labels = [], []
+    for position, index in enumerate(indices, start):
+        image, label = dataset[index]
         # once per sample, shared by its online iterations (as the released loader's random crop)
-        image = fit_image(image, self.image_size, self.image_fit, seed=_seed_of(self.seed, position, -1))
-        copies = [TF.pil_to_tensor(self.augment(image, self.keys[position], it)) for it in range(self.online_iter)]
-        return task, torch.stack(copies), label, index
-
-    def augment(self, image: Image.Image, key: int, iteration: int) -> Image.Image:
-        """AutoAugment whose draws (sub-policy, probabilities, signs) are a function of seed, key and iteration."""
-        with torch.random.fork_rng(devices=[]):  # AutoAugment draws from the global RNG: fork it, leave it untouched
-            torch.default_generator.manual_seed(_seed_of(self.seed, key, iteration))
-            return self.autoaugment(image)
+        image = fit_image(image, image_size, image_fit, seed=_seed_of(seed, position, -1))
+        key = position if augment_per == "sample" else b  # AutoAugment's draws are a function of seed, key, iteration
+        seeds = [_seed_of(seed, key, it) for it in range(online_iter)]
+        copies.append(torch.stack([TF.pil_to_tensor(_augment(autoaugment, image, s)) for s in seeds]))
+        labels.append(label)
+    return StreamBatch(task, _stack(copies, dim=1), torch.tensor(labels), torch.tensor(indices))
 
 
-def _collate_stream(items) -> StreamBatch:
-    """Samples stacked into a StreamBatch; per-sample copies (online_iter, 3, H, W) -> (online_iter, B, 3, H, W)."""
-    tasks, copies, labels, indices = zip(*items)
-    assert len(set(tasks)) == 1, "a batch crossed a task boundary"
-    return StreamBatch(tasks[0], _stack(copies, dim=1), torch.tensor(labels), torch.tensor(indices))
+def _augment(autoaugment: AutoAugment, image: Image.Image, seed: int) -> Image.Image:
+    """AutoAugment whose draws (sub-policy, probabilities, signs) are a function of the seed."""
+    with torch.random.fork_rng(devices=[]):  # AutoAugment draws from the global RNG: fork it, leave it untouched
+        torch.default_generator.manual_seed(seed)
+        return autoaugment(image)
 
 
 @functools.cache
 def _mean_std(device: torch.device, mean: tuple, std: tuple):
-    """The channel mean and std as (1, 3, 1, 1) tensors, made once per device: torch.tensor(..., device=cuda)
-    is a host-to-device copy that waits for the GPU, which the training step must not do."""
+    """The channel mean and std as (1, 3, 1, 1) tensors, made once per device: making them waits for the GPU."""
     return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
 
 
@@ -572,7 +516,6 @@ def normalize(images: torch.Tensor, mean=clip_model.CLIP_MEAN, std=clip_model.CL
 
 class BatchAugment:
     """The training transform after AutoAugment, batched on the device: resize, padded random crop, flip, normalize.
-
     per="sample" draws a crop offset and a flip for each image; per="batch" one of each for the whole batch (as
     the released transform, applied to the batch tensor)."""
 
@@ -583,14 +526,11 @@ class BatchAugment:
         self.generator = None  # made on the device of the first batch, seeded with the run seed
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H, W) -> float (N, 3, n, n), n = image_size: squashed, cropped, maybe flipped, normalized."""
+        """uint8 (N, 3, H, W) -> float (N, 3, n, n), n = image_size: squashed, then a random crop of the zero-padded
+        images (black border, as the released transform) and a random h-flip, normalized."""
         if self.generator is None:
             self.generator = torch.Generator(images.device).manual_seed(self.seed)
         images = fit_image(images, self.image_size, "squash")
-        return normalize(self.crop_and_flip(images), self.mean, self.std)
-
-    def crop_and_flip(self, images: torch.Tensor) -> torch.Tensor:
-        """A random crop of the zero-padded images (black border, as the released transform) and a random h-flip."""
         n, c, h, w = images.shape
         p, device = self.padding, images.device
         draws = n if self.per == "sample" else 1  # one draw broadcast to the whole batch
@@ -601,47 +541,31 @@ class BatchAugment:
         rows = top[:, None] + torch.arange(h, device=device)  # (N, H) rows of the padded image
         cols = left[:, None] + torch.arange(w, device=device)  # (N, W)
         cols = torch.where(flip[:, None], cols.flip(1), cols)  # reading columns backwards is the horizontal flip
-        sample = torch.arange(n, device=device).view(n, 1, 1, 1)
-        channel = torch.arange(c, device=device).view(1, c, 1, 1)
-        return padded[sample, channel, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]  # (N, 3, H, W)
-
-
-class _EvalItems(Dataset):
-    """Position k -> (uint8 RGB (3, H, W) image of dataset[indices[k]], label), brought to `image_size` when loaded."""
-
-    def __init__(self, dataset, indices, image_size, resize, image_fit, seed):
-        self.dataset, self.indices, self.image_size = dataset, indices, image_size
-        self.resize, self.image_fit, self.seed = resize, image_fit, seed
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, k: int):
-        index = self.indices[k]
-        image, label = self.dataset[index]
-        if self.image_fit == "random":  # the released ImageNet-R loader crops test images at random too
-            image = fit_image(image, self.image_size, "random", seed=_seed_of(self.seed, index, -2))
-        image = fit_image(image, self.image_size, TEST_RESIZES[self.resize])
-        return TF.pil_to_tensor(image.convert("RGB")), label  # RGB after the geometry, as OpenAI's preprocessing
-
-
-def _collate_eval(items):
-    """(uint8 images (B, 3, H, W), labels (B,))."""
-    images, labels = zip(*items)
-    return _stack(images), torch.tensor(labels)
+        sample, channel = torch.arange(n, device=device).view(n, 1, 1, 1), torch.arange(c, device=device).view(c, 1, 1)
+        crops = padded[sample, channel, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]  # (N, 3, H, W)
+        return normalize(crops, self.mean, self.std)
 
 
 def eval_batches(dataset, indices, batch_size=512, workers=2, image_size=None, resize="clip", image_fit="centre",
                  seed=0):
-    """Test samples in index order as an iterable of (uint8 RGB images (B, 3, H, W), labels (B,)) for eval_transform,
-    from any dataset of (PIL image, label) items (greyscale and palette images included).
-
-    With an `image_size` n, images are brought to n x n when loaded by `resize` (see TEST_RESIZES), after, with
+    """Test samples in index order as an iterable of (uint8 RGB images (B, 3, H, W), labels (B,)) for eval_transform.
+    With an `image_size`, images are fitted when loaded by `resize` (see TEST_RESIZES), after, with
     image_fit="random", the released ImageNet-R random crop (drawn once per test image from `seed`)."""
-    indices = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
-    return DataLoader(_EvalItems(dataset, indices, image_size, resize, image_fit, seed), batch_size=batch_size,
-                      num_workers=workers, collate_fn=_collate_eval, pin_memory=torch.cuda.is_available(),
-                      generator=torch.Generator())
+    chunks = [[int(i) for i in indices[b:b + batch_size]] for b in range(0, len(indices), batch_size)]
+    return _loader(chunks, functools.partial(_eval_batch, dataset, image_size, resize, image_fit, seed), workers)
+
+
+def _eval_batch(dataset, image_size, resize, image_fit, seed, indices):
+    """(uint8 RGB images (B, 3, H, W), labels (B,)) of dataset[indices], brought to `image_size`."""
+    images, labels = [], []
+    for index in indices:
+        image, label = dataset[index]
+        if image_fit == "random":  # the released ImageNet-R loader crops test images at random too
+            image = fit_image(image, image_size, "random", seed=_seed_of(seed, index, -2))
+        image = fit_image(image, image_size, TEST_RESIZES[resize])
+        images.append(TF.pil_to_tensor(image.convert("RGB")))  # RGB after the geometry, as OpenAI's preprocessing
+        labels.append(label)
+    return _stack(images), torch.tensor(labels)
 
 
 def eval_transform(images: torch.Tensor, image_size: int, resize="clip", mean=clip_model.CLIP_MEAN,
