@@ -214,7 +214,8 @@ def train(model, batches, task_sizes, text_features, test, augment, report, onli
         if trains and batch.task != task:  # a new task: the released code re-creates the optimizer here
             optimizer = make_optimizer(model, lr, weight_decay)
         task = batch.task
-        new = [c for c in dict.fromkeys(batch.labels.tolist()) if c not in set(seen.tolist())]
+        known = set(seen.tolist())
+        new = [c for c in dict.fromkeys(batch.labels.tolist()) if c not in known]
         seen = torch.cat([seen, torch.tensor(new, dtype=torch.long)])  # seen, and trainable in this same batch
         for it in range(online_iter if trains else 0):
             images, labels = batch.images[it], batch.labels
@@ -300,10 +301,9 @@ class Results:
     def __init__(self, out, config, class_names, split):
         os.makedirs(out, exist_ok=True)
         self.out = out
-        self.data = {"config": config, "status": "running", "class_names": list(class_names),
-                     "seen_classes": [], "disjoint_classes": split.disjoint_classes,
-                     "blurry_classes": split.blurry_classes, "anytime": [], "task_end_samples": [], "task_acc": [],
-                     "class_acc": [], "A_auc": None, "A_avg": None, "A_last": None, "F_last": None}
+        self.data = {"config": config, "status": "running", "class_names": list(class_names), "seen_classes": [],
+                     "disjoint_classes": split.disjoint_classes, "blurry_classes": split.blurry_classes,
+                     "anytime": [], "task_end_samples": [], "task_acc": [], "class_acc": []}  # + the 4 metrics
         open(os.path.join(out, "log.jsonl"), "w").close()
         self.write()
 
@@ -324,8 +324,8 @@ class Results:
         self.write()
 
     def write(self, status=None):
-        self.data["status"] = status or self.data["status"]
         d = self.data
+        d["status"] = status or d["status"]
         d.update(evaluate.lifelong_metrics([a["acc"] for a in d["anytime"]], d["task_acc"], d["class_acc"]))
         evaluate.write_json(os.path.join(self.out, "results.json"), d)
 
@@ -387,6 +387,8 @@ def fetch(config):
     """The datasets, the CLIP checkpoint, its tokenizer's vocabulary and the zero-shot datasets: downloaded (and
     verified) where missing, so that nothing after this needs the network.
     Returns (model, train_set, test_set, {zero-shot dataset: number of images})."""
+    if config.zero_shot_eval:  # a bad name fails before any download
+        evaluate.check_zero_shot_names(config.zero_shot_datasets, config.zero_shot_protocol)
     # the data before the model: a bad data root fails before a download
     train_set = stream.load_dataset(config.dataset, config.data_root, train=True)
     test_set = stream.load_dataset(config.dataset, config.data_root, train=config.eval_split == "train")
@@ -396,13 +398,6 @@ def fetch(config):
     if config.zero_shot_eval:
         zero_shot = evaluate.fetch_zero_shot(config.zero_shot_datasets, config.data_root, config.zero_shot_protocol)
     return model, train_set, test_set, zero_shot
-
-
-def normalization(normalize, dataset, model, train_set):
-    """The mean and std images are normalized with: the model's own, or the training set's (released)."""
-    if normalize == "clip":
-        return model.config.image_mean, model.config.image_std
-    return stream.DATASET_STATS.get(dataset) or stream.channel_stats(train_set)  # measured for folders and --smoke
 
 
 def setup(config):
@@ -424,7 +419,9 @@ def setup(config):
     if list(train_set.classes) != list(test_set.classes):
         raise stream.DataError(f"{config.data_root}: train and test splits have different classes")
     prompt_names = list(train_set.raw_classes if config.class_names == "raw" else train_set.classes)
-    mean, std = normalization(config.normalize, config.dataset, model, train_set)
+    mean, std = model.config.image_mean, model.config.image_std  # --normalize clip; dataset: the released choice
+    if config.normalize == "dataset":  # measured for image folders and --smoke
+        mean, std = stream.DATASET_STATS.get(config.dataset) or stream.channel_stats(train_set)
     split = stream.si_blurry_split(train_set.targets, len(train_set.classes), config.n_tasks, config.n, config.m,
                                    config.seed, config.stochastic)
     torch.manual_seed(config.seed)  # LoRA's random A (and adapter dropout) follow the run seed
@@ -482,20 +479,17 @@ def run_stream(config, s):
             bar.set_postfix(loss=f"{running_loss.item():.3f}", seen=len(seen), refresh=False)
 
     ticks = itertools.count(1)
-    bar = tqdm(total=sum(map(len, s.split.tasks)), unit="img", dynamic_ncols=True, disable=config.quiet)
-    grad_log = open(os.path.join(s.out, "grad.jsonl"), "w") if config.grad_analysis else None
+    grad_path = os.path.join(s.out, "grad.jsonl")
     start = time.time()
-    try:
-        train(model, batches, [len(t) for t in s.split.tasks], text_features, test, augment, report,
-              config.online_iter, config.lr, config.weight_decay, config.eval_period, config.visible_classes,
-              config.double_softmax, evaluate.autocast(device, config.precision), memory, grad_log, progress)
-    except BaseException as e:
-        results.write(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
-        raise
-    finally:
-        bar.close()
-        if grad_log is not None:
-            grad_log.close()
+    with (tqdm(total=sum(map(len, s.split.tasks)), unit="img", dynamic_ncols=True, disable=config.quiet) as bar,
+          open(grad_path, "w") if config.grad_analysis else contextlib.nullcontext() as grad_log):
+        try:
+            train(model, batches, [len(t) for t in s.split.tasks], text_features, test, augment, report,
+                  config.online_iter, config.lr, config.weight_decay, config.eval_period, config.visible_classes,
+                  config.double_softmax, evaluate.autocast(device, config.precision), memory, grad_log, progress)
+        except BaseException as e:
+            results.write(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
+            raise
     results.data["config"]["wall_time_s"] = round(time.time() - start, 1)
     results.write(status="finished")
     return results.data
@@ -524,16 +518,6 @@ def int_in(low, high=None):
             raise argparse.ArgumentTypeError(f"expected an integer in {low}..{high or ''}, got {value}")
         return value
     return parse
-
-
-def dataset_list(text):
-    """An argparse type: comma-separated zero-shot dataset names."""
-    names = tuple(text.split(","))
-    unknown = [n for n in names if n not in evaluate.ZERO_SHOT_CHOICES]
-    if unknown:
-        expected = ", ".join(evaluate.ZERO_SHOT_CHOICES)
-        raise argparse.ArgumentTypeError(f"unknown {unknown}; expected names from {expected}")
-    return names
 
 
 def parse_args(argv=None):
@@ -586,7 +570,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the towers that run at every step")
     p.add_argument("--grad-analysis", action="store_true", help="record the text-feature gradients (Figure 2)")
     p.add_argument("--zero-shot-eval", action="store_true", help="zero-shot transfer after training")
-    p.add_argument("--zero-shot-datasets", type=dataset_list, default=",".join(evaluate.ZERO_SHOT_DATASETS))
+    p.add_argument("--zero-shot-datasets", type=lambda names: tuple(names.split(",")),
+                   default=",".join(evaluate.ZERO_SHOT_DATASETS))
     p.add_argument("--download-only", action="store_true", help="fetch everything this run needs, then exit")
     p.add_argument("--smoke", action="store_true", help="offline check: a tiny random CLIP learns a toy stream")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -603,18 +588,15 @@ def parse_args(argv=None):
 
 
 def default_out(config):
-    """runs/<dataset>-<scenario>-<peft>-<tower>-<visible>[-released]-seed<k>, never an existing folder."""
-    name = f"{config.dataset}-{config.scenario}-{config.peft}"
-    if config.peft != "none":
-        name += f"-{config.encoder}-{config.visible_classes}"
-    if config.recipe != "ours":
-        name += f"-{config.recipe}"
-    base = os.path.join("runs", f"{name}-seed{config.seed}")
-    out, k = base, 1
-    while os.path.exists(out):  # never overwrite an earlier run's results
-        k += 1
+    """runs/<dataset>-<scenario>-<peft>[-<tower>-<visible>][-released]-seed<k>, never an existing folder."""
+    parts = [config.dataset, config.scenario, config.peft]
+    parts += [config.encoder, config.visible_classes] if config.peft != "none" else []
+    parts += [config.recipe] if config.recipe != "ours" else []
+    out = base = os.path.join("runs", "-".join(parts + [f"seed{config.seed}"]))
+    for k in itertools.count(2):  # never overwrite an earlier run's results
+        if not os.path.exists(out):
+            return out
         out = f"{base}-{k}"
-    return out
 
 
 def download_only(config):
@@ -629,8 +611,7 @@ def download_only(config):
     print(f"model {config.model}: {os.path.abspath(path)}" + (" (SHA256 verified)" if path != config.model else ""))
     if model.config.vocab_size > clip_model.BYTE_VOCAB_SIZE:  # a tokenizer with merges: it needs the BPE file
         vocab = clip_model.bpe_vocab_path()
-        verified = "SHA256 verified" if clip_model.is_openai_vocabulary(vocab) else "NOT OpenAI's: its SHA256 differs"
-        print(f"BPE vocabulary: {vocab} ({verified})")
+        print(f"BPE vocabulary: {vocab}" + ("" if clip_model.is_openai_vocabulary(vocab) else " (NOT OpenAI's)"))
     for name, n in zero_shot.items():
         print(f"zero-shot {name}: {n} test images under {root}")
     print("everything this run needs is local: the same command without --download-only runs offline")
@@ -640,13 +621,6 @@ def metrics_line(d, label=None):
     """'A_auc  52.10 A_avg ... F_last      -' (percent, aligned), optionally labelled."""
     line = " ".join(f"{k} {100 * d[k]:6.2f}" if d[k] is not None else f"{k}      -" for k in evaluate.METRICS)
     return f"{line}   ({label})" if label else line
-
-
-def tuned_name(config):
-    """'SIT-LoRA on both towers', 'adapter on the text tower, softmax over all seen classes'."""
-    name = ("SIT-" if config.visible_classes == "batch" else "") + {"lora": "LoRA", "adapter": "adapter"}[config.peft]
-    towers = "both towers" if config.encoder == "both" else f"the {config.encoder} tower"
-    return f"{name} on {towers}" + (", softmax over all seen classes" if config.visible_classes == "all" else "")
 
 
 def zero_shot_eval(config, s):
@@ -686,7 +660,8 @@ def main(argv=None):
         print(f"error: {message}; results so far are in {s.out}", file=sys.stderr)
         return 1
     if config.smoke and config.peft != "none":
-        print(metrics_line(results, tuned_name(config)))
+        softmax = "the batch's classes (SIT)" if config.visible_classes == "batch" else "all seen classes"
+        print(metrics_line(results, f"{config.peft} on {config.encoder}, softmax over {softmax}"))
         base = config._replace(peft="none", grad_analysis=False, quiet=True, out=os.path.join(s.out, "untrained"))
         print(metrics_line(run_stream(base, setup(base)), "untrained, same stream"))
     else:
