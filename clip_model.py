@@ -26,8 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-# -----------------------------------------------------------------------------
-# building blocks
+# ---- building blocks -----------------------------------------------------------------------------
 
 
 class LayerNorm(nn.LayerNorm):
@@ -101,8 +100,7 @@ class Transformer(nn.Module):
         return x
 
 
-# -----------------------------------------------------------------------------
-# the two towers and CLIP
+# ---- the two towers and CLIP ---------------------------------------------------------------------
 
 # The image normalization OpenAI's CLIP was trained with (open_clip checkpoints may bring their own).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -251,8 +249,7 @@ def build_model(state_dict, act="quickgelu", **settings) -> CLIP:
     return model.eval()
 
 
-# -----------------------------------------------------------------------------
-# what lora.py and adapter.py share: the tower(s) to tune, strict loading of the tuned tensors
+# ---- what lora.py and adapter.py share: the tower(s) to tune, strict loading of the tuned tensors ----
 
 ENCODERS = ("image", "text", "both")
 
@@ -284,8 +281,7 @@ def load_tensors(own, state_dict, what, settings):
             own[name].copy_(tensor)
 
 
-# -----------------------------------------------------------------------------
-# checkpoints: download with checksum; TorchScript archive, plain state dict, open_clip config
+# ---- checkpoints: download with checksum; TorchScript archive, plain state dict, open_clip config ----
 
 _BASE = "https://openaipublic.azureedge.net/clip/models"
 _MODELS = {  # the folder of each URL is the file's SHA256, verified after download
@@ -449,8 +445,7 @@ def load(name_or_path, device="cpu", download_root=None, act=None) -> CLIP:
     return model.to(device)
 
 
-# -----------------------------------------------------------------------------
-# tokenizer: byte-level BPE exactly as OpenAI's clip.tokenize
+# ---- tokenizer: byte-level BPE exactly as OpenAI's clip.tokenize ---------------------------------
 
 _BPE_NAME = "bpe_simple_vocab_16e6.txt.gz"
 _BPE_URL = f"https://github.com/openai/CLIP/raw/main/clip/{_BPE_NAME}"
@@ -565,8 +560,7 @@ def tokenize(texts, context_length=77, truncate=False, vocab_size=OPENAI_VOCAB_S
     return result
 
 
-# -----------------------------------------------------------------------------
-# zero-shot classification helpers
+# ---- zero-shot classification helpers ------------------------------------------------------------
 
 PROMPT = "a bad photo of a {}."
 

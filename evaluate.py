@@ -29,8 +29,7 @@ import lora
 import stream
 
 
-# -----------------------------------------------------------------------------
-# 1. lifelong metrics (released formulas; inputs and outputs are fractions)
+# ---- 1. lifelong metrics (released formulas; inputs and outputs are fractions) -------------------
 
 METRICS = ("A_auc", "A_avg", "A_last", "F_last")
 
@@ -74,8 +73,7 @@ def lifelong_metrics(anytime_accs, task_accs, class_acc):
     return dict(zip(METRICS, (a_auc(anytime_accs), a_avg(task_accs), a_last(task_accs), f_last(class_acc))))
 
 
-# -----------------------------------------------------------------------------
-# 2. accuracy on the seen classes (anytime and task-end evaluation)
+# ---- 2. accuracy on the seen classes (anytime and task-end evaluation) ---------------------------
 
 
 def top1_on_seen(image_features, labels, text_features, seen_classes):
@@ -91,8 +89,7 @@ def top1_on_seen(image_features, labels, text_features, seen_classes):
     return sum(correct) / sum(total), {c: k / n for c, n, k in zip(seen.tolist(), total, correct) if n > 0}
 
 
-# -----------------------------------------------------------------------------
-# 3. zero-shot transfer (the paper's check: Food101, Caltech101, EuroSAT, Flowers102, Oxford-IIIT Pet; all classes)
+# ---- 3. zero-shot transfer (the paper's check: Food101, Caltech101, EuroSAT, Flowers102, Oxford-IIIT Pet) ----
 
 ZERO_SHOT_DATASETS = ("food101", "caltech101", "eurosat", "flowers102", "oxford_pets")
 ZERO_SHOT_CHOICES = ZERO_SHOT_DATASETS + ("imagefolder",)
@@ -284,8 +281,7 @@ def load_peft_model(path, device="cpu"):
     return model.to(device).eval(), saved["prompt"]
 
 
-# -----------------------------------------------------------------------------
-# 4. analyses of run folders: seed tables, the grid of runs, the gradient timeline, plots
+# ---- 4. analyses of run folders: seed tables, the grid of runs, the gradient timeline, plots -----
 
 # Settings that should agree within a table row; the table warns when they do not.
 MUST_AGREE = ("model", "act", "n_tasks", "n", "m", "batch_size", "online_iter", "lr", "eval_period", "memory_size",
@@ -513,8 +509,7 @@ def save_png(fig, path):
     print(f"wrote {path}")
 
 
-# -----------------------------------------------------------------------------
-# 5. command line
+# ---- 5. command line -----------------------------------------------------------------------------
 
 
 def resolve_device(name):

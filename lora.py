@@ -21,8 +21,7 @@ import clip_model
 TARGETS = ("q", "k", "v", "out")
 INITS = ("zero", "released")
 
-# -----------------------------------------------------------------------------
-# LoRA modules
+# ---- LoRA modules --------------------------------------------------------------------------------
 
 
 def init_lora_(A, B, init="zero"):
@@ -90,8 +89,7 @@ class LoRAAttention(clip_model.Attention):
         return qkv + F.linear(self.scaling * F.linear(self.lora_dropout(x), self.lora_A), self.placed_B())
 
 
-# -----------------------------------------------------------------------------
-# applying, merging, saving
+# ---- applying, merging, saving -------------------------------------------------------------------
 
 
 def lora_modules(model):

@@ -23,8 +23,7 @@ from torchvision.transforms import AutoAugment, AutoAugmentPolicy, Interpolation
 
 import clip_model
 
-# ----------------------------------------------------------------------------------------------------------------------
-# 1. The Si-Blurry stream
+# ---- 1. The Si-Blurry stream ---------------------------------------------------------------------
 
 SCENARIOS = {
     "si-blurry": dict(stochastic=True, n=50, m=10),
@@ -139,8 +138,7 @@ def describe_stream(split: StreamSplit, targets, classes) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# 2. Datasets
+# ---- 2. Datasets ---------------------------------------------------------------------------------
 
 class DataError(ValueError):
     """A problem with the user's data: a missing, empty or inconsistent folder, or an unreadable file."""
@@ -391,8 +389,7 @@ def load_dataset(name: str, root: str, train: bool, download: bool = True) -> Da
     return DATASETS[name](os.path.expanduser(root), train, download)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# 3. Batches
+# ---- 3. Batches ----------------------------------------------------------------------------------
 
 POLICIES = {"cifar10": AutoAugmentPolicy.CIFAR10, "imagenet": AutoAugmentPolicy.IMAGENET}
 AUGMENT_PER = ("sample", "batch")  # one random draw per sample (ours) or one per batch (the released code)

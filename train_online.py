@@ -33,8 +33,7 @@ import evaluate
 import lora
 import stream
 
-# -----------------------------------------------------------------------------
-# the loss
+# ---- the loss ------------------------------------------------------------------------------------
 
 
 def visible_classes(labels, seen, mode):
@@ -75,8 +74,7 @@ def text_gradient_parts(image_features, text_features, labels, visible, logit_sc
     return scale * (y * e).t() @ f, scale * ((1 - y) * e).t() @ f
 
 
-# -----------------------------------------------------------------------------
-# the step
+# ---- the step ------------------------------------------------------------------------------------
 
 
 def is_tuned(module):
@@ -110,8 +108,7 @@ def sit_step(model, optimizer, images, labels, visible, text_features, augment, 
     return loss.detach(), f.detach(), g.detach()
 
 
-# -----------------------------------------------------------------------------
-# features, with the caches that frozen towers allow
+# ---- features, with the caches that frozen towers allow ------------------------------------------
 
 
 class FeatureCache:
@@ -179,8 +176,7 @@ def evaluate_seen(test, text_features, seen, amp=contextlib.nullcontext):
     return evaluate.top1_on_seen(f, test.labels[indices], g, seen.tolist())
 
 
-# -----------------------------------------------------------------------------
-# the online loop
+# ---- the online loop -----------------------------------------------------------------------------
 
 
 class NonFiniteLoss(RuntimeError):
@@ -291,8 +287,7 @@ def log_gradient_parts(log, f, g, labels, visible, logit_scale, double_softmax, 
                           "neg": negative.norm(dim=-1).tolist()}) + "\n")
 
 
-# -----------------------------------------------------------------------------
-# results that survive: written atomically as they are measured
+# ---- results that survive: written atomically as they are measured -------------------------------
 
 
 class Results:
@@ -338,8 +333,7 @@ def save_peft(path, model, record):
     os.replace(tmp, path)
 
 
-# -----------------------------------------------------------------------------
-# a run: model, data and stream from the configuration, then the loop with its outputs
+# ---- a run: model, data and stream from the configuration, then the loop with its outputs --------
 
 
 def apply_peft(model, peft, encoder, **peft_args):
@@ -495,8 +489,7 @@ def run_stream(config, s):
     return results.data
 
 
-# -----------------------------------------------------------------------------
-# command line: everything is checked, and everything that needs the network fetched, before any work starts
+# ---- command line: everything checked, and fetched from the network, before any work starts --------
 
 # --recipe: each behaviour of the released code that changes numbers is a switch of its own (README, "Where we
 # differ from the released code"); a recipe sets them all, an explicit flag overrides it.
