@@ -72,24 +72,22 @@ def vit_b16(device, encoder="both"):
 CLASS_NAMES = [f"class number {i}" for i in range(100)]
 
 
-def our_step_fn(model, encoder, device, compile_model=False, batch=64):
+def our_step_fn(model, device, compile_model=False, batch=64):
     """The trainer's own step (train_online.sit_step, its text cache, fused AdamW, bf16 on CUDA), CIFAR-shaped."""
-    args = train_online.parse_args(["--encoder", encoder])
-    tunes_image = "image" in train_online.tuned_towers(args)
+    config = train_online.parse_args([])
     if compile_model:
-        train_online.compile_towers(model, args)
-    optimizer = train_online.make_optimizer(model, args.lr, args.weight_decay)
-    text_features = train_online.TextFeatures(model, CLASS_NAMES, args.prompt,
-                                              trainable="text" in train_online.tuned_towers(args))
+        train_online.compile_towers(model)
+    optimizer = train_online.make_optimizer(model, config.lr, config.weight_decay)
+    text_features = train_online.TextFeatures(model, CLASS_NAMES, config.prompt)
     augment = stream.BatchAugment(model.visual.image_size, seed=0)
-    amp = train_online.autocast_context(device, args.precision)
+    amp = evaluate.autocast(device, config.precision)
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)  # on the host, as the stream delivers
     images = images.pin_memory() if device.type == "cuda" else images
     labels = torch.randint(0, len(CLASS_NAMES), (batch,))
     visible = torch.unique(labels)  # the trainer's bookkeeping is on the host
     scale = model.logit_scale.exp().detach()
     return lambda: train_online.sit_step(model, optimizer, images, labels, visible, text_features, augment, scale,
-                                         amp, tunes_image, args.double_softmax)
+                                         amp, config.double_softmax)
 
 
 def encode_text_full_context(model, tokens):
@@ -120,16 +118,40 @@ def released_step_fn(model, device, batch=64):
     return step
 
 
-def eval_fn(model, device, amp, n, batch_size):
+def eval_fn(model, device, precision, n, batch_size):
     """The trainer's evaluation pass over n CIFAR-shaped test images, in chunks of batch_size."""
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, device=device)
+    amp = evaluate.autocast(device, precision)
 
     @torch.inference_mode()
     def run():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with amp():
             for chunk in images.split(batch_size):
                 model.encode_image(stream.eval_transform(chunk, model.visual.image_size))
     return run
+
+
+class TimedTest(train_online.TestImages):
+    """The trainer's test images, timing the evaluations' image features (all of an evaluation but its text side)."""
+    seconds, n_images = 0.0, 0
+
+    def features(self, indices):
+        sync(self.images.device)
+        start = time.perf_counter()
+        features = super().features(indices)
+        sync(self.images.device)
+        self.seconds += time.perf_counter() - start
+        self.n_images += len(indices)
+        return features
+
+
+def timed_batches(batches, spent):
+    """The stream's batches, adding the time spent waiting for each to spent["data"]."""
+    start = time.perf_counter()
+    for batch in batches:
+        spent["data"] += time.perf_counter() - start
+        yield batch
+        start = time.perf_counter()
 
 
 def full_run(device, fraction, workers, precision, compile_model=False):
@@ -137,58 +159,35 @@ def full_run(device, fraction, workers, precision, compile_model=False):
     per_class, test_per_class = max(1, int(500 * fraction)), max(1, int(100 * fraction))
     train_set = stream.SyntheticDataset(100, per_class, image_size=32, seed=0, train=True)
     test_set = stream.SyntheticDataset(100, test_per_class, image_size=32, seed=0, train=False)
-    args = train_online.parse_args(["--device", device.type, "--workers", str(workers), "--quiet",
-                                    "--precision", precision, "--eval-period", str(max(64, int(1000 * fraction)))]
-                                   + ["--compile"] * compile_model)
-    args.image_size, args.dataset, args.policy = None, "cifar100", "cifar10"
-    args.prompt_names, args.act = train_set.classes, "quickgelu"
-    args.mean, args.std = clip_model.CLIP_MEAN, clip_model.CLIP_STD
-    args.out = os.path.join("runs", "benchmark")
-    split = stream.si_blurry_split(train_set.targets, 100, args.n_tasks, args.n, args.m, args.seed, args.stochastic)
-    model = train_online.apply_peft(vit_b16(device, encoder=None).requires_grad_(True), args).to(device)
+    config = train_online.parse_args(["--device", device.type, "--workers", str(workers), "--precision", precision,
+                                      "--eval-period", str(max(64, int(1000 * fraction)))])
+    split = stream.si_blurry_split(train_set.targets, 100, config.n_tasks, config.n, config.m, config.seed,
+                                   config.stochastic)
+    model = vit_b16(device, config.encoder)  # apply_lora's defaults are the trainer's
     if compile_model:
-        train_online.compile_towers(model, args)
-    results = train_online.Results(args.out, vars(args).copy(), train_set.classes,
-                                   {"disjoint": split.disjoint_classes, "blurry": split.blurry_classes})
-
-    spent = {"data": 0.0, "eval": 0.0, "eval_images": 0}
-    original_batches, original_eval = stream.stream_batches, train_online.evaluate_seen
-
-    def timed_batches(*a, **k):
-        iterator = iter(original_batches(*a, **k))
-        while True:
-            start = time.perf_counter()
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                return
-            spent["data"] += time.perf_counter() - start
-            yield batch
-
-    def timed_eval(test, text_features, seen, *a, **k):
-        spent["eval_images"] += len(stream.seen_test_indices(test.targets, seen))
-        sync(device)
-        start = time.perf_counter()
-        out = original_eval(test, text_features, seen, *a, **k)
-        sync(device)
-        spent["eval"] += time.perf_counter() - start
-        return out
-
-    stream.stream_batches, train_online.evaluate_seen = timed_batches, timed_eval
-    try:
-        sync(device)
-        start = time.perf_counter()
-        train_online.train(args, model, train_set, test_set, split, results, device)
-        sync(device)
-        total = time.perf_counter() - start
-    finally:
-        stream.stream_batches, train_online.evaluate_seen = original_batches, original_eval
+        train_online.compile_towers(model)
+    results = train_online.Results(os.path.join("runs", "benchmark"), config._asdict(), train_set.classes, split)
+    image_size, spent = model.visual.image_size, {"data": 0.0}
+    batches = stream.stream_batches(train_set, split.tasks, config.batch_size, config.online_iter, "cifar10",
+                                    config.workers, config.seed, augment_per=config.augment_per)
+    sync(device)
+    start = time.perf_counter()
+    text_features = train_online.TextFeatures(model, train_set.classes, config.prompt)
+    test_batches = stream.eval_batches(test_set, range(len(test_set)), config.eval_batch_size, config.workers)
+    test = TimedTest(model, test_batches, lambda x: stream.eval_transform(x, image_size), config.eval_batch_size)
+    augment = stream.BatchAugment(image_size, seed=config.seed, per=config.augment_per)
+    train_online.train(model, timed_batches(batches, spent), list(map(len, split.tasks)), text_features, test,
+                       augment, results.record, config.online_iter, config.lr, config.weight_decay,
+                       config.eval_period, config.visible_classes, config.double_softmax,
+                       evaluate.autocast(device, config.precision))
+    sync(device)
+    total = time.perf_counter() - start
     n_train = sum(map(len, split.tasks))
     return {"fraction": fraction, "train_images": n_train, "test_images": len(test_set),
             "evaluations": len(results.data["anytime"]) + len(results.data["task_acc"]),
-            "eval_images": spent["eval_images"], "train_image_steps": n_train * args.online_iter,
-            "wall_s": total, "data_s": spent["data"], "eval_s": spent["eval"],
-            "train_s": total - spent["data"] - spent["eval"]}
+            "eval_images": test.n_images, "train_image_steps": n_train * config.online_iter,
+            "wall_s": total, "data_s": spent["data"], "eval_s": test.seconds,
+            "train_s": total - spent["data"] - test.seconds}
 
 
 def main():
@@ -211,7 +210,7 @@ def main():
     print(f"# benchmark on {report['device']}, torch {torch.__version__}")
 
     for encoder in ("both", "image", "text"):
-        step = our_step_fn(vit_b16(device, encoder), encoder, device)
+        step = our_step_fn(vit_b16(device, encoder), device)
         seconds = timed(step, device, warmup, iters)
         report[f"train_{encoder}_img_s"] = 64 / seconds
         syncs = ""
@@ -221,7 +220,7 @@ def main():
         print(f"train step, LoRA on {encoder:5s}: {64 / seconds:8.1f} images/s ({1000 * seconds:.0f} ms / batch of 64"
               f"{syncs})")
     if args.compile:
-        step = our_step_fn(vit_b16(device, "both"), "both", device, compile_model=True)
+        step = our_step_fn(vit_b16(device, "both"), device, compile_model=True)
         report["compile_train_s"] = timed(step, device, 0, 1)  # the first call compiles
         seconds = timed(step, device, warmup, iters)
         report["train_both_compiled_img_s"] = 64 / seconds
@@ -237,17 +236,17 @@ def main():
     batch_size = train_online.parse_args([]).eval_batch_size if gpu else 32  # the trainer's, on the GPU
     model = vit_b16(device, None)
     for size in (batch_size, 4 * batch_size) if gpu else (batch_size,):
-        seconds = timed(eval_fn(model, device, gpu, n_eval, size), device, 1, max(1, iters // 4))
+        seconds = timed(eval_fn(model, device, "auto", n_eval, size), device, 1, max(1, iters // 4))
         report[f"eval_img_s_batch{size}"] = n_eval / seconds
         print(f"evaluation, batches of {size}: {n_eval / seconds:8.1f} images/s")
     report["eval_img_s"] = report[f"eval_img_s_batch{batch_size}"]
-    seconds = timed(eval_fn(model, device, False, n_eval, batch_size), device, 1, max(1, iters // 4))
+    seconds = timed(eval_fn(model, device, "fp32", n_eval, batch_size), device, 1, max(1, iters // 4))
     report["released_eval_img_s"] = n_eval / seconds
     print(f"evaluation, released recipe (fp32, batches of {batch_size}): {n_eval / seconds:8.1f} images/s; ours is "
           f"{report['eval_img_s'] * seconds / n_eval:.2f}x faster")
     if args.compile:
         model.visual.compile()
-        run_eval = eval_fn(model, device, gpu, n_eval, batch_size)
+        run_eval = eval_fn(model, device, "auto", n_eval, batch_size)
         report["compile_eval_s"] = timed(run_eval, device, 0, 1)
         seconds = timed(run_eval, device, 1, max(1, iters // 4))
         report["eval_compiled_img_s"] = n_eval / seconds
