@@ -78,7 +78,7 @@ def our_step_fn(model, device, compile_model=False, batch=64):
     if compile_model:
         train_online.compile_towers(model)
     optimizer = train_online.make_optimizer(model, config.lr, config.weight_decay)
-    text_features = train_online.TextFeatures(model, CLASS_NAMES, config.prompt)
+    text_features = train_online.text_feature_cache(model, CLASS_NAMES, config.prompt)
     augment = stream.BatchAugment(model.visual.image_size, seed=0)
     amp = evaluate.autocast(device, config.precision)
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)  # on the host, as the stream delivers
@@ -132,13 +132,14 @@ def eval_fn(model, device, precision, n, batch_size):
 
 
 class TimedTest(train_online.TestImages):
-    """The trainer's test images, timing the evaluations' image features (all of an evaluation but its text side)."""
+    """The trainer's test images, timing the encoding of the evaluations' images (the tuned image tower encodes them
+    at every evaluation: all of an evaluation but its text side)."""
     seconds, n_images = 0.0, 0
 
-    def features(self, indices):
+    def encode(self, indices):
         sync(self.images.device)
         start = time.perf_counter()
-        features = super().features(indices)
+        features = super().encode(indices)
         sync(self.images.device)
         self.seconds += time.perf_counter() - start
         self.n_images += len(indices)
@@ -172,7 +173,7 @@ def full_run(device, fraction, workers, precision, compile_model=False):
                                     config.workers, config.seed, augment_per=config.augment_per)
     sync(device)
     start = time.perf_counter()
-    text_features = train_online.TextFeatures(model, train_set.classes, config.prompt)
+    text_features = train_online.text_feature_cache(model, train_set.classes, config.prompt)
     test_batches = stream.eval_batches(test_set, range(len(test_set)), config.eval_batch_size, config.workers)
     test = TimedTest(model, test_batches, lambda x: stream.eval_transform(x, image_size), config.eval_batch_size)
     augment = stream.BatchAugment(image_size, seed=config.seed, per=config.augment_per)
