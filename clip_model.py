@@ -431,9 +431,8 @@ def load(name_or_path, device="cpu", download_root=None, act=None) -> CLIP:
     if act is not None:
         settings["act"] = act
     elif not settings and name_or_path not in _MODELS and not is_torchscript(path):
-        print(f"note: {path}: no {OPEN_CLIP_CONFIG} beside it, so its MLP activation is assumed to be OpenAI's "
-              "QuickGELU; for a GELU model (most open_clip checkpoints) pass act='gelu' (--act gelu)",
-              file=sys.stderr)
+        print(f"note: {path}: no {OPEN_CLIP_CONFIG} beside it, so OpenAI's QuickGELU is assumed; for a GELU model "
+              "(most open_clip checkpoints) pass act='gelu' (--act gelu)", file=sys.stderr)
     try:
         model = build_model(state_dict, **settings)
     except CheckpointError as e:

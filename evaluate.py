@@ -286,7 +286,7 @@ def load_peft_model(path, device="cpu"):
 # Settings that should agree within a table row; the table warns when they do not.
 MUST_AGREE = ("model", "act", "n_tasks", "n", "m", "batch_size", "online_iter", "lr", "eval_period", "memory_size",
               "recipe", "lora_init", "double_softmax", "augment_per", "normalize", "test_resize", "class_names",
-              "image_fit", "precision")
+              "image_fit", "precision", "eval_split", "zero_shot_protocol")
 REPOSITORY = os.path.dirname(os.path.abspath(__file__))  # where `python train_online.py` runs from
 
 

@@ -228,12 +228,9 @@ def _labelled_files(folder: str, classes: list[str]) -> tuple[list[str], list[in
 
 
 def _read_lines(path: str) -> list[str]:
-    """The non-empty lines of a text file, stripped, or a DataError naming it."""
-    try:
-        with open(path) as f:
-            return [line.strip() for line in f if line.strip()]
-    except OSError as err:
-        raise DataError(f"cannot read {path}: {err}") from err
+    """The non-empty lines of a text file, stripped (a missing file: FileNotFoundError, naming it)."""
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip()]
 
 
 def download_archive(what: str, url: str, root: str, md5: str, filename: str = None) -> None:
@@ -457,7 +454,8 @@ def _stack(images, dim=0) -> torch.Tensor:
 def stream_batches(dataset, tasks, batch_size=64, online_iter=3, policy="cifar10", workers=2, seed=1, image_size=None,
                    augment_per="sample", image_fit="centre"):
     """The online stream as an iterable of StreamBatch: tasks in order, batches never cross a task boundary.
-    AutoAugment is drawn per sample, or once per batch and online iteration (augment_per="batch", as released).
+    AutoAugment is drawn per sample, or once per batch and online iteration (augment_per="batch", as released);
+    online_iter=0 gives the labels alone.
     Images are brought to `image_size` by `image_fit` when loaded (None keeps them as they are)."""
     batches = task_batches(tasks, batch_size)
     starts = itertools.accumulate((len(indices) for _, indices in batches), initial=0)  # stream positions
@@ -480,6 +478,8 @@ def _loader(work: list, load, workers: int) -> DataLoader:
 def _stream_batch(dataset, online_iter, autoaugment, seed, image_size, image_fit, augment_per, batch) -> StreamBatch:
     """Batch b of the stream, whose first sample is at stream position `start`, with its AutoAugmented copies."""
     b, start, task, indices = batch
+    if online_iter == 0:  # labels alone (zero-shot CLIP trains nothing): no image is decoded
+        return StreamBatch(task, None, torch.tensor([dataset.targets[i] for i in indices]), torch.tensor(indices))
     copies, labels = [], []
     for position, index in enumerate(indices, start):
         image, label = dataset[index]

@@ -8,8 +8,7 @@ Online lifelong tuning of CLIP with Symmetric Image-Text (SIT) tuning, on a Si-B
     python train_online.py --dataset cifar100 --download-only         # fetch everything, then run offline
 
 The hyper-parameters default to the released ones (ViT-B/16, batches of 64, 3 steps per batch, AdamW 5e-4);
-`--recipe ours` (the default) or `released` decides every released behaviour that changes numbers.
-Top to bottom: the loss, the step, the feature caches, the online loop (`train`), the results, the command line.
+`--recipe` (ours by default, or released) sets every released behaviour that changes numbers.
 """
 
 import argparse
@@ -43,10 +42,8 @@ def visible_classes(labels, seen, mode):
 
 def symmetric_loss(image_features, text_features, labels, visible, logit_scale, double_softmax=False):
     """L = mean_i CE(s * <f_i, g_c> over c in `visible`, y_i): SIT when `visible` = C_B, the classes in the batch.
-
     image_features (B, D) and text_features (len(visible), D) are L2-normalized; row j of text_features
-    belongs to class visible[j]; every label must be in `visible`.
-    """
+    belongs to class visible[j]; every label must be in `visible`."""
     logits = logit_scale * image_features @ text_features.t()  # (B, V)
     targets = (labels[:, None] == visible[None, :]).int().argmax(dim=1)  # position of y_i in `visible`
     if double_softmax:  # the released code's quirk: its model returns probabilities and CE softmaxes again
@@ -55,12 +52,10 @@ def symmetric_loss(image_features, text_features, labels, visible, logit_scale, 
 
 
 def text_gradient_parts(image_features, text_features, labels, visible, logit_scale, double_softmax=False):
-    """The positive and negative parts of dL/dg_c, each (V, D), for the visible classes (the paper's Figure 2).
-
+    """The positive and negative parts of dL/dg_c, each (V, D), for the visible classes (the paper's Figure 2):
     dL/dg_c = (s/|B|) sum_i e_ic f_i with e_i = |B| dL/dz_i, z_i = s <f_i, g>: the positive part sums over the
     samples of class c, the negative part over all others. On logits e = p - y; under the double softmax, with
-    q = softmax(z) and d = softmax(q) - y, e = q * (d - <q, d>) (the gradient through the first softmax).
-    """
+    q = softmax(z) and d = softmax(q) - y, e = q * (d - <q, d>) (the gradient through the first softmax)."""
     f = image_features.detach().float()
     z = logit_scale * f @ text_features.detach().float().t()  # (B, V)
     y = (labels[:, None] == visible[None, :]).float()  # (B, V) one-hot over the visible classes
@@ -92,7 +87,6 @@ def make_optimizer(model, lr, weight_decay):
 def sit_step(model, optimizer, images, labels, visible, text_features, augment, logit_scale,
              amp=contextlib.nullcontext, double_softmax=False):
     """One gradient step on one augmented copy of the batch; returns the loss and the features it used.
-
     images: uint8 (B, 3, H, W); augment: uint8 batch -> model input; text_features: class ids -> (V, D) features
     (with grad when the text tower trains); visible: the class ids of the softmax, every label among them."""
     model.train()
@@ -200,8 +194,7 @@ def train(model, batches, task_sizes, text_features, test, augment, report, onli
     trains = is_tuned(model)
     logit_scale = model.logit_scale.exp().detach()  # s, frozen
     task_ends = torch.tensor(task_sizes).cumsum(0).tolist()
-    # Leading empty tasks (the random cuts can leave a task without classes) end before any class is seen:
-    # nothing to evaluate, so they get no task end. (The released code fails on them.)
+    # Leading empty tasks (a random cut can leave a task without classes) get no task end (released: a crash).
     n_ended = sum(end == 0 for end in task_ends)
     seen = torch.zeros(0, dtype=torch.long)  # class ids in order of first appearance (on the host)
     samples, next_eval, step, task, optimizer = 0, eval_period, 0, None, None
@@ -272,12 +265,6 @@ class ReservoirMemory:
         return torch.cat([images, mem.images[0]]), torch.cat([labels, mem.labels])
 
 
-def label_batches(targets, tasks, batch_size):
-    """The stream's batches without their images, for zero-shot CLIP (nothing trains, so nothing is augmented)."""
-    for t, indices in stream.task_batches(tasks, batch_size):  # the batches of stream.stream_batches
-        yield stream.StreamBatch(t, None, torch.tensor([targets[i] for i in indices]), torch.tensor(indices))
-
-
 def log_gradient_parts(log, f, g, labels, visible, logit_scale, double_softmax, step, samples, task):
     """One line of OUT/grad.jsonl: per visible class, the positive and negative gradient on its text feature."""
     labels, visible = labels.to(f.device), visible.to(f.device)
@@ -346,13 +333,10 @@ def apply_peft(model, peft, encoder, **peft_args):
 
 
 def peft_arguments(config):
-    """The keyword arguments of apply_lora / apply_adapter this run uses (saved in peft.pt)."""
-    if config.peft == "lora":
-        return {"r": config.lora_r, "alpha": config.lora_alpha, "targets": list(lora.TARGETS), "init": config.lora_init}
-    if config.peft == "adapter":
-        return {"bottleneck": config.adapter_bottleneck, "scale": config.adapter_scale,
-                "dropout": config.adapter_dropout}
-    return {}
+    """The keyword arguments of apply_lora / apply_adapter this run uses (saved in peft.pt): the run's --lora-X or
+    --adapter-X flags are their argument X."""
+    prefix = config.peft + "_"
+    return {name[len(prefix):]: value for name, value in config._asdict().items() if name.startswith(prefix)}
 
 
 def compile_towers(model, cache=True):
@@ -363,24 +347,20 @@ def compile_towers(model, cache=True):
             tower.compile()
 
 
-# What a run derives from its configuration. model_path: the checkpoint peft.pt rebuilds from (--smoke: the tiny
-# model saved in OUT); mean, std: the normalization of training and test images.
+# What a run derives from its configuration; model_path: the checkpoint peft.pt rebuilds from (--smoke: OUT's).
 Setup = namedtuple("Setup", "model train_set test_set split device out model_path prompt_names mean std")
 
 
-# The --smoke world: a tiny random CLIP in OpenAI's layout (4 heads of width 16, byte-level vocabulary, so no
-# vocabulary file and no network), and a stream of 10 grating classes it can learn (stream.SyntheticDataset).
+# --smoke: a tiny random CLIP (byte-level vocabulary: no file, no network) and 10 grating classes it can learn.
 SMOKE_CONFIG = replace(clip_model.TINY_CONFIG, vocab_size=clip_model.BYTE_VOCAB_SIZE, vision_heads=4,
                        transformer_heads=4)
-# Defaults under --smoke (an explicit flag wins): learning shows in seconds on a CPU with 1,000 training images in
-# 2 tasks, batches of 16 and a learning rate 20x the released one.
+# Its defaults (an explicit flag wins): 1,000 images in 2 tasks, batches of 16, lr 20x the released: seconds on a CPU.
 SMOKE_SETTINGS = dict(dataset="smoke", batch_size=16, lr=1e-2, n_tasks=2, eval_period=100)
 
 
 def fetch(config):
-    """The datasets, the CLIP checkpoint, its tokenizer's vocabulary and the zero-shot datasets: downloaded (and
-    verified) where missing, so that nothing after this needs the network.
-    Returns (model, train_set, test_set, {zero-shot dataset: number of images})."""
+    """(model, train_set, test_set, {zero-shot dataset: number of images}), each downloaded and verified where
+    missing (the BPE vocabulary too), so that nothing after this needs the network."""
     if config.zero_shot_eval:  # a bad name fails before any download
         evaluate.check_zero_shot_names(config.zero_shot_datasets, config.zero_shot_protocol)
     # the data before the model: a bad data root fails before a download
@@ -446,19 +426,16 @@ def run_stream(config, s):
     augment = stream.BatchAugment(image_size, seed=config.seed, mean=s.mean, std=s.std, per=config.augment_per)
     batches_of = functools.partial(stream.stream_batches, s.train_set, policy=policy, image_size=load_size,
                                    augment_per=config.augment_per, image_fit=config.image_fit)
-    if config.peft == "none":  # nothing trains, so no image is decoded or augmented
-        batches = label_batches(s.train_set.targets, s.split.tasks, config.batch_size)
-    else:
-        batches = batches_of(s.split.tasks, config.batch_size, config.online_iter, workers=config.workers,
-                             seed=config.seed)
+    online_iter = config.online_iter if config.peft != "none" else 0  # nothing trains: no image decoded
+    batches = batches_of(s.split.tasks, config.batch_size, online_iter, workers=config.workers, seed=config.seed)
     memory = None
     if config.memory_size > 0:
         load = functools.partial(batches_of, online_iter=1, workers=0)  # a memory batch, freshly augmented
         memory = ReservoirMemory(config.memory_size, config.batch_size, config.seed, load)
-    peft_record = dict(model=s.model_path, act=model.config.act, peft=config.peft, encoder=config.encoder,
-                       peft_args=peft_arguments(config), prompt=config.prompt, dataset=config.dataset,
-                       class_names=s.prompt_names, mean=list(s.mean), std=list(s.std), test_resize=config.test_resize,
-                       recipe={k: getattr(config, k) for k in RECIPES[config.recipe]})
+    peft_record = {k: record[k] for k in ("model", "act", "peft", "encoder", "prompt", "dataset", "mean", "std",
+                                          "test_resize")}  # and what else rebuilds the tuned model and its inputs:
+    peft_record.update(peft_args=peft_arguments(config), class_names=s.prompt_names,
+                       recipe={k: getattr(config, k) for k in RECIPES[config.recipe]})  # the switches as run
 
     def report(event, samples, acc, per_class, seen):
         results.record(event, samples, acc, per_class, seen)
@@ -491,8 +468,7 @@ def run_stream(config, s):
 
 # ---- command line: everything checked, and fetched from the network, before any work starts --------
 
-# --recipe: each behaviour of the released code that changes numbers is a switch of its own (README, "Where we
-# differ from the released code"); a recipe sets them all, an explicit flag overrides it.
+# Each released behaviour that changes numbers is a switch (README, "Differences from the released code").
 RECIPES = {
     "ours": dict(lora_init="zero", double_softmax=False, augment_per="sample", normalize="clip", test_resize="clip",
                  class_names="readable", image_fit="centre", precision="auto", eval_split="test",
