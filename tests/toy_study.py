@@ -2,10 +2,10 @@
 The paper's comparison in a toy world, on a laptop: SIT vs the softmax over all seen classes, and which tower to
 tune, measured on a CLIP that has real zero-shot ability to keep or lose (the world: tests/toy_world.py).
 
-    python tests/toy_study.py            # 3 seeds, every configuration: about 12 minutes on 2 CPU cores
-    python tests/toy_study.py --quick    # 1 seed, LoRA on the image and text towers only: about 5 minutes
+    python tests/toy_study.py            # 3 seeds, every configuration: about 2.5 minutes on 2 CPU cores
+    python tests/toy_study.py --quick    # 1 seed, LoRA on the image and text towers only: about 30 s
 
-The first run also pretrains the toy CLIP, about 3 minutes of one CPU core.
+The first run also pretrains the toy CLIP, about 2.5 minutes of one CPU core (measured 2026-11-29).
 
 It writes the world's image folders and pretrains the toy CLIP (both reused when already made with the same
 settings), then runs only the project's own command lines: `train_online.py --dataset imagefolder` on the Si-Blurry
