@@ -426,8 +426,8 @@ def run_stream(config, s):
     augment = stream.BatchAugment(image_size, seed=config.seed, mean=s.mean, std=s.std, per=config.augment_per)
     batches_of = functools.partial(stream.stream_batches, s.train_set, policy=policy, image_size=load_size,
                                    augment_per=config.augment_per, image_fit=config.image_fit)
-    online_iter = config.online_iter if config.peft != "none" else 0  # nothing trains: no image decoded
-    batches = batches_of(s.split.tasks, config.batch_size, online_iter, workers=config.workers, seed=config.seed)
+    online_iter, workers = (config.online_iter, config.workers) if config.peft != "none" else (0, 0)  # labels alone
+    batches = batches_of(s.split.tasks, config.batch_size, online_iter, workers=workers, seed=config.seed)
     memory = None
     if config.memory_size > 0:
         load = functools.partial(batches_of, online_iter=1, workers=0)  # a memory batch, freshly augmented
