@@ -1,13 +1,17 @@
 """
-LoRA (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models") for the towers of clip_model.CLIP.
-A frozen linear map y = W x + b is tuned as
+LoRA (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models") for a CLIP in OpenAI's layout: clip_model.CLIP,
+OpenAI's `clip` package, open_clip's CLIP. It needs only torch: copy this file into your code. A frozen linear map
+y = W x + b is tuned as
 
     y = W x + b + (alpha / r) * B A x,    A: (r, in) random,  B: (out, r) zero,
 
 so only A and B train, and B A = 0 at first: the tuned model starts exactly at zero-shot CLIP. `apply_lora` puts
 this on the q, k, v rows of each block's fused attention input projection (`in_proj_weight`), on its output
-projection (`out_proj`), and optionally on the MLP. The original parameters keep their objects and OpenAI
-state-dict names; the new ones are named `*lora_A`, `*lora_B`.
+projection (`out_proj`), and optionally on the MLP. The frozen parameters keep their objects and OpenAI state-dict
+names; the new ones are named `*lora_A`, `*lora_B`. What changes: a tuned block's `attn` (clip_model.Attention or
+nn.MultiheadAttention) becomes a LoRAAttention holding the same parameters under the same names. It computes the
+attention itself, as nn.MultiheadAttention never calls `out_proj` (it reads its weight), so LoRA there would train
+nothing.
 """
 
 import math
@@ -16,8 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import clip_model
-
+ENCODERS = ("image", "text", "both")
 TARGETS = ("q", "k", "v", "out")
 INITS = ("zero", "released")
 
@@ -57,49 +60,123 @@ class LoRALinear(nn.Linear):
         return y + F.linear(self.scaling * F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
 
 
-class LoRAAttention(clip_model.Attention):
-    """clip_model.Attention whose fused projection gets a low-rank update on its q, k and/or v rows."""
+class LoRAAttention(nn.Module):
+    """Self-attention with a block's attention parameters and a low-rank update on the q, k and/or v rows of its
+    fused projection; called as the module it replaces: clip_model's attn(x, attn_mask=mask), batch-first, mask
+    True = may attend; or nn.MultiheadAttention's attn(x, x, x, need_weights=False, attn_mask=mask) -> (y, None)."""
 
-    def __init__(self, attn: clip_model.Attention, slots, r, alpha, dropout=0.0, init="zero"):
-        nn.Module.__init__(self)  # adopt attn's parameters and out_proj (same objects, same names)
-        self.heads = attn.heads
+    def __init__(self, attn, slots, r, alpha, dropout=0.0, init="zero"):
+        super().__init__()
+        self.mha = isinstance(attn, nn.MultiheadAttention)
+        self.heads = attn.num_heads if self.mha else attn.heads
+        self.batch_first = attn.batch_first if self.mha else True
         self.in_proj_weight, self.in_proj_bias, self.out_proj = attn.in_proj_weight, attn.in_proj_bias, attn.out_proj
         width = self.in_proj_weight.shape[1]
-        # As in the released code: ONE rank-r update of the fused projection, i.e. q, k and v share A and each
-        # targeted slot has its own rows of B (4 r width parameters for q, k, v, not 3 x 2 r width).
-        self.lora_A = nn.Parameter(self.in_proj_weight.new_empty(r, width))
-        self.lora_B = nn.Parameter(self.in_proj_weight.new_empty(len(slots) * width, r))  # targeted slots stacked
-        init_lora_(self.lora_A, self.lora_B, init)
-        self.register_buffer("lora_slots", torch.tensor(slots, device=self.lora_A.device), persistent=False)
+        self.slots = slots
+        if slots:  # As released: ONE rank-r update of the fused projection, so q, k and v share A and each
+            # targeted slot has its own rows of B (4 r width parameters for q, k, v, not 3 x 2 r width).
+            self.lora_A = nn.Parameter(self.in_proj_weight.new_empty(r, width))
+            self.lora_B = nn.Parameter(self.in_proj_weight.new_empty(len(slots) * width, r))  # slots stacked
+            init_lora_(self.lora_A, self.lora_B, init)
+            self.register_buffer("lora_slots", torch.tensor(slots, device=self.lora_A.device), persistent=False)
         self.scaling = alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
 
     def placed_B(self):
         """B with zero rows for the slots LoRA does not target: (3*width, r), rows of q, k, v in order."""
-        n, r = len(self.lora_slots), self.lora_B.shape[1]
+        n, r = len(self.slots), self.lora_B.shape[1]
         placed = self.lora_B.new_zeros(3, self.lora_B.shape[0] // n, r)
         return placed.index_copy(0, self.lora_slots, self.lora_B.view(n, -1, r)).flatten(0, 1)
 
     def in_proj(self, x):
-        """[q, k, v] = W_qkv x + b_qkv + (alpha/r) B A x, B zero on the untargeted slots."""
-        qkv = super().in_proj(x)  # (B, T, 3*width)
-        if self.merged:
+        """[q, k, v] = W_qkv x + b_qkv + (alpha/r) B A x, B zero on the untargeted slots: (B, T, 3*width)."""
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        if not self.slots or self.merged:
             return qkv
         return qkv + F.linear(self.scaling * F.linear(self.lora_dropout(x), self.lora_A), self.placed_B())
+
+    def forward(self, x, key=None, value=None, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        self_attention = key is x and value is x and not need_weights if self.mha else key is value is None
+        if not self_attention or key_padding_mask is not None or is_causal:
+            call = "attn(x, x, x, need_weights=False, attn_mask=mask)" if self.mha else "attn(x, attn_mask=mask)"
+            raise ValueError(f"LoRAAttention computes self-attention only, called as {call}; nothing else")
+        if self.mha:  # as OpenAI's `clip` and open_clip call nn.MultiheadAttention
+            if attn_mask is not None and attn_mask.dtype == torch.bool:
+                attn_mask = ~attn_mask  # nn.MultiheadAttention's True = may not attend, SDPA's True = may
+            x = x if self.batch_first else x.transpose(0, 1)  # (B, T, C)
+        B, T, C = x.shape
+        q, k, v = self.in_proj(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # each (B, nh, T, hs)
+        if attn_mask is not None and attn_mask.dim() == 3:  # nn.MultiheadAttention's (B*nh, T, T)
+            attn_mask = attn_mask.view(B, self.heads, T, T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, T, hs)
+        y = self.out_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+        if not self.mha:
+            return y
+        return (y if self.batch_first else y.transpose(0, 1)), None
 
 
 # ---- applying, merging, saving -------------------------------------------------------------------
 
 
 def lora_modules(model):
-    """Every LoRA module in the model."""
-    return [m for m in model.modules() if isinstance(m, (LoRALinear, LoRAAttention))]
+    """Every module holding LoRA tensors in the model."""
+    return [m for m in model.modules() if isinstance(m, LoRALinear) or isinstance(m, LoRAAttention) and m.slots]
+
+
+def towers(model, encoder):
+    """The residual blocks of the image tower, the text tower or both; a ValueError naming what differs from
+    OpenAI's layout (each block with ln_1, attn, ln_2 and mlp.c_fc, mlp.c_proj) if there is any."""
+    if encoder not in ENCODERS:
+        raise ValueError(f"encoder={encoder!r}; expected one of {ENCODERS}")
+    names = {"image": ["visual.transformer"], "text": ["transformer"]}.get(encoder, ["visual.transformer", "transformer"])
+    blocks = []
+    for name in names:
+        resblocks = model
+        for part in (name + ".resblocks").split("."):
+            if not isinstance(getattr(resblocks, part, None), nn.Module):
+                children = [n for n, _ in resblocks.named_children()]
+                raise ValueError(f"{type(model).__name__} has no {name}.resblocks ({type(resblocks).__name__} has "
+                                 f"{children}): expected a CLIP in OpenAI's layout (clip_model, OpenAI's clip, "
+                                 f"open_clip), its {encoder} tower at {name}.resblocks")
+            resblocks = getattr(resblocks, part)
+        for i, block in enumerate(resblocks):
+            attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
+            found = {n: type(getattr(block, n, None)).__name__ for n in ("ln_1", "attn", "ln_2", "mlp")}
+            linears = [isinstance(getattr(mlp, n, None), nn.Linear) for n in ("c_fc", "c_proj")]
+            norms = [isinstance(getattr(block, n, None), nn.Module) for n in ("ln_1", "ln_2")]
+            if not (attn_supported(attn) and all(linears) and all(norms)):
+                raise ValueError(f"{name}.resblocks.{i} has {found} (an mlp with linear c_fc, c_proj: {linears}): "
+                                 "expected ln_1, attn, ln_2, mlp.c_fc, mlp.c_proj, attn a clip_model.Attention or "
+                                 "an nn.MultiheadAttention with one fused in_proj_weight, in_proj_bias and no "
+                                 "dropout, bias_k, add_zero_attn or forward hooks (apply LoRA before adapters)")
+            blocks.append(block)
+    return blocks
+
+
+def attn_supported(attn):
+    """Whether LoRAAttention computes exactly what `attn` does: clip_model.Attention, or a plain self-attention
+    nn.MultiheadAttention (as in OpenAI's `clip` and open_clip), with no forward hooks that replacing it would drop."""
+    if isinstance(attn, nn.MultiheadAttention):
+        plain = attn._qkv_same_embed_dim and attn.bias_k is None and not attn.add_zero_attn and attn.dropout == 0
+        return plain and attn.in_proj_bias is not None and not attn._forward_hooks
+    names = ("heads", "in_proj_weight", "in_proj_bias", "out_proj")
+    return isinstance(attn, nn.Module) and all(hasattr(attn, n) for n in names) and not attn._forward_hooks
 
 
 def apply_lora(model, encoder="both", r=4, alpha=1.0, targets=TARGETS, dropout=0.0, mlp=False, init="zero"):
-    """Add LoRA to every block of the chosen tower(s) and freeze everything else (in place; returns model)."""
-    towers = clip_model.towers(model, encoder)
+    """Add LoRA to every block of the chosen tower(s) and freeze everything else (in place; returns model).
+
+    model: a CLIP in OpenAI's layout (clip_model.CLIP, OpenAI's `clip` model, open_clip's CLIP; towers at
+        model.visual.transformer.resblocks and model.transformer.resblocks); anything else is refused, unchanged.
+    encoder: "image", "text" or "both", the tower(s) to tune.
+    r, alpha: the rank and the scale alpha/r of every update B A.
+    targets: which of q, k, v (one A shared, as released) and out (the attention's output projection) to tune.
+    dropout: on the input of each low-rank path, in training mode only.
+    mlp: tune the MLP's c_fc and c_proj too.
+    init: "zero" (B = 0: zero-shot CLIP at step 0) or "released" (q/k/v's A and B xavier-uniform, as released).
+    """
     if isinstance(targets, str) or not set(targets) <= set(TARGETS) or not (targets or mlp):
         raise ValueError(f"targets={targets!r} with mlp={mlp}; expected a tuple of names from {TARGETS}, e.g. "
                          "('q', 'v'), empty only with mlp=True")
@@ -113,17 +190,17 @@ def apply_lora(model, encoder="both", r=4, alpha=1.0, targets=TARGETS, dropout=0
         raise ValueError(f"init={init!r}; expected one of {INITS}")
     if lora_modules(model):
         raise ValueError("model already has LoRA modules; apply_lora once per model")
+    blocks = towers(model, encoder)  # checked before anything changes
     model.requires_grad_(False)  # every CLIP weight, logit_scale included, stays frozen
     slots = [i for i, name in enumerate(("q", "k", "v")) if name in targets]
-    for tower in towers:
-        for block in tower.resblocks:
-            if slots:
-                block.attn = LoRAAttention(block.attn, slots, r, alpha, dropout, init)
-            if "out" in targets:
-                block.attn.out_proj = LoRALinear(block.attn.out_proj, r, alpha, dropout)
-            if mlp:
-                block.mlp.c_fc = LoRALinear(block.mlp.c_fc, r, alpha, dropout)
-                block.mlp.c_proj = LoRALinear(block.mlp.c_proj, r, alpha, dropout)
+    for block in blocks:
+        if slots or "out" in targets:
+            block.attn = LoRAAttention(block.attn, slots, r, alpha, dropout, init)
+        if "out" in targets:
+            block.attn.out_proj = LoRALinear(block.attn.out_proj, r, alpha, dropout)
+        if mlp:
+            block.mlp.c_fc = LoRALinear(block.mlp.c_fc, r, alpha, dropout)
+            block.mlp.c_proj = LoRALinear(block.mlp.c_proj, r, alpha, dropout)
     return model
 
 
@@ -152,7 +229,18 @@ def load_lora_state_dict(model, state_dict):
     """Restore tensors saved by lora_state_dict; refuse missing, unexpected or mis-shaped keys before copying any."""
     if any(m.merged for m in lora_modules(model)):
         raise ValueError("model's LoRA updates are merged into its weights; load into an unmerged model")
-    clip_model.load_tensors(lora_state_dict(model), state_dict, "LoRA", "encoder, targets, mlp or r")
+    own = lora_state_dict(model)
+    if not own:
+        raise ValueError("the model has no LoRA parameters; add them with apply_lora and the saved settings first")
+    for name in sorted(own.keys() | state_dict.keys()):
+        got = tuple(getattr(state_dict[name], "shape", ())) if name in state_dict else "absent"
+        want = tuple(own[name].shape) if name in own else "absent"
+        if got != want:
+            raise ValueError(f"LoRA state dict: {name!r} saved: {got}, in the model: {want} (saved with other "
+                             "encoder, targets, mlp or r?)")
+    with torch.no_grad():
+        for name, tensor in state_dict.items():
+            own[name].copy_(tensor)
 
 
 def count_trainable(model) -> int:
