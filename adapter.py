@@ -1,6 +1,6 @@
 """
-Bottleneck adapters for a CLIP in OpenAI's layout (clip_model.CLIP, OpenAI's `clip` package, open_clip's CLIP),
-placed as in the paper's released code. It needs only torch: copy this file into your code.
+Bottleneck adapters for a CLIP in OpenAI's layout (clip_model's, OpenAI's `clip`, open_clip's), placed as in the
+paper's released code. Needs only torch.
 
     Ad(h) = up(dropout(relu(down(h)))),   down: width -> bottleneck,  up: bottleneck -> width, zero at init
 
@@ -9,9 +9,8 @@ Each residual block gets ONE adapter, used twice (after attention and after the 
     h = Attn(LN1(x));  x = x + h + scale * Ad(h)
     m = MLP(LN2(x));   x = x + m + scale * Ad(m)
 
-Since `up` starts at zero, Ad = 0 and the tuned model starts exactly at zero-shot CLIP. The adapter is the block's
-submodule `adapter` (its parameters are named `*.adapter.*`), applied by forward hooks on `block.attn` and `block.mlp`
-(h -> h + scale * Ad(h)); the block and its submodules are unchanged (same objects, same OpenAI state-dict names).
+Since `up` starts at zero, the tuned model starts at zero-shot CLIP. The adapter is `block.adapter` (parameters
+`*.adapter.*`), applied by forward hooks on `block.attn` and `block.mlp`; no OpenAI state-dict name changes.
 """
 
 import torch
@@ -45,39 +44,31 @@ class Adapter(nn.Module):
 
 
 def towers(model, encoder):
-    """The residual blocks of the image tower, the text tower or both; a ValueError naming what differs from
-    OpenAI's layout (model.visual.transformer.resblocks, model.transformer.resblocks; blocks with attn and mlp)."""
-    encoders = ("image", "text", "both")
-    if encoder not in encoders:
-        raise ValueError(f"encoder={encoder!r}; expected one of {encoders}")
-    names = {"image": ["visual.transformer"], "text": ["transformer"]}.get(encoder, ["visual.transformer", "transformer"])
+    """The residual blocks of the chosen tower(s); a ValueError naming what differs from OpenAI's CLIP layout."""
+    if encoder not in ("image", "text", "both"):
+        raise ValueError(f"encoder={encoder!r}; expected one of ('image', 'text', 'both')")
+    paths = {"image": ["visual.transformer.resblocks"], "text": ["transformer.resblocks"]}
     blocks = []
-    for name in names:
-        resblocks = model
-        for part in (name + ".resblocks").split("."):
-            if not isinstance(getattr(resblocks, part, None), nn.Module):
-                children = [n for n, _ in resblocks.named_children()]
-                raise ValueError(f"{type(model).__name__} has no {name}.resblocks ({type(resblocks).__name__} has "
-                                 f"{children}): expected a CLIP in OpenAI's layout (clip_model, OpenAI's clip, "
-                                 f"open_clip), its {encoder} tower at {name}.resblocks")
-            resblocks = getattr(resblocks, part)
-        for i, block in enumerate(resblocks):
-            found = {n: type(getattr(block, n, None)).__name__ for n in ("ln_1", "attn", "ln_2", "mlp")}
-            if not all(isinstance(getattr(block, n, None), nn.Module) for n in found):
-                raise ValueError(f"{name}.resblocks.{i} has {found}: expected modules ln_1, attn, ln_2, mlp")
-            blocks.append(block)
+    for path in paths.get(encoder, paths["image"] + paths["text"]):
+        try:
+            blocks += list(model.get_submodule(path))
+        except AttributeError:
+            children = [n for n, _ in model.named_children()]
+            raise ValueError(f"{type(model).__name__} has no {path} (its children: {children}); expected a CLIP in "
+                             "OpenAI's layout: clip_model's, OpenAI's `clip`, open_clip's") from None
+    for block in blocks:
+        if not all(isinstance(getattr(block, n, None), nn.Module) for n in ("ln_1", "attn", "mlp")):
+            raise ValueError(f"a block is a {type(block).__name__}: expected modules ln_1, attn and mlp in each")
     return blocks
 
 
 def apply_adapter(model, encoder="both", bottleneck=64, scale=0.1, dropout=0.1):
     """Give every block of the chosen tower(s) an adapter and freeze everything else (in place; returns model).
 
-    model: a CLIP in OpenAI's layout (clip_model.CLIP, OpenAI's `clip` model, open_clip's CLIP; towers at
-        model.visual.transformer.resblocks and model.transformer.resblocks); anything else is refused, unchanged.
-    encoder: "image", "text" or "both", the tower(s) to tune.
-    bottleneck: the adapter's hidden width (width -> bottleneck -> width).
-    scale: the factor on Ad(h) (the released code's 0.1).
-    dropout: inside the adapter, in training mode only.
+    model: a CLIP in OpenAI's layout (clip_model's, OpenAI's `clip`, open_clip's: visual.transformer.resblocks,
+        transformer.resblocks); anything else is refused before any change.
+    encoder: "image", "text" or "both"; bottleneck: the adapter's hidden width; scale: the factor on Ad(h);
+    dropout: inside the adapter, in training.
     """
     if not isinstance(bottleneck, int) or bottleneck < 1:
         raise ValueError(f"bottleneck={bottleneck!r}; expected an integer >= 1")
@@ -105,8 +96,6 @@ def adapter_state_dict(model):
 def load_adapter_state_dict(model, state_dict):
     """Restore tensors saved by adapter_state_dict; refuse missing, unexpected or mis-shaped keys before copying any."""
     own = adapter_state_dict(model)
-    if not own:
-        raise ValueError("the model has no adapters; add them with apply_adapter and the saved settings first")
     for name in sorted(own.keys() | state_dict.keys()):
         got = tuple(getattr(state_dict[name], "shape", ())) if name in state_dict else "absent"
         want = tuple(own[name].shape) if name in own else "absent"

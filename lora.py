@@ -1,17 +1,14 @@
 """
-LoRA (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models") for a CLIP in OpenAI's layout: clip_model.CLIP,
-OpenAI's `clip` package, open_clip's CLIP. It needs only torch: copy this file into your code. A frozen linear map
-y = W x + b is tuned as
+LoRA (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models") for a CLIP in OpenAI's layout: clip_model's,
+OpenAI's `clip`, open_clip's. Needs only torch. A frozen linear map y = W x + b is tuned as
 
     y = W x + b + (alpha / r) * B A x,    A: (r, in) random,  B: (out, r) zero,
 
-so only A and B train, and B A = 0 at first: the tuned model starts exactly at zero-shot CLIP. `apply_lora` puts
-this on the q, k, v rows of each block's fused attention input projection (`in_proj_weight`), on its output
-projection (`out_proj`), and optionally on the MLP. The frozen parameters keep their objects and OpenAI state-dict
-names; the new ones are named `*lora_A`, `*lora_B`. What changes: a tuned block's `attn` (clip_model.Attention or
-nn.MultiheadAttention) becomes a LoRAAttention holding the same parameters under the same names. It computes the
-attention itself, as nn.MultiheadAttention never calls `out_proj` (it reads its weight), so LoRA there would train
-nothing.
+so only A and B train, and B A = 0 at first: the tuned model starts at zero-shot CLIP. `apply_lora` puts this on
+the q, k, v rows of each block's fused attention input projection (`in_proj_weight`), on its output projection
+(`out_proj`), and optionally on the MLP. Frozen parameters keep their objects and OpenAI state-dict names; the new
+ones are named `*lora_A`, `*lora_B`. What changes: a tuned block's `attn` becomes a LoRAAttention holding the same
+parameters and computing the attention itself (nn.MultiheadAttention reads out_proj.weight, never calls out_proj).
 """
 
 import math
@@ -61,15 +58,15 @@ class LoRALinear(nn.Linear):
 
 
 class LoRAAttention(nn.Module):
-    """Self-attention with a block's attention parameters and a low-rank update on the q, k and/or v rows of its
-    fused projection; called as the module it replaces: clip_model's attn(x, attn_mask=mask), batch-first, mask
-    True = may attend; or nn.MultiheadAttention's attn(x, x, x, need_weights=False, attn_mask=mask) -> (y, None)."""
+    """A block's self-attention (its parameters adopted), LoRA on the q, k and/or v rows of in_proj, called as the
+    module it replaces: attn(x, attn_mask=mask) as clip_model's, attn(x, x, x, need_weights=False, attn_mask=mask)
+    as nn.MultiheadAttention's."""
 
     def __init__(self, attn, slots, r, alpha, dropout=0.0, init="zero"):
         super().__init__()
         self.mha = isinstance(attn, nn.MultiheadAttention)
         self.heads = attn.num_heads if self.mha else attn.heads
-        self.batch_first = attn.batch_first if self.mha else True
+        self.batch_first = getattr(attn, "batch_first", True)
         self.in_proj_weight, self.in_proj_bias, self.out_proj = attn.in_proj_weight, attn.in_proj_bias, attn.out_proj
         width = self.in_proj_weight.shape[1]
         self.slots = slots
@@ -100,21 +97,18 @@ class LoRAAttention(nn.Module):
                 average_attn_weights=True, is_causal=False):
         self_attention = key is x and value is x and not need_weights if self.mha else key is value is None
         if not self_attention or key_padding_mask is not None or is_causal:
-            call = "attn(x, x, x, need_weights=False, attn_mask=mask)" if self.mha else "attn(x, attn_mask=mask)"
-            raise ValueError(f"LoRAAttention computes self-attention only, called as {call}; nothing else")
-        if self.mha:  # as OpenAI's `clip` and open_clip call nn.MultiheadAttention
-            if attn_mask is not None and attn_mask.dtype == torch.bool:
-                attn_mask = ~attn_mask  # nn.MultiheadAttention's True = may not attend, SDPA's True = may
-            x = x if self.batch_first else x.transpose(0, 1)  # (B, T, C)
+            raise ValueError("LoRAAttention computes self-attention only: attn(x, x, x, need_weights=False, "
+                             "attn_mask=mask) in place of nn.MultiheadAttention, attn(x, attn_mask=mask) otherwise")
+        if self.mha and attn_mask is not None and attn_mask.dtype == torch.bool:
+            attn_mask = ~attn_mask  # nn.MultiheadAttention's True = may not attend, SDPA's True = may
+        x = x if self.batch_first else x.transpose(0, 1)  # (B, T, C), from OpenAI's (T, B, C)
         B, T, C = x.shape
-        q, k, v = self.in_proj(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # each (B, nh, T, hs)
-        if attn_mask is not None and attn_mask.dim() == 3:  # nn.MultiheadAttention's (B*nh, T, T)
-            attn_mask = attn_mask.view(B, self.heads, T, T)
+        qkv = self.in_proj(x).view(B, T, 3, self.heads, C // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, T, hs)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, T, hs)
         y = self.out_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
-        if not self.mha:
-            return y
-        return (y if self.batch_first else y.transpose(0, 1)), None
+        y = y if self.batch_first else y.transpose(0, 1)
+        return (y, None) if self.mha else y
 
 
 # ---- applying, merging, saving -------------------------------------------------------------------
@@ -126,56 +120,40 @@ def lora_modules(model):
 
 
 def towers(model, encoder):
-    """The residual blocks of the image tower, the text tower or both; a ValueError naming what differs from
-    OpenAI's layout (each block with ln_1, attn, ln_2 and mlp.c_fc, mlp.c_proj) if there is any."""
+    """The residual blocks of the chosen tower(s); a ValueError naming what differs from OpenAI's CLIP layout."""
     if encoder not in ENCODERS:
         raise ValueError(f"encoder={encoder!r}; expected one of {ENCODERS}")
-    names = {"image": ["visual.transformer"], "text": ["transformer"]}.get(encoder, ["visual.transformer", "transformer"])
+    paths = {"image": ["visual.transformer.resblocks"], "text": ["transformer.resblocks"]}
     blocks = []
-    for name in names:
-        resblocks = model
-        for part in (name + ".resblocks").split("."):
-            if not isinstance(getattr(resblocks, part, None), nn.Module):
-                children = [n for n, _ in resblocks.named_children()]
-                raise ValueError(f"{type(model).__name__} has no {name}.resblocks ({type(resblocks).__name__} has "
-                                 f"{children}): expected a CLIP in OpenAI's layout (clip_model, OpenAI's clip, "
-                                 f"open_clip), its {encoder} tower at {name}.resblocks")
-            resblocks = getattr(resblocks, part)
-        for i, block in enumerate(resblocks):
-            attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
-            found = {n: type(getattr(block, n, None)).__name__ for n in ("ln_1", "attn", "ln_2", "mlp")}
-            linears = [isinstance(getattr(mlp, n, None), nn.Linear) for n in ("c_fc", "c_proj")]
-            norms = [isinstance(getattr(block, n, None), nn.Module) for n in ("ln_1", "ln_2")]
-            if not (attn_supported(attn) and all(linears) and all(norms)):
-                raise ValueError(f"{name}.resblocks.{i} has {found} (an mlp with linear c_fc, c_proj: {linears}): "
-                                 "expected ln_1, attn, ln_2, mlp.c_fc, mlp.c_proj, attn a clip_model.Attention or "
-                                 "an nn.MultiheadAttention with one fused in_proj_weight, in_proj_bias and no "
-                                 "dropout, bias_k, add_zero_attn or forward hooks (apply LoRA before adapters)")
-            blocks.append(block)
+    for path in paths.get(encoder, paths["image"] + paths["text"]):
+        try:
+            blocks += list(model.get_submodule(path))
+        except AttributeError:
+            children = [n for n, _ in model.named_children()]
+            raise ValueError(f"{type(model).__name__} has no {path} (its children: {children}); expected a CLIP in "
+                             "OpenAI's layout: clip_model's, OpenAI's `clip`, open_clip's") from None
+    for block in blocks:  # LoRAAttention must compute what block.attn does
+        attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
+        if isinstance(attn, nn.MultiheadAttention):  # as OpenAI's `clip` and open_clip use it
+            ok = attn._qkv_same_embed_dim and attn.bias_k is None and not (attn.add_zero_attn or attn.dropout)
+        else:  # clip_model's
+            ok = all(hasattr(attn, n) for n in ("heads", "in_proj_weight", "out_proj"))
+        ok = ok and attn.in_proj_bias is not None and not attn._forward_hooks  # hooks (adapters?) would be lost
+        if not ok or not all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("c_fc", "c_proj")):
+            raise ValueError(f"a {type(block).__name__} with attn {type(attn).__name__}: expected attn a clip_model."
+                             "Attention or an nn.MultiheadAttention (fused in_proj, in_proj_bias; no dropout, bias_k,"
+                             " add_zero_attn, hooks) and linear mlp.c_fc, mlp.c_proj")
     return blocks
-
-
-def attn_supported(attn):
-    """Whether LoRAAttention computes exactly what `attn` does: clip_model.Attention, or a plain self-attention
-    nn.MultiheadAttention (as in OpenAI's `clip` and open_clip), with no forward hooks that replacing it would drop."""
-    if isinstance(attn, nn.MultiheadAttention):
-        plain = attn._qkv_same_embed_dim and attn.bias_k is None and not attn.add_zero_attn and attn.dropout == 0
-        return plain and attn.in_proj_bias is not None and not attn._forward_hooks
-    names = ("heads", "in_proj_weight", "in_proj_bias", "out_proj")
-    return isinstance(attn, nn.Module) and all(hasattr(attn, n) for n in names) and not attn._forward_hooks
 
 
 def apply_lora(model, encoder="both", r=4, alpha=1.0, targets=TARGETS, dropout=0.0, mlp=False, init="zero"):
     """Add LoRA to every block of the chosen tower(s) and freeze everything else (in place; returns model).
 
-    model: a CLIP in OpenAI's layout (clip_model.CLIP, OpenAI's `clip` model, open_clip's CLIP; towers at
-        model.visual.transformer.resblocks and model.transformer.resblocks); anything else is refused, unchanged.
-    encoder: "image", "text" or "both", the tower(s) to tune.
-    r, alpha: the rank and the scale alpha/r of every update B A.
-    targets: which of q, k, v (one A shared, as released) and out (the attention's output projection) to tune.
-    dropout: on the input of each low-rank path, in training mode only.
-    mlp: tune the MLP's c_fc and c_proj too.
-    init: "zero" (B = 0: zero-shot CLIP at step 0) or "released" (q/k/v's A and B xavier-uniform, as released).
+    model: a CLIP in OpenAI's layout (clip_model's, OpenAI's `clip`, open_clip's: visual.transformer.resblocks,
+        transformer.resblocks); anything else is refused before any change.
+    encoder: "image", "text" or "both"; r, alpha: rank and scale alpha/r of each update B A.
+    targets: any of q, k, v (one A shared, as released) and out; mlp: c_fc and c_proj too.
+    dropout: on each low-rank path's input, in training; init: "zero" (B = 0) or "released" (q/k/v xavier).
     """
     if isinstance(targets, str) or not set(targets) <= set(TARGETS) or not (targets or mlp):
         raise ValueError(f"targets={targets!r} with mlp={mlp}; expected a tuple of names from {TARGETS}, e.g. "
@@ -230,8 +208,6 @@ def load_lora_state_dict(model, state_dict):
     if any(m.merged for m in lora_modules(model)):
         raise ValueError("model's LoRA updates are merged into its weights; load into an unmerged model")
     own = lora_state_dict(model)
-    if not own:
-        raise ValueError("the model has no LoRA parameters; add them with apply_lora and the saved settings first")
     for name in sorted(own.keys() | state_dict.keys()):
         got = tuple(getattr(state_dict[name], "shape", ())) if name in state_dict else "absent"
         want = tuple(own[name].shape) if name in own else "absent"
