@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from clip_model import build_model
+
 
 def features(model, batch):
     """Image and text features in eval mode (no dropout); the model's mode is left as it was."""
@@ -142,3 +144,12 @@ def openai_clip_model(plain):
 def frozen_state_dict(model):
     """The model's OpenAI-layout weights, without the PEFT tensors."""
     return {k: v for k, v in model.state_dict().items() if "lora_" not in k and ".adapter." not in k}
+
+
+def reference_and_ours(plain, kind):
+    """(a CLIP of `kind`, "open_clip" or "openai", clip_model's CLIP built from its state dict): the same function."""
+    if kind == "open_clip":
+        reference, settings = open_clip_model(), OPEN_CLIP_SETTINGS
+    else:
+        reference, settings = openai_clip_model(plain), {}  # QuickGELU, as OpenAI's
+    return reference, build_model(frozen_state_dict(reference), **settings)

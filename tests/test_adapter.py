@@ -9,10 +9,9 @@ import torch
 import torchvision
 
 import adapter
-from clip_model import CLIP, TINY_CONFIG as TINY, CLIPConfig, build_model
+from clip_model import CLIP, TINY_CONFIG as TINY, CLIPConfig
 from lora import count_trainable
-from peft_support import (OPEN_CLIP_SETTINGS, clip_loss, features, frozen_state_dict, open_clip_model,
-                          openai_clip_model, train)
+from peft_support import clip_loss, features, reference_and_ours, train
 
 
 def tuned(plain, seed=0, **kwargs):
@@ -162,14 +161,6 @@ def test_trainable_parameter_count_vit_b16():
 
 
 # ---- the same adapters on OpenAI's `clip` (a replica), open_clip's CLIP and ours; models it refuses -------------
-
-
-def reference_and_ours(plain, kind):
-    """(a CLIP of `kind` in OpenAI's layout, clip_model's CLIP built from its state dict): the same function."""
-    if kind == "open_clip":
-        model = open_clip_model()
-        return model, build_model(frozen_state_dict(model), **OPEN_CLIP_SETTINGS)
-    return openai_clip_model(plain), copy.deepcopy(plain)
 
 
 @pytest.mark.parametrize("kind", ["open_clip", "openai"])
