@@ -1,5 +1,6 @@
 """
-Bottleneck adapters for the towers of clip_model.CLIP, placed as in the paper's released code.
+Bottleneck adapters for a CLIP in OpenAI's layout (clip_model's, OpenAI's `clip`, open_clip's), placed as in the
+paper's released code. Needs only torch.
 
     Ad(h) = up(dropout(relu(down(h)))),   down: width -> bottleneck,  up: bottleneck -> width, zero at init
 
@@ -8,24 +9,24 @@ Each residual block gets ONE adapter, used twice (after attention and after the 
     h = Attn(LN1(x));  x = x + h + scale * Ad(h)
     m = MLP(LN2(x));   x = x + m + scale * Ad(m)
 
-Since `up` starts at zero, Ad = 0 and the tuned model starts exactly at zero-shot CLIP. The block keeps its
-submodules (same objects, same OpenAI state-dict names); the new parameters are named `*.adapter.*`.
+Since `up` starts at zero, the tuned model starts at zero-shot CLIP. The adapter is `block.adapter` (parameters
+`*.adapter.*`), applied by forward hooks on `block.attn` and `block.mlp`; no OpenAI state-dict name changes.
 """
 
+import torch
 import torch.nn as nn
-
-import clip_model
 
 
 class Adapter(nn.Module):
     """Ad(h) = up(dropout(relu(down(h)))), with `up` zero so that Ad starts as the zero map."""
 
-    def __init__(self, width, bottleneck, dropout):
+    def __init__(self, width, bottleneck, scale, dropout):
         super().__init__()
         self.down = nn.Linear(width, bottleneck)
         self.relu = nn.ReLU()
         self.dropout = nn.Dropout(dropout)
         self.up = nn.Linear(bottleneck, width)
+        self.scale = scale
         # The released code's init (AdaptFormer's "lora" option): down kaiming-uniform (nn.Linear's default),
         # both biases and the up weight zero.
         nn.init.zeros_(self.down.bias)
@@ -35,39 +36,55 @@ class Adapter(nn.Module):
     def forward(self, h):
         return self.up(self.dropout(self.relu(self.down(h))))
 
+    def add_to_output(self, module, inputs, output):
+        """Forward hook on block.attn and block.mlp: h -> h + scale * Ad(h) (nn.MultiheadAttention returns (h, _))."""
+        h = output[0] if isinstance(output, tuple) else output
+        h = h + self.scale * self(h)
+        return (h, *output[1:]) if isinstance(output, tuple) else h
 
-class AdapterBlock(clip_model.ResidualAttentionBlock):
-    """clip_model's residual block with one adapter applied after attention and again after the MLP."""
 
-    def __init__(self, block: clip_model.ResidualAttentionBlock, bottleneck, scale, dropout):
-        nn.Module.__init__(self)  # adopt block's submodules (same objects, same names) instead of new ones
-        self.ln_1, self.attn, self.ln_2, self.mlp = block.ln_1, block.attn, block.ln_2, block.mlp
-        like = self.ln_1.weight
-        self.adapter = Adapter(like.shape[0], bottleneck, dropout).to(device=like.device, dtype=like.dtype)
-        self.scale = scale
-
-    def forward(self, x, attn_mask=None):
-        h = self.attn(self.ln_1(x), attn_mask)
-        x = x + h + self.scale * self.adapter(h)  # x + h + scale * Ad(h)
-        m = self.mlp(self.ln_2(x))
-        return x + m + self.scale * self.adapter(m)  # x + m + scale * Ad(m), the same adapter
+def towers(model, encoder):
+    """The residual blocks of the chosen tower(s); a ValueError naming what differs from OpenAI's CLIP layout."""
+    if encoder not in ("image", "text", "both"):
+        raise ValueError(f"encoder={encoder!r}; expected one of ('image', 'text', 'both')")
+    paths = {"image": ["visual.transformer.resblocks"], "text": ["transformer.resblocks"]}
+    blocks = []
+    for path in paths.get(encoder, paths["image"] + paths["text"]):
+        try:
+            blocks += list(model.get_submodule(path))
+        except AttributeError:
+            children = [n for n, _ in model.named_children()]
+            raise ValueError(f"{type(model).__name__} has no {path} (its children: {children}); expected a CLIP in "
+                             "OpenAI's layout: clip_model's, OpenAI's `clip`, open_clip's") from None
+    for block in blocks:
+        if not all(isinstance(getattr(block, n, None), nn.Module) for n in ("ln_1", "attn", "mlp")):
+            raise ValueError(f"a block is a {type(block).__name__}: expected modules ln_1, attn and mlp in each")
+    return blocks
 
 
 def apply_adapter(model, encoder="both", bottleneck=64, scale=0.1, dropout=0.1):
-    """Give every block of the chosen tower(s) an adapter and freeze everything else (in place; returns model)."""
-    towers = clip_model.towers(model, encoder)
+    """Give every block of the chosen tower(s) an adapter and freeze everything else (in place; returns model).
+
+    model: a CLIP in OpenAI's layout (clip_model's, OpenAI's `clip`, open_clip's: visual.transformer.resblocks,
+        transformer.resblocks); anything else is refused before any change.
+    encoder: "image", "text" or "both"; bottleneck: the adapter's hidden width; scale: the factor on Ad(h);
+    dropout: inside the adapter, in training.
+    """
     if not isinstance(bottleneck, int) or bottleneck < 1:
         raise ValueError(f"bottleneck={bottleneck!r}; expected an integer >= 1")
     if scale == 0:
         raise ValueError(f"scale={scale!r}; expected a non-zero number (the released code uses 0.1)")
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout={dropout!r}; expected a probability in [0, 1)")
-    if any(isinstance(m, AdapterBlock) for m in model.modules()):
+    if any(isinstance(m, Adapter) for m in model.modules()):
         raise ValueError("model already has adapters; apply_adapter once per model")
+    blocks = towers(model, encoder)  # checked before anything changes
     model.requires_grad_(False)  # every CLIP weight, logit_scale included, stays frozen
-    for tower in towers:
-        for i, block in enumerate(tower.resblocks):
-            tower.resblocks[i] = AdapterBlock(block, bottleneck, scale, dropout)
+    for block in blocks:
+        like = block.ln_1.weight  # (width,)
+        block.adapter = Adapter(like.shape[0], bottleneck, scale, dropout).to(like.device, like.dtype)
+        block.attn.register_forward_hook(block.adapter.add_to_output)
+        block.mlp.register_forward_hook(block.adapter.add_to_output)
     return model
 
 
@@ -78,4 +95,13 @@ def adapter_state_dict(model):
 
 def load_adapter_state_dict(model, state_dict):
     """Restore tensors saved by adapter_state_dict; refuse missing, unexpected or mis-shaped keys before copying any."""
-    clip_model.load_tensors(adapter_state_dict(model), state_dict, "adapter", "encoder or bottleneck")
+    own = adapter_state_dict(model)
+    for name in sorted(own.keys() | state_dict.keys()):
+        got = tuple(getattr(state_dict[name], "shape", ())) if name in state_dict else "absent"
+        want = tuple(own[name].shape) if name in own else "absent"
+        if got != want:
+            raise ValueError(f"adapter state dict: {name!r} saved: {got}, in the model: {want} (saved with other "
+                             "encoder or bottleneck?)")
+    with torch.no_grad():
+        for name, tensor in state_dict.items():
+            own[name].copy_(tensor)

@@ -57,13 +57,9 @@ class Attention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
-    def in_proj(self, x):
-        """Fused q, k, v projection; lora.py overrides this to add its low-rank updates."""
-        return F.linear(x, self.in_proj_weight, self.in_proj_bias)
-
     def forward(self, x, attn_mask=None):
         B, T, C = x.shape
-        qkv = self.in_proj(x).view(B, T, 3, self.heads, C // self.heads)
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(B, T, 3, self.heads, C // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, T, hs)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, T, hs)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
@@ -83,7 +79,7 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp.add_module("c_proj", nn.Linear(mlp_width, width))
 
     def forward(self, x, attn_mask=None):
-        x = x + self.attn(self.ln_1(x), attn_mask)
+        x = x + self.attn(self.ln_1(x), attn_mask=attn_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -247,38 +243,6 @@ def build_model(state_dict, act="quickgelu", **settings) -> CLIP:
         raise CheckpointError(f"cannot build a ViT CLIP from this state dict and these settings "
                               f"({type(e).__name__}: {' '.join(str(e).split())})") from None
     return model.eval()
-
-
-# ---- what lora.py and adapter.py share: the tower(s) to tune, strict loading of the tuned tensors ----
-
-ENCODERS = ("image", "text", "both")
-
-
-def towers(model: CLIP, encoder):
-    """The transformer of the image tower, of the text tower, or both."""
-    if encoder not in ENCODERS:
-        raise ValueError(f"encoder={encoder!r}; expected one of {ENCODERS}")
-    image, text = [model.visual.transformer], [model.transformer]
-    return {"image": image, "text": text, "both": image + text}[encoder]
-
-
-def load_tensors(own, state_dict, what, settings):
-    """Copy `state_dict` into the tensors `own` (name -> tensor) once every key and shape matches; otherwise a
-    ValueError naming the first bad key (the `what` tensors were saved with other `settings`)."""
-    if not own:
-        raise ValueError(f"the model has no {what} parameters; add them with the saved settings first")
-    bad = sorted(own.keys() ^ state_dict.keys())
-    if bad:
-        raise ValueError(f"{what} state dict: {bad[0]!r} is {'missing' if bad[0] in own else 'unexpected'} "
-                         f"(saved with other {settings}?)")
-    for name, tensor in state_dict.items():
-        got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-        if got != tuple(own[name].shape):
-            raise ValueError(f"{what} state dict: {name!r} is {got}, the model expects {tuple(own[name].shape)} "
-                             f"(saved with other {settings}?)")
-    with torch.no_grad():
-        for name, tensor in state_dict.items():
-            own[name].copy_(tensor)
 
 
 # ---- checkpoints: download with checksum; TorchScript archive, plain state dict, open_clip config ----

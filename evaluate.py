@@ -363,7 +363,7 @@ def seed_table(results):
 def grid_runs(dataset, data_root=None, seeds=(1, 2, 3, 4, 5), zero_shot_eval=False, recipe="ours", runs_root="runs"):
     """(out folder, train_online.py command) of each run of the paper's comparison, {LoRA, adapter} x {image, text,
     both} x {batch (SIT), all} and zero-shot CLIP for every seed, in runs_root/<dataset>[-released]/<config>/seed<k>."""
-    configs = [(p, e, v) for p in ("lora", "adapter") for e in clip_model.ENCODERS for v in ("batch", "all")]
+    configs = [(p, e, v) for p in ("lora", "adapter") for e in lora.ENCODERS for v in ("batch", "all")]
     folder = os.path.join(runs_root, dataset if recipe == "ours" else f"{dataset}-{recipe}")
     common = ["python", "train_online.py", "--dataset", dataset] + (["--data-root", data_root] if data_root else [])
     common += (["--recipe", recipe] if recipe != "ours" else []) + (["--zero-shot-eval"] if zero_shot_eval else [])

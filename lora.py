@@ -1,13 +1,14 @@
 """
-LoRA (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models") for the towers of clip_model.CLIP.
-A frozen linear map y = W x + b is tuned as
+LoRA (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models") for a CLIP in OpenAI's layout: clip_model's,
+OpenAI's `clip`, open_clip's. Needs only torch. A frozen linear map y = W x + b is tuned as
 
     y = W x + b + (alpha / r) * B A x,    A: (r, in) random,  B: (out, r) zero,
 
-so only A and B train, and B A = 0 at first: the tuned model starts exactly at zero-shot CLIP. `apply_lora` puts
-this on the q, k, v rows of each block's fused attention input projection (`in_proj_weight`), on its output
-projection (`out_proj`), and optionally on the MLP. The original parameters keep their objects and OpenAI
-state-dict names; the new ones are named `*lora_A`, `*lora_B`.
+so only A and B train, and B A = 0 at first: the tuned model starts at zero-shot CLIP. `apply_lora` puts this on
+the q, k, v rows of each block's fused attention input projection (`in_proj_weight`), on its output projection
+(`out_proj`), and optionally on the MLP. Frozen parameters keep their objects and OpenAI state-dict names; the new
+ones are named `*lora_A`, `*lora_B`. What changes: a tuned block's `attn` becomes a LoRAAttention holding the same
+parameters and computing the attention itself (nn.MultiheadAttention reads out_proj.weight, never calls out_proj).
 """
 
 import math
@@ -16,8 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import clip_model
-
+ENCODERS = ("image", "text", "both")
 TARGETS = ("q", "k", "v", "out")
 INITS = ("zero", "released")
 
@@ -57,49 +57,104 @@ class LoRALinear(nn.Linear):
         return y + F.linear(self.scaling * F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
 
 
-class LoRAAttention(clip_model.Attention):
-    """clip_model.Attention whose fused projection gets a low-rank update on its q, k and/or v rows."""
+class LoRAAttention(nn.Module):
+    """A block's self-attention (its parameters adopted), LoRA on the q, k and/or v rows of in_proj, called as the
+    module it replaces: attn(x, attn_mask=mask) as clip_model's, attn(x, x, x, need_weights=False, attn_mask=mask)
+    as nn.MultiheadAttention's."""
 
-    def __init__(self, attn: clip_model.Attention, slots, r, alpha, dropout=0.0, init="zero"):
-        nn.Module.__init__(self)  # adopt attn's parameters and out_proj (same objects, same names)
-        self.heads = attn.heads
+    def __init__(self, attn, slots, r, alpha, dropout=0.0, init="zero"):
+        super().__init__()
+        self.mha = isinstance(attn, nn.MultiheadAttention)
+        self.heads = attn.num_heads if self.mha else attn.heads
+        self.batch_first = getattr(attn, "batch_first", True)
         self.in_proj_weight, self.in_proj_bias, self.out_proj = attn.in_proj_weight, attn.in_proj_bias, attn.out_proj
         width = self.in_proj_weight.shape[1]
-        # As in the released code: ONE rank-r update of the fused projection, i.e. q, k and v share A and each
-        # targeted slot has its own rows of B (4 r width parameters for q, k, v, not 3 x 2 r width).
-        self.lora_A = nn.Parameter(self.in_proj_weight.new_empty(r, width))
-        self.lora_B = nn.Parameter(self.in_proj_weight.new_empty(len(slots) * width, r))  # targeted slots stacked
-        init_lora_(self.lora_A, self.lora_B, init)
-        self.register_buffer("lora_slots", torch.tensor(slots, device=self.lora_A.device), persistent=False)
+        self.slots = slots
+        if slots:  # As released: ONE rank-r update of the fused projection, so q, k and v share A and each
+            # targeted slot has its own rows of B (4 r width parameters for q, k, v, not 3 x 2 r width).
+            self.lora_A = nn.Parameter(self.in_proj_weight.new_empty(r, width))
+            self.lora_B = nn.Parameter(self.in_proj_weight.new_empty(len(slots) * width, r))  # slots stacked
+            init_lora_(self.lora_A, self.lora_B, init)
+            self.register_buffer("lora_slots", torch.tensor(slots, device=self.lora_A.device), persistent=False)
         self.scaling = alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
 
     def placed_B(self):
         """B with zero rows for the slots LoRA does not target: (3*width, r), rows of q, k, v in order."""
-        n, r = len(self.lora_slots), self.lora_B.shape[1]
+        n, r = len(self.slots), self.lora_B.shape[1]
         placed = self.lora_B.new_zeros(3, self.lora_B.shape[0] // n, r)
         return placed.index_copy(0, self.lora_slots, self.lora_B.view(n, -1, r)).flatten(0, 1)
 
     def in_proj(self, x):
-        """[q, k, v] = W_qkv x + b_qkv + (alpha/r) B A x, B zero on the untargeted slots."""
-        qkv = super().in_proj(x)  # (B, T, 3*width)
-        if self.merged:
+        """[q, k, v] = W_qkv x + b_qkv + (alpha/r) B A x, B zero on the untargeted slots: (B, T, 3*width)."""
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        if not self.slots or self.merged:
             return qkv
         return qkv + F.linear(self.scaling * F.linear(self.lora_dropout(x), self.lora_A), self.placed_B())
+
+    def forward(self, x, key=None, value=None, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        self_attention = key is x and value is x and not need_weights if self.mha else key is value is None
+        if not self_attention or key_padding_mask is not None or is_causal:
+            raise ValueError("LoRAAttention computes self-attention only: attn(x, x, x, need_weights=False, "
+                             "attn_mask=mask) in place of nn.MultiheadAttention, attn(x, attn_mask=mask) otherwise")
+        if self.mha and attn_mask is not None and attn_mask.dtype == torch.bool:
+            attn_mask = ~attn_mask  # nn.MultiheadAttention's True = may not attend, SDPA's True = may
+        x = x if self.batch_first else x.transpose(0, 1)  # (B, T, C), from OpenAI's (T, B, C)
+        B, T, C = x.shape
+        qkv = self.in_proj(x).view(B, T, 3, self.heads, C // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, T, hs)
+        y = self.out_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+        y = y if self.batch_first else y.transpose(0, 1)
+        return (y, None) if self.mha else y
 
 
 # ---- applying, merging, saving -------------------------------------------------------------------
 
 
 def lora_modules(model):
-    """Every LoRA module in the model."""
-    return [m for m in model.modules() if isinstance(m, (LoRALinear, LoRAAttention))]
+    """Every module holding LoRA tensors in the model."""
+    return [m for m in model.modules() if isinstance(m, LoRALinear) or isinstance(m, LoRAAttention) and m.slots]
+
+
+def towers(model, encoder):
+    """The residual blocks of the chosen tower(s); a ValueError naming what differs from OpenAI's CLIP layout."""
+    if encoder not in ENCODERS:
+        raise ValueError(f"encoder={encoder!r}; expected one of {ENCODERS}")
+    paths = {"image": ["visual.transformer.resblocks"], "text": ["transformer.resblocks"]}
+    blocks = []
+    for path in paths.get(encoder, paths["image"] + paths["text"]):
+        try:
+            blocks += list(model.get_submodule(path))
+        except AttributeError:
+            children = [n for n, _ in model.named_children()]
+            raise ValueError(f"{type(model).__name__} has no {path} (its children: {children}); expected a CLIP in "
+                             "OpenAI's layout: clip_model's, OpenAI's `clip`, open_clip's") from None
+    for block in blocks:  # LoRAAttention must compute what block.attn does
+        attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
+        if isinstance(attn, nn.MultiheadAttention):  # as OpenAI's `clip` and open_clip use it
+            ok = attn._qkv_same_embed_dim and attn.bias_k is None and not (attn.add_zero_attn or attn.dropout)
+        else:  # clip_model's
+            ok = all(hasattr(attn, n) for n in ("heads", "in_proj_weight", "out_proj"))
+        ok = ok and attn.in_proj_bias is not None and not attn._forward_hooks  # hooks (adapters?) would be lost
+        if not ok or not all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("c_fc", "c_proj")):
+            raise ValueError(f"a {type(block).__name__} with attn {type(attn).__name__}: expected attn a clip_model."
+                             "Attention or an nn.MultiheadAttention (fused in_proj, in_proj_bias; no dropout, bias_k,"
+                             " add_zero_attn, hooks) and linear mlp.c_fc, mlp.c_proj")
+    return blocks
 
 
 def apply_lora(model, encoder="both", r=4, alpha=1.0, targets=TARGETS, dropout=0.0, mlp=False, init="zero"):
-    """Add LoRA to every block of the chosen tower(s) and freeze everything else (in place; returns model)."""
-    towers = clip_model.towers(model, encoder)
+    """Add LoRA to every block of the chosen tower(s) and freeze everything else (in place; returns model).
+
+    model: a CLIP in OpenAI's layout (clip_model's, OpenAI's `clip`, open_clip's: visual.transformer.resblocks,
+        transformer.resblocks); anything else is refused before any change.
+    encoder: "image", "text" or "both"; r, alpha: rank and scale alpha/r of each update B A.
+    targets: any of q, k, v (one A shared, as released) and out; mlp: c_fc and c_proj too.
+    dropout: on each low-rank path's input, in training; init: "zero" (B = 0) or "released" (q/k/v xavier).
+    """
     if isinstance(targets, str) or not set(targets) <= set(TARGETS) or not (targets or mlp):
         raise ValueError(f"targets={targets!r} with mlp={mlp}; expected a tuple of names from {TARGETS}, e.g. "
                          "('q', 'v'), empty only with mlp=True")
@@ -113,17 +168,17 @@ def apply_lora(model, encoder="both", r=4, alpha=1.0, targets=TARGETS, dropout=0
         raise ValueError(f"init={init!r}; expected one of {INITS}")
     if lora_modules(model):
         raise ValueError("model already has LoRA modules; apply_lora once per model")
+    blocks = towers(model, encoder)  # checked before anything changes
     model.requires_grad_(False)  # every CLIP weight, logit_scale included, stays frozen
     slots = [i for i, name in enumerate(("q", "k", "v")) if name in targets]
-    for tower in towers:
-        for block in tower.resblocks:
-            if slots:
-                block.attn = LoRAAttention(block.attn, slots, r, alpha, dropout, init)
-            if "out" in targets:
-                block.attn.out_proj = LoRALinear(block.attn.out_proj, r, alpha, dropout)
-            if mlp:
-                block.mlp.c_fc = LoRALinear(block.mlp.c_fc, r, alpha, dropout)
-                block.mlp.c_proj = LoRALinear(block.mlp.c_proj, r, alpha, dropout)
+    for block in blocks:
+        if slots or "out" in targets:
+            block.attn = LoRAAttention(block.attn, slots, r, alpha, dropout, init)
+        if "out" in targets:
+            block.attn.out_proj = LoRALinear(block.attn.out_proj, r, alpha, dropout)
+        if mlp:
+            block.mlp.c_fc = LoRALinear(block.mlp.c_fc, r, alpha, dropout)
+            block.mlp.c_proj = LoRALinear(block.mlp.c_proj, r, alpha, dropout)
     return model
 
 
@@ -152,7 +207,16 @@ def load_lora_state_dict(model, state_dict):
     """Restore tensors saved by lora_state_dict; refuse missing, unexpected or mis-shaped keys before copying any."""
     if any(m.merged for m in lora_modules(model)):
         raise ValueError("model's LoRA updates are merged into its weights; load into an unmerged model")
-    clip_model.load_tensors(lora_state_dict(model), state_dict, "LoRA", "encoder, targets, mlp or r")
+    own = lora_state_dict(model)
+    for name in sorted(own.keys() | state_dict.keys()):
+        got = tuple(getattr(state_dict[name], "shape", ())) if name in state_dict else "absent"
+        want = tuple(own[name].shape) if name in own else "absent"
+        if got != want:
+            raise ValueError(f"LoRA state dict: {name!r} saved: {got}, in the model: {want} (saved with other "
+                             "encoder, targets, mlp or r?)")
+    with torch.no_grad():
+        for name, tensor in state_dict.items():
+            own[name].copy_(tensor)
 
 
 def count_trainable(model) -> int:

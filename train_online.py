@@ -499,7 +499,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default="ViT-B/16", help=f"one of {clip_model.available_models()} or a checkpoint path")
     p.add_argument("--act", default="auto", choices=("auto",) + clip_model.ACTIVATIONS, help="MLP activation")
     p.add_argument("--peft", default="lora", choices=("lora", "adapter", "none"), help="none = zero-shot CLIP")
-    p.add_argument("--encoder", default="both", choices=clip_model.ENCODERS, help="tower(s) to tune")
+    p.add_argument("--encoder", default="both", choices=lora.ENCODERS, help="tower(s) to tune")
     p.add_argument("--visible-classes", default="batch", choices=("batch", "all"), help="batch = SIT")
     p.add_argument("--scenario", default="si-blurry", choices=tuple(stream.SCENARIOS))
     p.add_argument("--n-tasks", type=int_in(1), default=5)

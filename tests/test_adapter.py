@@ -1,15 +1,17 @@
-"""adapter.py, property by property, on a tiny random CLIP (CPU, offline); the parameter count on ViT-B/16."""
+"""adapter.py, property by property, on a tiny random CLIP (CPU, offline); the parameter count on ViT-B/16; the
+same adapters on open_clip's CLIP and OpenAI's `clip`; the models it refuses."""
 
 import copy
 import re
 
 import pytest
 import torch
+import torchvision
 
 import adapter
 from clip_model import CLIP, TINY_CONFIG as TINY, CLIPConfig
 from lora import count_trainable
-from peft_support import clip_loss, features, train
+from peft_support import clip_loss, features, reference_and_ours, train
 
 
 def tuned(plain, seed=0, **kwargs):
@@ -66,10 +68,10 @@ def test_one_adapter_is_used_after_attention_and_after_the_mlp(plain):
     torch.nn.init.normal_(block.adapter.up.weight)  # a non-zero adapter
     ad, x = block.adapter, torch.randn(2, 5, TINY.vision_width)
     with torch.no_grad():
-        h = block.attn(block.ln_1(x))
-        expected = x + h + 0.5 * ad(h)
-        m = block.mlp(block.ln_2(expected))
-        expected = expected + m + 0.5 * ad(m)
+        h = block.attn.forward(block.ln_1(x))  # .forward: without the adapter's hook
+        expected = x + (h + 0.5 * ad(h))  # summed in the order the hook and the block sum
+        m = block.mlp.forward(block.ln_2(expected))
+        expected = expected + (m + 0.5 * ad(m))
         torch.testing.assert_close(block(x), expected, rtol=0, atol=0)
 
 
@@ -156,3 +158,55 @@ def test_trainable_parameter_count_vit_b16():
     # Image tower 12 blocks of D = 768, text tower 12 blocks of D = 512, b = 64:
     # 12 * (2*768*64 + 64 + 768) + 12 * (2*512*64 + 64 + 512) = 1,189,632 + 793,344 = 1,982,976.
     assert count_trainable(model) == 12 * (2 * 768 * 64 + 64 + 768) + 12 * (2 * 512 * 64 + 64 + 512) == 1_982_976
+
+
+# ---- the same adapters on OpenAI's `clip` (a replica), open_clip's CLIP and ours; models it refuses -------------
+
+
+@pytest.mark.parametrize("kind", ["open_clip", "openai"])
+def test_adapters_from_another_clip_give_the_same_features_in_ours(plain, batch, kind):
+    reference, ours = reference_and_ours(plain, kind)
+    zero_shot = features(reference, batch)
+    trained = train(tuned(reference), batch, steps=2)
+    ours = tuned(ours, seed=1)
+    adapter.load_adapter_state_dict(ours, adapter.adapter_state_dict(trained))
+    for a, b, before in zip(features(ours, batch), features(trained, batch), zero_shot):
+        assert not torch.allclose(b, before, atol=1e-3)  # the adapters act on both towers
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["open_clip", "openai"])
+def test_on_another_clip_adapters_start_at_zero_shot_and_every_tensor_gets_a_gradient(plain, batch, kind):
+    reference, _ = reference_and_ours(plain, kind)
+    model = tuned(reference)
+    for ours, zero_shot in zip(features(model, batch), features(reference, batch)):
+        assert torch.equal(ours, zero_shot)
+    clip_loss(model, batch).backward()
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 * 2 * 4 and all(p.grad is not None for _, p in trainable)
+    assert all(p.grad.abs().max() > 0 for name, p in trainable if ".up." in name)  # down's is zero while up = 0
+
+
+def test_a_deep_copy_has_its_own_adapters(plain, batch):
+    model = tuned(plain)
+    duplicate = copy.deepcopy(model)
+    for name, p in duplicate.named_parameters():
+        if ".adapter.up." in name:
+            torch.nn.init.normal_(p)  # the hooks of the copy must call the copy's adapters
+    assert torch.equal(features(model, batch)[0], features(plain, batch)[0])
+    assert not torch.equal(features(duplicate, batch)[0], features(plain, batch)[0])
+
+
+@pytest.mark.parametrize("model, found", [
+    (torch.nn.Sequential(torch.nn.Linear(8, 8)), r"Sequential has no visual\.transformer\.resblocks"),
+    (torchvision.models.VisionTransformer(32, 8, 1, 2, 16, 32), r"VisionTransformer has no visual"),
+    (torch.nn.ModuleDict({"vision_model": torch.nn.ModuleDict({"encoder": torch.nn.Linear(8, 8)})}),
+     r"\['vision_model'\]"),
+    (torch.nn.ModuleDict({"visual": torch.nn.ModuleDict({"transformer": torch.nn.ModuleDict(
+        {"resblocks": torch.nn.ModuleList([torch.nn.Linear(8, 8)])})})}), r"a block is a Linear"),
+])
+def test_a_model_not_in_openai_layout_is_refused_unchanged(model, found):
+    before = set(model.state_dict())
+    with pytest.raises(ValueError, match=found + ".*expected"):
+        adapter.apply_adapter(model, encoder="image")
+    assert all(p.requires_grad for p in model.parameters()) and set(model.state_dict()) == before

@@ -1,15 +1,24 @@
-"""lora.py, property by property, on a tiny random CLIP (CPU, offline); the parameter count on ViT-B/16."""
+"""lora.py, property by property, on a tiny random CLIP (CPU, offline); the parameter count on ViT-B/16; the same
+LoRA on open_clip's CLIP and OpenAI's `clip`; the models it refuses; lora.py and adapter.py copied alone."""
 
 import copy
 import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 
 import lora
 from clip_model import CLIP, TINY_CONFIG as TINY, CLIPConfig
-from peft_support import clip_loss, features, train
+from peft_support import clip_loss, features, open_clip_model, reference_and_ours, train
+
+REPOSITORY = Path(__file__).resolve().parent.parent
 
 
 def tuned(plain, seed=0, **kwargs):
@@ -216,3 +225,135 @@ def test_released_init_draws_the_qkv_update_at_random_so_step_0_is_not_zero_shot
 def test_unknown_init_is_refused(plain):
     with pytest.raises(ValueError, match="init='xavier'"):
         tuned(plain, init="xavier")
+
+
+# ---- the same LoRA on OpenAI's `clip` (a replica), open_clip's CLIP and ours; models it refuses ------------------
+
+
+def randomize_B(model):
+    for module in lora.lora_modules(model):
+        torch.nn.init.normal_(module.lora_B, std=0.1)  # B = 0 would leave the low-rank path untested
+    return model
+
+
+@pytest.mark.parametrize("kind", ["open_clip", "openai"])
+@pytest.mark.parametrize("settings", [{}, {"targets": ("out",)}, {"targets": ("k",), "mlp": True}],
+                         ids=["default", "out", "k-mlp"])
+def test_lora_tensors_from_another_clip_give_the_same_features_in_ours(plain, batch, kind, settings):
+    reference, ours = reference_and_ours(plain, kind)
+    before = features(reference, batch)
+    saved = lora.lora_state_dict(randomize_B(tuned(reference, **settings)))
+    tuned_reference = tuned(reference, **settings)
+    lora.load_lora_state_dict(tuned_reference, saved)
+    ours = tuned(ours, seed=1, **settings)
+    lora.load_lora_state_dict(ours, saved)
+    for a, b, zero_shot in zip(features(ours, batch), features(tuned_reference, batch), before):
+        assert not torch.allclose(b, zero_shot, atol=1e-3)  # every requested target acts, "out" alone included
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["open_clip", "openai"])
+def test_on_another_clip_lora_starts_at_zero_shot_trains_every_tensor_and_merges(plain, batch, kind):
+    reference, _ = reference_and_ours(plain, kind)
+    model = tuned(reference, mlp=True)
+    for ours, zero_shot in zip(features(model, batch), features(reference, batch)):
+        torch.testing.assert_close(ours, zero_shot, rtol=0, atol=1e-5)  # SDPA, not MultiheadAttention's kernels
+    clip_loss(model, batch).backward()
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 * 2 * 4 * 2  # towers, blocks, (q/k/v, out, c_fc, c_proj), (A, B)
+    assert all(p.grad is not None for _, p in trainable)  # A's is zero while B = 0, B's is not:
+    assert all(p.grad.abs().max() > 0 for name, p in trainable if "lora_B" in name)
+    unmerged = features(train(model, batch, steps=2), batch)
+    lora.merge_lora(model)
+    for merged, reference_features in zip(features(model, batch), unmerged):
+        torch.testing.assert_close(merged, reference_features, rtol=0, atol=1e-5)
+
+
+def module_tree(*path):
+    """Nested modules along `path` (as Hugging Face's CLIPModel: vision_model.encoder.layers) ending in a block."""
+    return nn.ModuleDict({path[0]: module_tree(*path[1:])}) if path else nn.ModuleList([nn.Linear(8, 8)])
+
+
+@pytest.mark.parametrize("model, found", [
+    (nn.Sequential(nn.Linear(8, 8)), r"Sequential has no visual\.transformer\.resblocks"),
+    (torchvision.models.VisionTransformer(32, 8, 1, 2, 16, 32), r"VisionTransformer has no visual"),
+    (module_tree("vision_model", "encoder", "layers"), r"\['vision_model'\]"),
+    (module_tree("visual", "transformer", "resblocks"), r"a Linear with attn NoneType"),
+])
+def test_a_model_not_in_openai_layout_is_refused_unchanged(model, found):
+    before = set(model.state_dict())
+    with pytest.raises(ValueError, match=found + ".*expected"):
+        lora.apply_lora(model, encoder="image")
+    assert all(p.requires_grad for p in model.parameters()) and set(model.state_dict()) == before  # unchanged
+
+
+@pytest.mark.parametrize("change", ["dropout", "bias_k", "hook"])
+def test_an_attention_lora_cannot_reproduce_is_refused_unchanged(change):
+    model = open_clip_model()
+    attn = model.transformer.resblocks[1].attn
+    if change == "dropout":
+        attn.dropout = 0.1
+    elif change == "bias_k":
+        attn.bias_k = nn.Parameter(torch.zeros(1, 1, 64))
+    else:
+        attn.register_forward_hook(lambda module, inputs, output: output)  # e.g. adapter.py's
+    with pytest.raises(ValueError, match=r"a ResidualAttentionBlock with attn MultiheadAttention"):
+        lora.apply_lora(model)
+    assert all(p.requires_grad for p in model.parameters()) and not lora.lora_modules(model)
+
+
+def test_lora_attention_refuses_a_call_other_than_self_attention():
+    model = tuned(open_clip_model())
+    attn, x = model.transformer.resblocks[0].attn, torch.randn(2, 5, 64)
+    with pytest.raises(ValueError, match="self-attention only"):
+        attn(x, torch.randn(2, 5, 64), x, need_weights=False)
+    with pytest.raises(ValueError, match="self-attention only"):
+        attn(x, x, x)  # need_weights=True: nn.MultiheadAttention's default, weights we do not compute
+
+
+STANDALONE = """
+import importlib.util, sys, torch, open_clip
+import lora, adapter
+assert importlib.util.find_spec("clip_model") is None, "the project is on the path"
+torch.manual_seed(0)
+config = dict(embed_dim=32, vision_cfg=dict(image_size=32, layers=2, width=64, head_width=16, patch_size=8),
+              text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2))
+images, tokens = torch.randn(4, 3, 32, 32), torch.randint(1, 49000, (4, 77))
+tokens[:, 10] = 49407  # end of text
+
+def features(model):
+    with torch.no_grad():
+        return torch.cat([model.encode_image(images), model.encode_text(tokens)])
+
+for apply, save, load in ((lora.apply_lora, lora.lora_state_dict, lora.load_lora_state_dict),
+                          (adapter.apply_adapter, adapter.adapter_state_dict, adapter.load_adapter_state_dict)):
+    base = open_clip.model.CLIP(**config).eval()
+    zero_shot = features(base)
+    model = apply(open_clip.model.CLIP(**config), dropout=0.0)
+    model.load_state_dict(base.state_dict(), strict=False)  # the same CLIP weights
+    model.eval()
+    torch.testing.assert_close(features(model), zero_shot, rtol=0, atol=1e-5)  # SDPA, not MultiheadAttention's
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    f, g = model.encode_image(images), model.encode_text(tokens)
+    torch.nn.functional.cross_entropy(f @ g.t(), torch.arange(4)).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad), "a tensor got no gradient"
+    optimizer.step()
+    tuned = features(model)
+    assert not torch.allclose(tuned, zero_shot, atol=1e-4), "a step changed nothing"
+    fresh = apply(open_clip.model.CLIP(**config).eval(), dropout=0.0)
+    fresh.load_state_dict(base.state_dict(), strict=False)
+    load(fresh, save(model))
+    assert torch.equal(features(fresh.eval()), tuned), "save/load"
+    if apply is lora.apply_lora:
+        torch.testing.assert_close(features(lora.merge_lora(model)), tuned, rtol=0, atol=1e-5)
+print("tuned")
+"""
+
+
+def test_lora_py_and_adapter_py_copied_alone_tune_open_clip(tmp_path):
+    for name in ("lora.py", "adapter.py"):
+        shutil.copy(REPOSITORY / name, tmp_path / name)
+    (tmp_path / "tune_open_clip.py").write_text(STANDALONE)
+    # -E: no PYTHONPATH, so only the script's folder (lora.py, adapter.py) and the installed packages are importable
+    done = subprocess.run([sys.executable, "-E", "tune_open_clip.py"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout == "tuned\n", done.stderr
