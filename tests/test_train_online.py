@@ -35,14 +35,14 @@ def features(seed=0, B=6, C=5, D=8):
     return f, text
 
 
-def text_gradient(visible_mode):
+def text_gradient(softmax_over):
     """dL/dg for the text features of 5 seen classes, with a batch holding classes 0, 2 and 3 only."""
     f, text = features()
     text.requires_grad_(True)
     labels = torch.tensor([0, 2, 2, 3, 0, 3])
     seen = torch.tensor([3, 0, 4, 2, 1])  # order of first appearance
-    visible = train_online.visible_classes(labels, seen, visible_mode)
-    symmetric_loss(f, text[visible], labels, visible, logit_scale=torch.tensor(100.0)).backward()
+    visible = train_online.visible_classes(labels, seen, softmax_over)
+    symmetric_loss(f, text[visible], labels, visible, scale=torch.tensor(100.0)).backward()
     return text.grad
 
 
