@@ -11,7 +11,6 @@ The hyper-parameters default to the released ones (ViT-B/16, batches of 64, 3 st
 `--recipe` (ours by default, or released) sets every released behaviour that changes numbers.
 """
 
-import _thread
 import argparse
 import contextlib
 import functools
@@ -19,7 +18,9 @@ import itertools
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections import namedtuple
 from dataclasses import replace
@@ -723,10 +724,11 @@ def run_command(config):
 
 
 def reraise_interrupt(hook, unraisable):
-    """sys.unraisablehook: Python ignores a Ctrl-C that lands in an after-fork handler, as DataLoader workers start
-    ("Exception ignored in: <function _releaseLock ...>"); it is raised again in the main thread."""
+    """sys.unraisablehook. Python discards a Ctrl-C that lands in an after-fork handler, as when DataLoader workers
+    start ("Exception ignored in: <function _releaseLock ...>", and the run carries on): it is sent to the main
+    thread again, from another thread, so that it arrives once the handler has returned."""
     if issubclass(unraisable.exc_type, KeyboardInterrupt):
-        _thread.interrupt_main()
+        threading.Timer(0.01, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
     else:
         hook(unraisable)
 
