@@ -1,14 +1,15 @@
 """
 Online lifelong tuning of CLIP with Symmetric Image-Text (SIT) tuning, on a Si-Blurry stream.
 
-    python train_online.py --smoke                                    # offline check: a tiny random CLIP learns
-    python train_online.py --dataset cifar100                         # SIT-LoRA on both towers
+    python train_online.py --smoke                      # offline check: a tiny random CLIP learns
+    python train_online.py --dataset cifar100           # SIT-LoRA on both towers
     python train_online.py --dataset cifar100 --visible-classes all   # the asymmetric baseline
-    python train_online.py --dataset cifar100 --recipe released       # the released pipeline, switch by switch
-    python train_online.py --dataset cifar100 --download-only         # fetch everything, then run offline
+    python train_online.py --dataset cifar100 --recipe released       # the released pipeline
+    python train_online.py --dataset cifar100 --download-only         # fetch all, then run offline
 
-The hyper-parameters default to the released ones (ViT-B/16, batches of 64, 3 steps per batch, AdamW 5e-4);
-`--recipe` (ours by default, or released) sets every released behaviour that changes numbers.
+The hyper-parameters default to the released ones (ViT-B/16, batches of 64, 3 steps per batch,
+AdamW 5e-4); `--recipe` (ours by default, or released) sets every released behaviour that changes
+numbers.
 """
 
 import argparse
@@ -39,36 +40,33 @@ import stream
 
 
 def visible_classes(labels, seen, softmax_over):
-    """The classes the softmax runs over: SIT's C_B, the distinct labels of the batch (softmax_over="batch"),
-    or every seen class ("all")."""
-    if softmax_over == "batch":
-        return torch.unique(labels)
-    return seen
+    """The class ids the softmax runs over: SIT's C_B, the distinct labels of the batch
+    (softmax_over="batch"), or every seen class ("all")."""
+    return torch.unique(labels) if softmax_over == "batch" else seen
 
 
 def symmetric_loss(image_features, text_features, labels, visible, scale, double_softmax=False):
-    """L = mean_i CE(s * <f_i, g_c> over c in `visible`, y_i): SIT when `visible` = C_B, the classes in the batch.
-    image_features (B, D) and text_features (len(visible), D) are L2-normalized; row j of text_features belongs
-    to class visible[j]. scale is s = exp(logit_scale) (100 for OpenAI's CLIP), not logit_scale itself.
-    A label not in `visible` is refused; with labels and visible on the host, as the trainer keeps them, that
-    check costs no device sync."""
+    """L = mean_i CE(s * <f_i, g_c> over c in `visible`, y_i): SIT when `visible` = C_B, the
+    classes in the batch. image_features (B, D) and text_features (len(visible), D) are
+    L2-normalized, row j for class visible[j]; scale is s = exp(logit_scale), not logit_scale.
+    A label not in `visible` is refused (no device sync when labels are on the host)."""
     is_label = labels[:, None] == visible[None, :]  # (B, V)
     if not is_label.any(dim=1).all():
         missing = labels[~is_label.any(dim=1)].unique().tolist()
         raise ValueError(f"labels {missing} are not among the visible classes {visible.tolist()}")
     targets = is_label.int().argmax(dim=1)  # position of y_i in `visible`
     logits = scale * image_features @ text_features.t()  # (B, V)
-    if double_softmax:  # the released code's quirk: its model returns probabilities and CE softmaxes again
+    if double_softmax:  # the released code's quirk: its model returns probabilities, CE softmaxes again
         logits = logits.softmax(dim=-1)
     return F.cross_entropy(logits.float(), targets.to(logits.device, non_blocking=True))
 
 
 def text_gradient_parts(image_features, text_features, labels, visible, scale, double_softmax=False):
-    """The positive and negative parts of dL/dg_c, each (V, D), for the visible classes (the paper's Figure 2):
-    dL/dg_c = (s/|B|) sum_i e_ic f_i with e_i = |B| dL/dz_i, z_i = s <f_i, g>, s = scale = exp(logit_scale):
-    the positive part sums over the samples of class c, the negative part over all others. On logits
-    e = p - y; under the double softmax, with q = softmax(z) and d = softmax(q) - y, e = q * (d - <q, d>)
-    (the gradient through the first softmax)."""
+    """The positive and negative parts of dL/dg_c, each (V, D), for the visible classes (the
+    paper's Figure 2): dL/dg_c = (s/|B|) sum_i e_ic f_i, with s = scale and e_i = |B| dL/dz_i for
+    z_i = s <f_i, g>. The positive part sums over the samples of class c, the negative part over
+    all others. On logits e = p - y; under the double softmax, with q = softmax(z) and
+    d = softmax(q) - y, e = q * (d - <q, d>) (the gradient through the first softmax)."""
     f = image_features.detach().float()
     z = scale * f @ text_features.detach().float().t()  # (B, V)
     y = (labels[:, None] == visible[None, :]).float()  # (B, V) one-hot over the visible classes
@@ -99,10 +97,10 @@ def make_optimizer(model, lr, weight_decay):
 
 def sit_step(model, optimizer, images, labels, visible, text_features, augment, scale,
              amp=contextlib.nullcontext, double_softmax=False):
-    """One gradient step on one augmented copy of the batch; returns the loss and the features it used.
-    images: uint8 (B, 3, H, W); labels and visible (the class ids of the softmax) on the host; augment: uint8
-    batch -> model input; text_features: class ids -> (V, D) features (with grad when the text tower trains);
-    scale: s = exp(logit_scale)."""
+    """One gradient step on one augmented copy of the batch; returns the loss and the features it
+    used. images: uint8 (B, 3, H, W); labels and visible (the class ids of the softmax) on the
+    host; augment: uint8 batch -> model input; text_features: class ids -> (V, D) features (with
+    grad when the text tower trains); scale: s = exp(logit_scale)."""
     model.train()
     images = images.to(scale.device, non_blocking=True)
     with amp():
@@ -119,8 +117,9 @@ def sit_step(model, optimizer, images, labels, visible, text_features, augment, 
 
 
 class FeatureCache:
-    """Normalized features by id (a class, or a test image), computed by encode(ids); while the tower that computes
-    them is frozen, each once in the whole run (bookkeeping on the host: no device syncs)."""
+    """Normalized features by id (a class, or a test image), computed by encode(ids); while the
+    tower that computes them is frozen, each once in the whole run (bookkeeping on the host: no
+    device syncs)."""
 
     def __init__(self, encode, n, dim, device, frozen):
         self.encode = encode
@@ -133,7 +132,7 @@ class FeatureCache:
         if not self.frozen:
             return self.encode(ids)
         missing = ids[~self.cached[ids]]
-        if len(missing):  # e.g. a class seen for the first time: encoded once, for training and evaluation alike
+        if len(missing):  # e.g. a class seen for the first time: encoded once, for training and tests
             with torch.no_grad():
                 self.cache[missing.to(self.cache.device)] = self.encode(missing).float()
             self.cached[missing] = True
@@ -143,8 +142,8 @@ class FeatureCache:
 def text_feature_cache(model, class_names, prompt, cache=True):
     """g_c by class id: the text features of `prompt` with each class name."""
     device = model.positional_embedding.device
-    tokens = clip_model.tokenize([prompt.format(name) for name in class_names], model.config.context_length,
-                                 vocab_size=model.config.vocab_size)
+    prompts = [prompt.format(name) for name in class_names]
+    tokens = clip_model.tokenize(prompts, model.config.context_length, vocab_size=model.config.vocab_size)
     tokens = clip_model.trim_padding(tokens).to(device)
 
     def encode(classes):
@@ -154,7 +153,8 @@ def text_feature_cache(model, class_names, prompt, cache=True):
 
 
 class TestImages:
-    """The test split as one uint8 tensor on the device, and `features`, their image features by index."""
+    """The test split as one uint8 tensor on the device, and `features`, their image features by
+    index."""
 
     def __init__(self, model, batches, transform, batch_size, cache=True):
         self.model = model
@@ -162,19 +162,21 @@ class TestImages:
         self.batch_size = batch_size
         images, labels = zip(*batches)
         self.images = torch.cat(images).to(model.positional_embedding.device)  # (N, 3, H, W) uint8
-        self.labels = torch.cat(labels)  # on the host: the seen classes' samples are chosen without a device sync
+        self.labels = torch.cat(labels)  # on the host: the seen classes' samples need no device sync
         frozen = cache and not is_tuned(model.visual)
-        self.features = FeatureCache(self.encode, len(self.labels), model.config.embed_dim, self.images.device, frozen)
+        dim = model.config.embed_dim
+        self.features = FeatureCache(self.encode, len(self.labels), dim, self.images.device, frozen)
 
     def encode(self, indices):
         indices = indices.to(self.images.device, non_blocking=True)
-        return torch.cat([F.normalize(self.model.encode_image(self.transform(self.images[chunk])), dim=-1).float()
-                          for chunk in indices.split(self.batch_size)])
+        chunks = [self.transform(self.images[chunk]) for chunk in indices.split(self.batch_size)]
+        return torch.cat([F.normalize(self.model.encode_image(x), dim=-1).float() for x in chunks])
 
 
 @torch.inference_mode()
 def evaluate_seen(test, text_features, seen, amp=contextlib.nullcontext):
-    """Top-1 accuracy on the test images of the seen classes, predicting among the seen classes only."""
+    """Top-1 accuracy on the test images of the seen classes, predicting among the seen classes
+    only; and per class."""
     test.model.eval()
     indices = stream.seen_test_indices(test.labels, seen)
     with amp():
@@ -187,35 +189,36 @@ def evaluate_seen(test, text_features, seen, amp=contextlib.nullcontext):
 
 
 class Results:
-    """OUT/results.json (rewritten after every evaluation) and OUT/log.jsonl (appended as it happens)."""
+    """OUT/results.json (rewritten after every evaluation) and OUT/log.jsonl (appended)."""
 
     def __init__(self, out, config, class_names, split):
         os.makedirs(out, exist_ok=True)
         self.out = out
-        self.acc = None  # the latest accuracy, for the progress bar
-        self.data = {"config": config, "status": "running", "class_names": list(class_names), "seen_classes": [],
-                     "disjoint_classes": split.disjoint_classes, "blurry_classes": split.blurry_classes,
-                     "anytime": [], "task_end_samples": [], "task_acc": [], "class_acc": [],
-                     **dict.fromkeys(evaluate.METRICS)}
+        self.acc = None  # the latest, for the progress bar
+        self.data = {"config": config, "status": "running", "class_names": list(class_names),
+                     "seen_classes": [], "disjoint_classes": split.disjoint_classes,
+                     "blurry_classes": split.blurry_classes, "anytime": [], "task_end_samples": [],
+                     "task_acc": [], "class_acc": [], **dict.fromkeys(evaluate.METRICS)}
         open(os.path.join(out, "log.jsonl"), "w").close()
         self.write()
 
     def record(self, event, samples, acc, per_class, seen):
-        """One evaluation ("anytime" or "task_end") and the metrics so far (A_auc, A_avg, A_last, F_last),
-        written at once."""
+        """One evaluation ("anytime" or "task_end") and the metrics so far, written at once."""
         d = self.data
         entry = {"event": event, "samples": samples, "acc": acc, "n_seen": len(seen)}
         if event == "anytime":
             d["anytime"].append({"samples": samples, "acc": acc})
         else:
-            entry.update(task=len(d["task_acc"]), class_acc={str(c): a for c, a in per_class.items()})
+            entry["task"] = len(d["task_acc"])
+            entry["class_acc"] = {str(c): a for c, a in per_class.items()}
             d["task_end_samples"].append(samples)
             d["task_acc"].append(acc)
             d["class_acc"].append([per_class.get(c) for c in range(len(d["class_names"]))])
         with open(os.path.join(self.out, "log.jsonl"), "a") as f:
             f.write(json.dumps(entry) + "\n")
         d["seen_classes"] = list(seen)
-        d.update(evaluate.lifelong_metrics([a["acc"] for a in d["anytime"]], d["task_acc"], d["class_acc"]))
+        anytime_accs = [a["acc"] for a in d["anytime"]]
+        d.update(evaluate.lifelong_metrics(anytime_accs, d["task_acc"], d["class_acc"]))  # A_auc, ...
         self.acc = acc
         self.write()
 
@@ -226,8 +229,12 @@ class Results:
 
 
 def save_peft(path, model, record):
-    """OUT/peft.pt: the trained LoRA/adapter tensors, and in `record` what rebuilds the tuned model and its inputs."""
-    state_dict = lora.lora_state_dict(model) if record["peft"] == "lora" else adapter.adapter_state_dict(model)
+    """OUT/peft.pt: the trained LoRA/adapter tensors, and in `record` what rebuilds the tuned model
+    and its inputs."""
+    if record["peft"] == "lora":
+        state_dict = lora.lora_state_dict(model)
+    else:
+        state_dict = adapter.adapter_state_dict(model)
     tmp = path + ".tmp"
     torch.save({"state_dict": {k: v.cpu() for k, v in state_dict.items()}, **record}, tmp)
     os.replace(tmp, path)
@@ -259,22 +266,26 @@ class ReservoirMemory:
                     self.indices[j] = index
 
     def extend(self, images, labels, step):
-        """The stream batch followed by a memory batch, freshly augmented (unchanged while the memory is empty)."""
+        """The stream batch followed by a memory batch, freshly augmented (unchanged while the
+        memory is empty)."""
         if not self.indices:
             return images, labels
         picks = torch.randperm(len(self.indices), generator=self.generator)[:self.batch_size]
-        (mem,) = self.load([[self.indices[i] for i in picks.tolist()]], len(picks), seed=self.seed * 1_000_003 + step)
+        picked = [self.indices[i] for i in picks.tolist()]
+        (mem,) = self.load([picked], len(picks), seed=self.seed * 1_000_003 + step)
         return torch.cat([images, mem.images[0]]), torch.cat([labels, mem.labels])
 
 
 def log_gradient_parts(log, f, g, labels, visible, scale, double_softmax, step, samples, task):
-    """One line of OUT/grad.jsonl: per visible class, the positive and negative gradient on its text feature."""
+    """One line of OUT/grad.jsonl: per visible class, the positive and negative gradient on its
+    text feature."""
     labels = labels.to(f.device)
     visible = visible.to(f.device)
     positive, negative = text_gradient_parts(f, g, labels, visible, scale, double_softmax)
-    log.write(json.dumps({"step": step, "samples": samples, "task": task, "classes": visible.tolist(),
-                          "in_batch": torch.isin(visible, labels).tolist(), "pos": positive.norm(dim=-1).tolist(),
-                          "neg": negative.norm(dim=-1).tolist()}) + "\n")
+    line = {"step": step, "samples": samples, "task": task, "classes": visible.tolist(),
+            "in_batch": torch.isin(visible, labels).tolist(),
+            "pos": positive.norm(dim=-1).tolist(), "neg": negative.norm(dim=-1).tolist()}
+    log.write(json.dumps(line) + "\n")
 
 
 # ---- the online loop -----------------------------------------------------------------------------
@@ -291,24 +302,24 @@ def check_finite(running_loss, samples):
                             "try a lower --lr or --precision fp32")
 
 
-def train(model, batches, *, task_sizes, text_features, test, augment, results, online_iter=3, lr=5e-4,
-          weight_decay=1e-5, eval_period=1000, softmax_over="batch", double_softmax=False,
+def train(model, batches, *, task_sizes, text_features, test, augment, results, online_iter=3,
+          lr=5e-4, weight_decay=1e-5, eval_period=1000, softmax_over="batch", double_softmax=False,
           amp=contextlib.nullcontext, memory=None, grad_log=None, progress=None, at_task_end=None):
-    """The online protocol on a stream of batches (stream.StreamBatch), each seen once. Every evaluation goes
-    to results.record, which writes it with the metrics so far. With no trainable parameter (zero-shot CLIP)
-    it only evaluates. Optional, outside the protocol: memory (replay), grad_log (Figure 2), progress(samples,
-    running loss, seen) after each batch, at_task_end() after each task-end evaluation."""
+    """The online protocol on a stream of batches (stream.StreamBatch), each seen once; each
+    evaluation goes to results.record. Zero-shot CLIP (nothing trainable) is only evaluated.
+    Optional: memory (replay), grad_log (Figure 2), progress(samples, running loss, seen) after
+    each batch, at_task_end() after each task-end evaluation."""
     trains = is_tuned(model)
     scale = model.logit_scale.exp().detach()  # s, frozen
-    # A task ends when the stream reaches its cumulative size. Leading empty tasks (a random cut can make them)
-    # end before the first batch and get no evaluation (released: a crash).
+    # A task ends when the stream reaches its cumulative size. Leading empty tasks (a random cut
+    # can make them) end before the first batch, with no evaluation (released: a crash).
     task_ends = [end for end in itertools.accumulate(task_sizes) if end > 0]
     seen = torch.zeros(0, dtype=torch.long)  # class ids in order of first appearance (on the host)
     samples = 0
     next_eval = eval_period
     step = 0
     task = None
-    running_loss = torch.zeros(())  # kept on the device: no host sync per step, and a NaN in it stays there
+    running_loss = torch.zeros(())  # on the device: no host sync per step, and a NaN stays in it
     for batch in batches:
         # AdamW, re-created at the start of each task (as released)
         if trains and batch.task != task:
@@ -323,13 +334,14 @@ def train(model, batches, *, task_sizes, text_features, test, augment, results, 
             images = batch.images[it]
             labels = batch.labels
             visible = visible_classes(labels, seen, softmax_over)
-            if memory is not None:  # optional replay (SIT uses none); as released, every seen class is visible
+            if memory is not None:  # optional replay (SIT uses none); as released, all seen visible
                 images, labels = memory.extend(images, labels, step)
                 visible = seen
-            loss, f, g = sit_step(model, optimizer, images, labels, visible, text_features, augment, scale, amp,
-                                  double_softmax)
+            loss, f, g = sit_step(model, optimizer, images, labels, visible, text_features, augment,
+                                  scale, amp, double_softmax)
             if grad_log is not None:  # optional: the gradient on the text features (Figure 2)
-                log_gradient_parts(grad_log, f, g, labels, visible, scale, double_softmax, step, samples, task)
+                log_gradient_parts(grad_log, f, g, labels, visible, scale, double_softmax, step,
+                                   samples, task)
             running_loss = loss if step == 0 else 0.9 * running_loss + 0.1 * loss
             step += 1
         if memory is not None:  # after training on the batch, as the released ER
@@ -356,28 +368,30 @@ def train(model, batches, *, task_sizes, text_features, test, augment, results, 
 
 # ---- a run: model, data and stream from the configuration, then the loop with its outputs --------
 
-# Each released behaviour that changes numbers is a switch (README, "Differences from the released code").
+# Each released behaviour that changes numbers is a switch (README, "Differences from the released
+# code").
 RECIPES = {
-    "ours": dict(lora_init="zero", double_softmax=False, augment_per="sample", normalize="clip", test_resize="clip",
-                 class_names="readable", image_fit="centre", precision="auto", eval_split="test",
-                 zero_shot_protocol="ours"),
+    "ours": dict(lora_init="zero", double_softmax=False, augment_per="sample", normalize="clip",
+                 test_resize="clip", class_names="readable", image_fit="centre", precision="auto",
+                 eval_split="test", zero_shot_protocol="ours"),
     "released": dict(lora_init="released", double_softmax=True, augment_per="batch", normalize="dataset",
                      test_resize="squash", class_names="raw", image_fit="random", precision="fp32",
                      eval_split="train", zero_shot_protocol="released"),
 }
 
-# --smoke: a tiny random CLIP (byte-level vocabulary: no file, no network) and 10 grating classes it can learn.
+# --smoke: a tiny random CLIP (byte-level vocabulary: no file, no network) and 10 grating classes.
 SMOKE_CONFIG = replace(clip_model.TINY_CONFIG, vocab_size=clip_model.BYTE_VOCAB_SIZE, vision_heads=4,
                        transformer_heads=4)
-# Its defaults (an explicit flag wins): 1,000 images in 2 tasks, batches of 16, lr 20x the released: seconds on a CPU.
+# Its defaults (an explicit flag wins): 1,000 images in 2 tasks, batches of 16, lr 20x the
+# released: seconds on a CPU.
 SMOKE_SETTINGS = dict(dataset="smoke", batch_size=16, lr=1e-2, n_tasks=2, eval_period=100)
 
-# What a run derives from its configuration; model_path: the checkpoint peft.pt rebuilds from (--smoke: OUT's).
+# What a run derives from its configuration; model_path: the checkpoint peft.pt rebuilds from.
 Run = namedtuple("Run", "model train_set test_set split device out model_path prompt_names mean std")
 
 
 def apply_peft(model, peft, encoder, **peft_args):
-    """LoRA or adapters on the chosen tower(s), everything else frozen; peft="none" freezes everything."""
+    """LoRA or adapters on the chosen tower(s), everything else frozen; "none" freezes everything."""
     if peft == "lora":
         return lora.apply_lora(model, encoder=encoder, **peft_args)
     if peft == "adapter":
@@ -386,24 +400,25 @@ def apply_peft(model, peft, encoder, **peft_args):
 
 
 def peft_arguments(config):
-    """The keyword arguments of apply_lora / apply_adapter this run uses (saved in peft.pt), flag by flag."""
+    """The keyword arguments of apply_lora / apply_adapter from the run's flags (saved in peft.pt)."""
     if config.peft == "lora":
         return dict(r=config.lora_r, alpha=config.lora_alpha, init=config.lora_init)
     if config.peft == "adapter":
-        return dict(bottleneck=config.adapter_bottleneck, scale=config.adapter_scale, dropout=config.adapter_dropout)
+        return dict(bottleneck=config.adapter_bottleneck, scale=config.adapter_scale,
+                    dropout=config.adapter_dropout)
     return {}
 
 
 def compile_towers(model, cache=True):
-    """--compile: torch.compile, in place, each tower that runs at every step (a tuned one, or any without cache)."""
-    # A frozen tower behind its cache runs once per class or test image: compiling it would cost more than it saves.
+    """--compile: torch.compile, in place, the towers that run at every step: a tuned one, and a
+    frozen one without cache (with it, it runs once per class or test image)."""
     for tower in (model.visual, model.transformer):
         if not cache or is_tuned(tower):
             tower.compile()
 
 
 def check_out(out):
-    """--out: a folder that exists, or can be made, and that this process can write to (nothing is made yet)."""
+    """--out: a folder that exists or can be made, and that this process can write to."""
     parent = os.path.abspath(out)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
@@ -414,38 +429,40 @@ def check_out(out):
 def load_data(config):
     """The stream's dataset and the evaluation's, checked against the run's flags."""
     if config.smoke:
-        train_set = stream.SyntheticDataset(num_classes=10, per_class=100, image_size=32, seed=0, train=True)
-        test_set = stream.SyntheticDataset(num_classes=10, per_class=20, image_size=32, seed=0, train=False)
+        train_set = stream.SyntheticDataset(10, per_class=100, image_size=32, seed=0, train=True)
+        test_set = stream.SyntheticDataset(10, per_class=20, image_size=32, seed=0, train=False)
     else:
         train_set = stream.load_dataset(config.dataset, config.data_root, train=True)
-        test_set = stream.load_dataset(config.dataset, config.data_root, train=config.eval_split == "train")
+        test_train = config.eval_split == "train"
+        test_set = stream.load_dataset(config.dataset, config.data_root, train=test_train)
     n_classes = len(train_set.classes)
     if list(train_set.classes) != list(test_set.classes):
         raise stream.DataError(f"{config.data_root}: train and test splits have different classes")
     if n_classes < 2:
-        raise ValueError(f"--data-root {config.data_root}: {n_classes} class; expected at least 2 to tell apart")
+        raise ValueError(f"--data-root {config.data_root}: {n_classes} class; expected 2 or more")
     if config.n_tasks > n_classes:
-        raise ValueError(f"--n-tasks {config.n_tasks}: expected at most {n_classes}, the classes of the data")
+        raise ValueError(f"--n-tasks {config.n_tasks}: expected at most {n_classes}, the data's classes")
     return train_set, test_set
 
 
 def fetch(config):
-    """(model, train_set, test_set, {zero-shot dataset: number of images}), each downloaded and verified where
-    missing (the BPE vocabulary too), so that nothing after this needs the network."""
+    """(model, train_set, test_set, {zero-shot dataset: number of images}), each downloaded and
+    verified where missing (the BPE vocabulary too): nothing after this needs the network."""
     if config.zero_shot_eval:  # a bad name fails before any download
         evaluate.check_zero_shot_names(config.zero_shot_datasets, config.zero_shot_protocol)
-    train_set, test_set = load_data(config)  # the data before the model: bad data fails before a download
+    train_set, test_set = load_data(config)  # the data first: bad data fails before a download
     model = clip_model.load(config.model, act=None if config.act == "auto" else config.act)
-    clip_model.get_tokenizer(model.config.vocab_size)  # OpenAI's BPE vocabulary: found, or downloaded now
+    clip_model.get_tokenizer(model.config.vocab_size)  # OpenAI's BPE vocabulary: found, or fetched
     zero_shot = {}
     if config.zero_shot_eval:
-        zero_shot = evaluate.fetch_zero_shot(config.zero_shot_datasets, config.data_root, config.zero_shot_protocol)
+        zero_shot = evaluate.fetch_zero_shot(config.zero_shot_datasets, config.data_root,
+                                             config.zero_shot_protocol)
     return model, train_set, test_set, zero_shot
 
 
 def prepare_run(config):
     """Model, data and stream, or a clear error before any run folder exists."""
-    device = torch.device(evaluate.resolve_device(config.device))  # --device cuda without a GPU: a clear error
+    device = torch.device(evaluate.resolve_device(config.device))  # cuda without a GPU: an error
     out = config.out or default_out(config)
     check_out(out)
     if config.smoke:
@@ -456,14 +473,16 @@ def prepare_run(config):
     else:
         model, train_set, test_set, _ = fetch(config)
         model_path = config.model
-    prompt_names = list(train_set.raw_classes if config.class_names == "raw" else train_set.classes)
+    prompt_names = list(train_set.classes)
+    if config.class_names == "raw":
+        prompt_names = list(train_set.raw_classes)
     mean = model.config.image_mean  # --normalize clip; dataset: the released choice
     std = model.config.image_std
     if config.normalize == "dataset":  # measured for image folders and --smoke
         mean, std = stream.DATASET_STATS.get(config.dataset) or stream.channel_stats(train_set)
-    split = stream.si_blurry_split(train_set.targets, len(train_set.classes), config.n_tasks, config.n, config.m,
-                                   config.seed, config.stochastic)
-    if config.smoke:  # everything checked: the run folder's first file, the tiny model that peft.pt rebuilds from
+    split = stream.si_blurry_split(train_set.targets, len(train_set.classes), config.n_tasks,
+                                   config.n, config.m, config.seed, config.stochastic)
+    if config.smoke:  # all checked: the run folder's first file, the model peft.pt rebuilds from
         os.makedirs(out, exist_ok=True)
         torch.save(model.state_dict(), model_path)
     torch.manual_seed(config.seed)  # LoRA's random A (and adapter dropout) follow the run seed
@@ -473,66 +492,81 @@ def prepare_run(config):
     return Run(model, train_set, test_set, split, device, out, model_path, prompt_names, mean, std)
 
 
+def peft_record(config, record, run):
+    """What peft.pt holds beside the tuned tensors: what rebuilds the model and its inputs."""
+    keys = ("model", "act", "peft", "encoder", "prompt", "dataset", "mean", "std", "test_resize")
+    recipe = {k: getattr(config, k) for k in RECIPES[config.recipe]}  # the switches as run
+    return {**{k: record[k] for k in keys}, "peft_args": peft_arguments(config),
+            "class_names": run.prompt_names, "recipe": recipe}
+
+
 def run_stream(config, run):
-    """Train and evaluate on the stream, writing OUT/results.json, log.jsonl, peft.pt and grad.jsonl as it goes.
-    Returns the results; on any error or Ctrl-C, what was measured stays, with status "failed" or "interrupted"."""
+    """Train and evaluate on the stream, writing OUT/results.json, log.jsonl, peft.pt and
+    grad.jsonl as it goes. Returns the results; on any error or Ctrl-C, what was measured stays,
+    with status "failed" or "interrupted"."""
     model = run.model
     image_size = model.visual.image_size
-    fixed_size = config.dataset in ("cifar100", "tinyimagenet", "smoke")
-    load_size = None if fixed_size else image_size  # variable-size images are fitted when loaded, so they batch
-    policy = "cifar10" if config.dataset in ("cifar100", "smoke") else "imagenet"  # AutoAugment
+    cache = not config.no_cache
+    load_size = image_size  # variable-size images are fitted when loaded, so that they batch
+    if config.dataset in ("cifar100", "tinyimagenet", "smoke"):
+        load_size = None
+    policy = "cifar10" if config.dataset in ("cifar100", "smoke") else "imagenet"  # AutoAugment's
     record = {**config._asdict(), "act": model.config.act, "model": run.model_path, "out": run.out,
-              "mean": list(run.mean), "std": list(run.std)}  # the configuration and what it resolved to
+              "mean": list(run.mean), "std": list(run.std)}  # the configuration, resolved
     results = Results(run.out, record, run.prompt_names, run.split)
     try:
-        text_features = text_feature_cache(model, run.prompt_names, config.prompt, cache=not config.no_cache)
-        test_batches = stream.eval_batches(run.test_set, range(len(run.test_set)), config.eval_batch_size,
-                                           config.workers, image_size=load_size, resize=config.test_resize,
+        text_features = text_feature_cache(model, run.prompt_names, config.prompt, cache=cache)
+        test_batches = stream.eval_batches(run.test_set, range(len(run.test_set)),
+                                           config.eval_batch_size, config.workers,
+                                           image_size=load_size, resize=config.test_resize,
                                            image_fit=config.image_fit, seed=config.seed)
-        test_transform = functools.partial(stream.eval_transform, image_size=image_size, resize=config.test_resize,
-                                           mean=run.mean, std=run.std)
-        test = TestImages(model, test_batches, test_transform, config.eval_batch_size, cache=not config.no_cache)
+        test_transform = functools.partial(stream.eval_transform, image_size=image_size,
+                                           resize=config.test_resize, mean=run.mean, std=run.std)
+        test = TestImages(model, test_batches, test_transform, config.eval_batch_size, cache=cache)
         augment = stream.BatchAugment(image_size, seed=config.seed, mean=run.mean, std=run.std,
                                       per=config.augment_per)
-        batches_of = functools.partial(stream.stream_batches, run.train_set, policy=policy, image_size=load_size,
-                                       augment_per=config.augment_per, image_fit=config.image_fit)
-        if config.peft == "none":  # zero-shot CLIP trains nothing: the labels alone, no image is read
+        batches_of = functools.partial(stream.stream_batches, run.train_set, policy=policy,
+                                       image_size=load_size, augment_per=config.augment_per,
+                                       image_fit=config.image_fit)
+        if config.peft == "none":  # zero-shot CLIP trains nothing: the labels alone, no image read
             batches = stream.stream_labels(run.train_set, run.split.tasks, config.batch_size)
         else:
-            batches = batches_of(run.split.tasks, config.batch_size, config.online_iter, workers=config.workers,
-                                 seed=config.seed)
+            batches = batches_of(run.split.tasks, config.batch_size, config.online_iter,
+                                 workers=config.workers, seed=config.seed)
         memory = None
-        if config.memory_size > 0:
-            load = functools.partial(batches_of, online_iter=1, workers=0)  # a memory batch, freshly augmented
+        if config.memory_size > 0:  # a memory batch: one freshly augmented copy
+            load = functools.partial(batches_of, online_iter=1, workers=0)
             memory = ReservoirMemory(config.memory_size, config.batch_size, config.seed, load)
-        at_task_end = None
-        if config.peft != "none":  # peft.pt: the tuned tensors, and what else rebuilds the model and its inputs
-            peft_record = {k: record[k] for k in ("model", "act", "peft", "encoder", "prompt", "dataset", "mean",
-                                                  "std", "test_resize")}
-            peft_record.update(peft_args=peft_arguments(config), class_names=run.prompt_names,
-                               recipe={k: getattr(config, k) for k in RECIPES[config.recipe]})  # as run
-            at_task_end = functools.partial(save_peft, os.path.join(run.out, "peft.pt"), model, peft_record)
-        bar = tqdm(total=sum(map(len, run.split.tasks)), unit="img", dynamic_ncols=True, disable=config.quiet)
+        save = None
+        if config.peft != "none":
+            peft_path = os.path.join(run.out, "peft.pt")
+            save = functools.partial(save_peft, peft_path, model, peft_record(config, record, run))
+        bar = tqdm(total=sum(map(len, run.split.tasks)), unit="img", dynamic_ncols=True,
+                   disable=config.quiet)
         ticks = itertools.count(1)
 
         def progress(samples, running_loss, seen):
             bar.update(samples - bar.n)
             if next(ticks) % config.log_every == 0:  # the only host syncs besides the evaluations
                 check_finite(running_loss, samples)
-                bar.set_postfix(loss=f"{running_loss.item():.3f}", acc=results.acc, seen=len(seen), refresh=False)
+                loss = f"{running_loss.item():.3f}"
+                bar.set_postfix(loss=loss, acc=results.acc, seen=len(seen), refresh=False)
 
-        grad_path = os.path.join(run.out, "grad.jsonl")
+        grad_log = None
+        if config.grad_analysis:
+            grad_log = open(os.path.join(run.out, "grad.jsonl"), "w")
         start = time.time()
-        with bar, open(grad_path, "w") if config.grad_analysis else contextlib.nullcontext() as grad_log:
-            train(model, batches, task_sizes=[len(t) for t in run.split.tasks], text_features=text_features,
-                  test=test, augment=augment, results=results, online_iter=config.online_iter, lr=config.lr,
-                  weight_decay=config.weight_decay, eval_period=config.eval_period,
-                  softmax_over=config.visible_classes, double_softmax=config.double_softmax,
-                  amp=evaluate.autocast(run.device, config.precision), memory=memory, grad_log=grad_log,
-                  progress=progress, at_task_end=at_task_end)
+        with bar, grad_log or contextlib.nullcontext():
+            train(model, batches, task_sizes=[len(t) for t in run.split.tasks],
+                  text_features=text_features, test=test, augment=augment, results=results,
+                  online_iter=config.online_iter, lr=config.lr, weight_decay=config.weight_decay,
+                  eval_period=config.eval_period, softmax_over=config.visible_classes,
+                  double_softmax=config.double_softmax,
+                  amp=evaluate.autocast(run.device, config.precision), memory=memory,
+                  grad_log=grad_log, progress=progress, at_task_end=save)
         results.data["config"]["wall_time_s"] = round(time.time() - start, 1)
         results.write(status="finished")
-    except BaseException as e:  # Ctrl-C included: what was measured stays, and says how the run ended
+    except BaseException as e:  # Ctrl-C too: what was measured stays, and says how the run ended
         results.write(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
         raise
     return results.data
@@ -542,23 +576,21 @@ def run_stream(config, run):
 
 
 def in_range(kind, low, high=math.inf, above=False):
-    """An argparse type: a finite int or float (kind) in low..high, or above low when above=True."""
-    what = "an integer" if kind is int else "a number"
-    bounds = f"> {low}" if above else f"in {low}..{'' if high == math.inf else high}"
-
+    """An argparse type: a finite int or float (kind) in low..high, or above low (above=True)."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             value = math.nan
         if not (math.isfinite(value) and low <= value <= high) or (above and value == low):
-            raise argparse.ArgumentTypeError(f"expected {what} {bounds}, got {text}")
+            bounds = f"> {low}" if above else f"in {low}..{high}"
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__} {bounds}, got {text}")
         return value
     return parse
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows each default, but None and False (a recipe's switch, an off flag)."""
+    """--help shows the defaults (not None: --recipe sets those)."""
 
     def _get_help_string(self, action):
         if action.default is None or action.default is False:
@@ -567,74 +599,82 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def parse_args(argv=None):
-    """The run configuration, checked and frozen (a namedtuple: nothing writes into it afterwards). Flags not given
-    take their value from --scenario (N, M), --recipe (the switches) and --smoke (SMOKE_SETTINGS)."""
+    """The run configuration, checked and frozen (a namedtuple: nothing writes into it afterwards).
+    Flags not given take their value from --scenario (N, M), --recipe (the switches) and --smoke
+    (SMOKE_SETTINGS)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=HelpFormatter,
-                                usage="%(prog)s [--smoke | --dataset NAME] [options]  (all options: --help)")
-    p.add_argument("--dataset", default="cifar100", choices=stream.DATASETS, help="the stream's images")
-    p.add_argument("--data-root", default="data", help="where datasets are (or get downloaded)")
-    p.add_argument("--model", default="ViT-B/16", help=f"one of {clip_model.available_models()} or a checkpoint path")
-    p.add_argument("--act", default="auto", choices=("auto",) + clip_model.ACTIVATIONS, help="MLP activation")
-    p.add_argument("--peft", default="lora", choices=("lora", "adapter", "none"), help="none = zero-shot CLIP")
-    p.add_argument("--encoder", default="both", choices=clip_model.ENCODERS, help="tower(s) to tune")
-    p.add_argument("--visible-classes", default="batch", choices=("batch", "all"), help="batch = SIT")
-    p.add_argument("--scenario", default="si-blurry", choices=tuple(stream.SCENARIOS), help="sets N and M")
-    p.add_argument("--n-tasks", type=in_range(int, 1), default=5, help="T")
-    p.add_argument("--n", type=in_range(int, 0, 100), help="%% of classes that are disjoint (overrides --scenario)")
-    p.add_argument("--m", type=in_range(int, 0, 100), help="%% of blurry samples that are blurred (overrides --scenario)")
-    p.add_argument("--seed", type=in_range(int, 0, 2**63 - 1), default=1, help="the stream's, LoRA's, augmentation's")
-    p.add_argument("--batch-size", type=in_range(int, 1), default=64, help="stream batch")
-    p.add_argument("--online-iter", type=in_range(int, 1), default=3, help="gradient steps per incoming batch")
-    p.add_argument("--lr", type=in_range(float, 0, above=True), default=5e-4, help="AdamW's")
-    p.add_argument("--weight-decay", type=in_range(float, 0), default=1e-5, help="AdamW's")
-    p.add_argument("--eval-period", type=in_range(int, 1), default=1000, help="anytime evaluation every this many samples")
-    p.add_argument("--eval-batch-size", type=in_range(int, 1), default=256, help="test images per forward pass")
-    p.add_argument("--memory-size", type=in_range(int, 0), default=0, help="reservoir replay memory (0 = none, as SIT)")
-    p.add_argument("--prompt", default=clip_model.PROMPT, help="{} is the class name")
-    p.add_argument("--lora-r", type=in_range(int, 1), default=4, help="LoRA's rank")
-    p.add_argument("--lora-alpha", type=in_range(float, 0, above=True), default=1.0, help="LoRA's scaling alpha/r")
-    p.add_argument("--adapter-bottleneck", type=in_range(int, 1), default=64, help="the adapter's hidden width")
-    p.add_argument("--adapter-scale", type=in_range(float, 0, above=True), default=0.1, help="of the adapter's output")
-    p.add_argument("--adapter-dropout", type=in_range(float, 0, 1), default=0.1, help="in the adapter")
-    p.add_argument("--no-cache", action="store_true", help="recompute frozen towers' features (same numbers)")
-    r = p.add_argument_group("recipe", "--recipe sets each switch below (ours | released); an explicit switch wins")
-    r.add_argument("--recipe", default="ours", choices=tuple(RECIPES), help="released = the paper's pipeline")
-    r.add_argument("--lora-init", choices=lora.INITS, help="B = 0 (zero-shot CLIP at step 0) | random q/k/v update")
-    r.add_argument("--double-softmax", action=argparse.BooleanOptionalAction, help="cross-entropy on probabilities")
-    r.add_argument("--augment-per", choices=stream.AUGMENT_PER, help="random draws per sample | once per batch")
-    r.add_argument("--normalize", choices=("clip", "dataset"), help="the model's mean/std | the dataset's")
-    r.add_argument("--test-resize", choices=stream.TEST_RESIZES, help="shorter side + centre crop | squashed")
-    r.add_argument("--class-names", choices=("readable", "raw"), help="underscores become spaces | as released")
-    r.add_argument("--image-fit", choices=stream.IMAGE_FITS, help="variable-size images: centre | random crop")
-    r.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="auto = bf16 autocast on CUDA")
-    r.add_argument("--eval-split", choices=("test", "train"), help="CIFAR-100 evaluated on test | train (a bug)")
-    r.add_argument("--zero-shot-protocol", choices=("ours", "released"), help="see evaluate.py zero-shot --help")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda if there is one")
-    p.add_argument("--workers", type=in_range(int, 0), default=min(8, os.cpu_count() or 1), help="data-loading processes")
-    p.add_argument("--out", default=None, help="output folder (default: a readable name under runs/)")
-    p.add_argument("--log-every", type=in_range(int, 1), default=10, help="batches between progress-bar updates")
-    p.add_argument("--compile", action="store_true", help="torch.compile the towers that run at every step")
-    p.add_argument("--grad-analysis", action="store_true", help="record the text-feature gradients (Figure 2)")
-    p.add_argument("--zero-shot-eval", action="store_true", help="zero-shot transfer after training")
-    p.add_argument("--zero-shot-datasets", type=lambda names: tuple(names.split(",")),
-                   default=",".join(evaluate.ZERO_SHOT_DATASETS), help="for --zero-shot-eval, comma-separated")
-    p.add_argument("--download-only", action="store_true", help="fetch everything this run needs, then exit")
-    p.add_argument("--smoke", action="store_true", help="offline check: a tiny random CLIP learns a toy stream")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+                                usage="%(prog)s [--smoke | --dataset NAME] [options] (all: --help)")
+    arg = p.add_argument
+    count = in_range(int, 0)
+    positive = in_range(int, 1)
+    rate = in_range(float, 0, above=True)
+    arg("--dataset", default="cifar100", choices=stream.DATASETS, help="the stream's images")
+    arg("--data-root", default="data", help="where datasets are (or get downloaded)")
+    arg("--model", default="ViT-B/16",
+        help=f"one of {clip_model.available_models()} or a checkpoint path")
+    arg("--act", default="auto", choices=("auto",) + clip_model.ACTIVATIONS, help="MLP activation")
+    arg("--peft", default="lora", choices=("lora", "adapter", "none"), help="none = zero-shot CLIP")
+    arg("--encoder", default="both", choices=clip_model.ENCODERS, help="tower(s) to tune")
+    arg("--visible-classes", default="batch", choices=("batch", "all"),
+        help="the softmax runs over the batch's classes (SIT) or all seen classes")
+    arg("--scenario", default="si-blurry", choices=tuple(stream.SCENARIOS), help="sets N and M")
+    arg("--n-tasks", type=positive, default=5, help="T")
+    arg("--n", type=in_range(int, 0, 100), help="%% of classes that are disjoint (wins over --scenario)")
+    arg("--m", type=in_range(int, 0, 100), help="%% of blurry samples that are blurred (likewise)")
+    arg("--seed", type=in_range(int, 0, 2**63 - 1), default=1, help="of the stream, LoRA and augmentation")
+    arg("--batch-size", type=positive, default=64, help="of the stream")
+    arg("--online-iter", type=positive, default=3, help="gradient steps per incoming batch")
+    arg("--lr", type=rate, default=5e-4, help="AdamW's")
+    arg("--weight-decay", type=in_range(float, 0), default=1e-5, help="AdamW's")
+    arg("--eval-period", type=positive, default=1000, help="samples between anytime evaluations")
+    arg("--eval-batch-size", type=positive, default=256, help="test images per forward pass")
+    arg("--memory-size", type=count, default=0, help="reservoir replay (0 = none, as SIT)")
+    arg("--prompt", default=clip_model.PROMPT, help="{} is the class name")
+    arg("--lora-r", type=positive, default=4, help="LoRA's rank")
+    arg("--lora-alpha", type=rate, default=1.0, help="LoRA's scaling is alpha/r")
+    arg("--adapter-bottleneck", type=positive, default=64, help="the adapter's hidden width")
+    arg("--adapter-scale", type=rate, default=0.1, help="of the adapter's output")
+    arg("--adapter-dropout", type=in_range(float, 0, 1), default=0.1, help="in the adapter")
+    arg("--no-cache", action="store_true", help="recompute frozen towers' features (same numbers)")
+    switch = p.add_argument_group("recipe", "--recipe sets each switch below; a switch given wins").add_argument
+    switch("--recipe", default="ours", choices=tuple(RECIPES), help="released = the paper's pipeline")
+    switch("--lora-init", choices=lora.INITS, help="B = 0 (zero-shot CLIP at step 0) | random q/k/v")
+    switch("--double-softmax", action=argparse.BooleanOptionalAction, help="CE on probabilities")
+    switch("--augment-per", choices=stream.AUGMENT_PER, help="random draws per sample | per batch")
+    switch("--normalize", choices=("clip", "dataset"), help="the model's mean/std | the dataset's")
+    switch("--test-resize", choices=stream.TEST_RESIZES, help="shorter side + centre crop | squashed")
+    switch("--class-names", choices=("readable", "raw"), help="underscores become spaces | kept")
+    switch("--image-fit", choices=stream.IMAGE_FITS, help="variable-size images: centre | random crop")
+    switch("--precision", choices=("auto", "fp32", "bf16"), help="auto = bf16 autocast on CUDA")
+    switch("--eval-split", choices=("test", "train"), help="CIFAR-100 evaluated on test | train (a bug)")
+    switch("--zero-shot-protocol", choices=("ours", "released"), help="see evaluate.py zero-shot --help")
+    arg("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if there is one")
+    arg("--workers", type=count, default=min(8, os.cpu_count() or 1), help="data-loading processes")
+    arg("--out", default=None, help="output folder (default: a readable name under runs/)")
+    arg("--log-every", type=positive, default=10, help="batches between progress-bar updates")
+    arg("--compile", action="store_true", help="torch.compile the towers that run at every step")
+    arg("--grad-analysis", action="store_true", help="record the text-feature gradients (Figure 2)")
+    arg("--zero-shot-eval", action="store_true", help="zero-shot transfer after training")
+    arg("--zero-shot-datasets", type=lambda names: tuple(names.split(",")),
+        default=",".join(evaluate.ZERO_SHOT_DATASETS), help="comma-separated, for --zero-shot-eval")
+    arg("--download-only", action="store_true", help="fetch everything this run needs, then exit")
+    arg("--smoke", action="store_true", help="offline check: a tiny random CLIP learns a toy stream")
+    arg("--quiet", action="store_true", help="no progress bar")
     first = p.parse_args(argv)
     if first.smoke and first.dataset != p.get_default("dataset"):
         p.error("--smoke brings its own data; leave out --dataset")
     recipe = dict(RECIPES[first.recipe])
-    if first.dataset != "cifar100":  # the released evaluation on training images is a bug of its CIFAR wrapper only
+    if first.dataset != "cifar100":  # the released evaluation on training images: its CIFAR bug only
         recipe["eval_split"] = "test"
     scenario = stream.SCENARIOS[first.scenario]
     p.set_defaults(**recipe, **scenario, **(SMOKE_SETTINGS if first.smoke else {}))
-    args = p.parse_args(argv)  # again, with these defaults: a flag given explicitly wins over all of them
+    args = p.parse_args(argv)  # again, with these defaults: a flag given explicitly wins over all
     return namedtuple("Config", vars(args))(**vars(args))
 
 
 def default_out(config):
-    """runs/<dataset>-<scenario>-<peft>[-<tower>-<visible>][-released]-seed<k>, never an existing folder."""
+    """runs/<dataset>-<scenario>-<peft>[-<tower>-<visible>][-released]-seed<k>, never an existing
+    folder."""
     parts = [config.dataset, config.scenario, config.peft]
     if config.peft != "none":
         parts += [config.encoder, config.visible_classes]
@@ -648,18 +688,22 @@ def default_out(config):
 
 
 def download_only(config):
-    """--download-only: fetch and verify what the run with these flags needs, say where it is, train nothing."""
+    """--download-only: fetch and verify what the run with these flags needs, say where it is,
+    train nothing."""
     if config.smoke:
-        print("--smoke needs nothing from the network: its model, vocabulary and images are made on the spot")
+        print("--smoke needs nothing from the network: its model, vocabulary and images are made here")
         return
     model, train_set, test_set, zero_shot = fetch(config)
     root = os.path.abspath(config.data_root)
-    print(f"dataset {config.dataset}: {len(train_set)} training and {len(test_set)} test images under {root}")
+    print(f"dataset {config.dataset}: {len(train_set)} training and {len(test_set)} test images "
+          f"under {root}")
     path = clip_model.checkpoint_path(config.model)  # local by now: no connection
-    print(f"model {config.model}: {os.path.abspath(path)}" + (" (SHA256 verified)" if path != config.model else ""))
-    if model.config.vocab_size > clip_model.BYTE_VOCAB_SIZE:  # a tokenizer with merges: it needs the BPE file
+    verified = " (SHA256 verified)" if path != config.model else ""
+    print(f"model {config.model}: {os.path.abspath(path)}{verified}")
+    if model.config.vocab_size > clip_model.BYTE_VOCAB_SIZE:  # a tokenizer with merges: a BPE file
         vocab = clip_model.bpe_vocab_path()
-        print(f"BPE vocabulary: {vocab}" + ("" if clip_model.is_openai_vocabulary(vocab) else " (NOT OpenAI's)"))
+        theirs = "" if clip_model.is_openai_vocabulary(vocab) else " (NOT OpenAI's)"
+        print(f"BPE vocabulary: {vocab}{theirs}")
     for name, n in zero_shot.items():
         print(f"zero-shot {name}: {n} test images under {root}")
     print("everything this run needs is local: the same command without --download-only runs offline")
@@ -667,68 +711,71 @@ def download_only(config):
 
 def metrics_line(d, label=None):
     """'A_auc  52.10 A_avg ... F_last      -' (percent, aligned), optionally labelled."""
-    line = " ".join(f"{k} {100 * d[k]:6.2f}" if d[k] is not None else f"{k}      -" for k in evaluate.METRICS)
+    values = [f"{k} {100 * d[k]:6.2f}" if d[k] is not None else f"{k}      -" for k in evaluate.METRICS]
+    line = " ".join(values)
     return f"{line}   ({label})" if label else line
 
 
 def zero_shot_eval(config, run):
-    """Zero-shot transfer of the tuned model (the paper's five datasets), written to OUT/zero_shot.json as
-    evaluate.py does, with the run's preprocessing and the recipe's protocol."""
-    accs = evaluate.zero_shot_transfer(run.model, config.zero_shot_datasets, config.data_root, config.prompt,
-                                       run.device, workers=config.workers, mean=run.mean, std=run.std,
-                                       resize=config.test_resize, protocol=config.zero_shot_protocol,
-                                       precision=config.precision)
+    """Zero-shot transfer of the tuned model (the paper's five datasets), written to
+    OUT/zero_shot.json as evaluate.py does, with the run's preprocessing and the recipe's
+    protocol."""
+    accs = evaluate.zero_shot_transfer(run.model, config.zero_shot_datasets, config.data_root,
+                                       config.prompt, run.device, workers=config.workers,
+                                       mean=run.mean, std=run.std, resize=config.test_resize,
+                                       protocol=config.zero_shot_protocol, precision=config.precision)
     peft_weights = os.path.join(run.out, "peft.pt") if config.peft != "none" else None
-    evaluate.write_zero_shot(run.out, accs, run.model_path, config.prompt, peft_weights, config.zero_shot_protocol)
+    evaluate.write_zero_shot(run.out, accs, run.model_path, config.prompt, peft_weights,
+                             config.zero_shot_protocol)
     print(evaluate.zero_shot_markdown(accs))
 
 
-def error_line(e):
-    """The last line of an error's message, without the class name a DataLoader worker's traceback puts first."""
-    line = str(e).strip().splitlines()[-1]
-    return line.removeprefix(f"{type(e).__module__}.{type(e).__name__}: ")
-
-
 def run_command(config):
-    """Everything the command line asks for; the exit status: 0, 2 (refused, nothing made) or 1 (failed midway,
-    what was measured kept)."""
+    """Exit status 0; 2: refused, nothing made; 1: failed midway, what was measured kept."""
     try:
         if config.download_only:
             download_only(config)
             return 0
         run = prepare_run(config)
-    except (clip_model.CheckpointError, OSError, ValueError) as e:  # downloads, files, data, flags the data refuses
+    except (clip_model.CheckpointError, OSError, ValueError) as e:  # downloads, files, data, flags
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(stream.describe_stream(run.split, run.train_set.targets, run.prompt_names))
     if config.smoke:
-        print("--smoke: a tiny random CLIP learns a synthetic stream of gratings; its untrained self is the baseline")
+        print("--smoke: a tiny random CLIP learns a synthetic stream of gratings; its untrained self "
+              "is the baseline")
     if config.eval_split == "train":
-        print("evaluating on CIFAR-100's training split, as the released code did (--eval-split test: the test split)")
+        print("evaluating on CIFAR-100's training split, as the released code did (--eval-split "
+              "test: the test split)")
     print(f"writing results to {run.out}")
     try:
         results = run_stream(config, run)
         if config.smoke and config.peft != "none":
-            softmax = "the batch's classes (SIT)" if config.visible_classes == "batch" else "all seen classes"
+            softmax = "all seen classes"
+            if config.visible_classes == "batch":
+                softmax = "the batch's classes (SIT)"
             print(metrics_line(results, f"{config.peft} on {config.encoder}, softmax over {softmax}"))
-            base = config._replace(peft="none", grad_analysis=False, quiet=True, out=os.path.join(run.out, "untrained"))
+            untrained = os.path.join(run.out, "untrained")
+            base = config._replace(peft="none", grad_analysis=False, quiet=True, out=untrained)
             print(metrics_line(run_stream(base, prepare_run(base)), "untrained, same stream"))
         else:
             print(metrics_line(results))
         if config.zero_shot_eval:
             zero_shot_eval(config, run)
     except (NonFiniteLoss, stream.DataError) as e:  # e.g. an unreadable image met mid-run
-        print(f"error: {error_line(e)}; what was measured is in {run.out}", file=sys.stderr)
+        # the last line: a DataLoader worker puts its traceback before it, and the class name in it
+        line = str(e).strip().splitlines()[-1].removeprefix("stream.DataError: ")
+        print(f"error: {line}; what was measured is in {run.out}", file=sys.stderr)
         return 1
     return 0
 
 
 def reraise_interrupt(hook, unraisable):
-    """sys.unraisablehook. Python discards a Ctrl-C that lands in an after-fork handler, as when DataLoader workers
-    start ("Exception ignored in: <function _releaseLock ...>", and the run carries on): it is sent to the main
-    thread again, from another thread, so that it arrives once the handler has returned."""
+    """sys.unraisablehook: Python drops a Ctrl-C that lands in an after-fork handler as DataLoader
+    workers start ("Exception ignored in: ... _releaseLock"); it is sent again, from a thread."""
     if issubclass(unraisable.exc_type, KeyboardInterrupt):
-        threading.Timer(0.01, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
+        main_thread = threading.main_thread().ident
+        threading.Timer(0.01, signal.pthread_kill, (main_thread, signal.SIGINT)).start()
     else:
         hook(unraisable)
 
@@ -739,7 +786,7 @@ def main(argv=None):
     sys.unraisablehook = functools.partial(reraise_interrupt, unraisablehook)
     try:
         return run_command(config)
-    except KeyboardInterrupt:  # at any point: a run folder that exists says "interrupted"
+    except KeyboardInterrupt:  # at any point: a run folder, if made, says "interrupted"
         print("\ninterrupted", file=sys.stderr)
         return 130
     finally:
