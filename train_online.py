@@ -451,8 +451,12 @@ def fetch(config):
     if config.zero_shot_eval:  # a bad name fails before any download
         evaluate.check_zero_shot_names(config.zero_shot_datasets, config.zero_shot_protocol)
     train_set, test_set = load_data(config)  # the data first: bad data fails before a download
-    model = clip_model.load(config.model, act=None if config.act == "auto" else config.act)
-    clip_model.get_tokenizer(model.config.vocab_size)  # OpenAI's BPE vocabulary: found, or fetched
+    if config.smoke:
+        torch.manual_seed(0)
+        model = clip_model.CLIP(SMOKE_CONFIG).eval()
+    else:
+        model = clip_model.load(config.model, act=None if config.act == "auto" else config.act)
+        clip_model.get_tokenizer(model.config.vocab_size)  # OpenAI's BPE vocabulary, or fetched
     zero_shot = {}
     if config.zero_shot_eval:
         zero_shot = evaluate.fetch_zero_shot(config.zero_shot_datasets, config.data_root,
@@ -465,14 +469,10 @@ def prepare_run(config):
     device = torch.device(evaluate.resolve_device(config.device))  # cuda without a GPU: an error
     out = config.out or default_out(config)
     check_out(out)
+    model, train_set, test_set, _ = fetch(config)
+    model_path = config.model
     if config.smoke:
-        torch.manual_seed(0)
-        model = clip_model.CLIP(SMOKE_CONFIG).eval()
-        train_set, test_set = load_data(config)
         model_path = os.path.join(out, "smoke_clip.pt")
-    else:
-        model, train_set, test_set, _ = fetch(config)
-        model_path = config.model
     prompt_names = list(train_set.classes)
     if config.class_names == "raw":
         prompt_names = list(train_set.raw_classes)
