@@ -1,11 +1,11 @@
 """
 Online lifelong tuning of CLIP with Symmetric Image-Text (SIT) tuning, on a Si-Blurry stream.
 
-    python train_online.py --smoke                      # offline check: a tiny random CLIP learns
-    python train_online.py --dataset cifar100           # SIT-LoRA on both towers
+    python train_online.py --smoke                                    # offline: a tiny CLIP learns
+    python train_online.py --dataset cifar100                         # SIT-LoRA on both towers
     python train_online.py --dataset cifar100 --visible-classes all   # the asymmetric baseline
     python train_online.py --dataset cifar100 --recipe released       # the released pipeline
-    python train_online.py --dataset cifar100 --download-only         # fetch all, then run offline
+    python train_online.py --dataset cifar100 --download-only         # fetch all, run offline
 
 The hyper-parameters default to the released ones (ViT-B/16, batches of 64, 3 steps per batch,
 AdamW 5e-4); `--recipe` (ours by default, or released) sets every released behaviour that changes
@@ -417,6 +417,21 @@ def compile_towers(model, cache=True):
             tower.compile()
 
 
+def default_out(config):
+    """runs/<dataset>-<scenario>-<peft>[-<tower>-<visible>][-released]-seed<k>, never an existing
+    folder."""
+    parts = [config.dataset, config.scenario, config.peft]
+    if config.peft != "none":
+        parts += [config.encoder, config.visible_classes]
+    if config.recipe != "ours":
+        parts.append(config.recipe)
+    out = base = os.path.join("runs", "-".join(parts + [f"seed{config.seed}"]))
+    for k in itertools.count(2):  # never overwrite an earlier run's results
+        if not os.path.exists(out):
+            return out
+        out = f"{base}-{k}"
+
+
 def check_out(out):
     """--out: a folder that exists or can be made, and that this process can write to."""
     parent = os.path.abspath(out)
@@ -670,21 +685,6 @@ def parse_args(argv=None):
     p.set_defaults(**recipe, **scenario, **(SMOKE_SETTINGS if first.smoke else {}))
     args = p.parse_args(argv)  # again, with these defaults: a flag given explicitly wins over all
     return namedtuple("Config", vars(args))(**vars(args))
-
-
-def default_out(config):
-    """runs/<dataset>-<scenario>-<peft>[-<tower>-<visible>][-released]-seed<k>, never an existing
-    folder."""
-    parts = [config.dataset, config.scenario, config.peft]
-    if config.peft != "none":
-        parts += [config.encoder, config.visible_classes]
-    if config.recipe != "ours":
-        parts.append(config.recipe)
-    out = base = os.path.join("runs", "-".join(parts + [f"seed{config.seed}"]))
-    for k in itertools.count(2):  # never overwrite an earlier run's results
-        if not os.path.exists(out):
-            return out
-        out = f"{base}-{k}"
 
 
 def download_only(config):
