@@ -464,6 +464,16 @@ def stream_batches(dataset, tasks, batch_size=64, online_iter=3, policy="cifar10
     return _loader([(b, start, *batch) for b, (start, batch) in enumerate(zip(starts, batches))], load, workers)
 
 
+def stream_labels(dataset, tasks, batch_size=64) -> list[StreamBatch]:
+    """The stream's batches with their labels alone (images None): for zero-shot CLIP, which trains
+    nothing, so no image is read."""
+    batches = []
+    for task, indices in task_batches(tasks, batch_size):
+        labels = torch.tensor([dataset.targets[i] for i in indices])
+        batches.append(StreamBatch(task, None, labels, torch.tensor(indices)))
+    return batches
+
+
 def task_batches(tasks, batch_size) -> list[tuple[int, list[int]]]:
     """(task, dataset indices) of each batch of the stream; the last batch of a task may be short."""
     return [(t, task[b:b + batch_size]) for t, task in enumerate(tasks) for b in range(0, len(task), batch_size)]

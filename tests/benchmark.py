@@ -177,10 +177,11 @@ def full_run(device, fraction, workers, precision, compile_model=False):
     test_batches = stream.eval_batches(test_set, range(len(test_set)), config.eval_batch_size, config.workers)
     test = TimedTest(model, test_batches, lambda x: stream.eval_transform(x, image_size), config.eval_batch_size)
     augment = stream.BatchAugment(image_size, seed=config.seed, per=config.augment_per)
-    train_online.train(model, timed_batches(batches, spent), list(map(len, split.tasks)), text_features, test,
-                       augment, results.record, config.online_iter, config.lr, config.weight_decay,
-                       config.eval_period, config.visible_classes, config.double_softmax,
-                       evaluate.autocast(device, config.precision))
+    train_online.train(model, timed_batches(batches, spent), task_sizes=list(map(len, split.tasks)),
+                       text_features=text_features, test=test, augment=augment, results=results,
+                       online_iter=config.online_iter, lr=config.lr, weight_decay=config.weight_decay,
+                       eval_period=config.eval_period, softmax_over=config.visible_classes,
+                       double_softmax=config.double_softmax, amp=evaluate.autocast(device, config.precision))
     sync(device)
     total = time.perf_counter() - start
     n_train = sum(map(len, split.tasks))

@@ -116,10 +116,11 @@ def test_smoke_runs_on_a_bare_offline_install(machine):
 def expected_download_failure(machine, local, what):
     """(command-line arguments, words the error line must hold: what, from where, why, where to put it)."""
     images, cache = local / "images", machine.home / ".cache" / "clip"
-    run = ["--dataset", "imagefolder", "--data-root", images, "--model", local / "tiny.pt", "--act", "quickgelu"]
+    run = ["--dataset", "imagefolder", "--data-root", images, "--model", local / "tiny.pt", "--act", "quickgelu",
+           "--n-tasks", "2"]  # the local folder's 2 classes fill 2 tasks at most
     unreachable = "Network is unreachable"
     cases = {
-        "CLIP weights": (run[:4] + ["--model", "ViT-B/16"],
+        "CLIP weights": (run[:4] + ["--model", "ViT-B/16", "--n-tasks", "2"],
                          ["ViT-B/16", "openaipublic.azureedge.net", unreachable, cache / "ViT-B-16.pt"]),
         "BPE vocabulary": (run, ["BPE vocabulary", "github.com/openai/CLIP", unreachable,
                                  cache / "bpe_simple_vocab_16e6.txt.gz"]),
@@ -132,12 +133,14 @@ def expected_download_failure(machine, local, what):
                        ["ImageNet-R", "berkeley.edu", unreachable, machine.work / "data" / "imagenet-r.tar"]),
         "zero-shot dataset": (run + ["--zero-shot-eval", "--zero-shot-datasets", "food101"],
                               ["food101", "food-101.tar.gz", unreachable, images / "food-101.tar.gz"]),
+        "zero-shot dataset after --smoke": (["--smoke", "--zero-shot-eval", "--zero-shot-datasets", "food101"],
+                                            ["food101", unreachable, "put it at data/food-101.tar.gz"]),
     }
     return cases[what]
 
 
 @pytest.mark.parametrize("what", ["CLIP weights", "BPE vocabulary", "CIFAR-100", "Tiny-ImageNet", "ImageNet-R",
-                                  "zero-shot dataset"])
+                                  "zero-shot dataset", "zero-shot dataset after --smoke"])
 def test_a_download_that_cannot_happen_is_one_clear_line_before_any_run_folder(machine, local, what):
     if what == "zero-shot dataset":
         machine.add_vocabulary()  # so that the zero-shot dataset is the only thing missing

@@ -35,14 +35,14 @@ def features(seed=0, B=6, C=5, D=8):
     return f, text
 
 
-def text_gradient(visible_mode):
+def text_gradient(softmax_over):
     """dL/dg for the text features of 5 seen classes, with a batch holding classes 0, 2 and 3 only."""
     f, text = features()
     text.requires_grad_(True)
     labels = torch.tensor([0, 2, 2, 3, 0, 3])
     seen = torch.tensor([3, 0, 4, 2, 1])  # order of first appearance
-    visible = train_online.visible_classes(labels, seen, visible_mode)
-    symmetric_loss(f, text[visible], labels, visible, logit_scale=torch.tensor(100.0)).backward()
+    visible = train_online.visible_classes(labels, seen, softmax_over)
+    symmetric_loss(f, text[visible], labels, visible, scale=torch.tensor(100.0)).backward()
     return text.grad
 
 
@@ -74,6 +74,13 @@ def test_double_softmax_is_cross_entropy_on_probabilities_as_released():
     expected = F.cross_entropy(probabilities, torch.tensor([1, 0, 0, 1, 1, 0]))
     loss = symmetric_loss(f, text[visible], labels, visible, torch.tensor(100.0), double_softmax=True)
     torch.testing.assert_close(loss, expected)
+
+
+def test_loss_refuses_a_label_that_is_not_visible():
+    f, text = features()
+    labels, visible = torch.tensor([4, 1, 1, 3, 4, 1]), torch.tensor([1, 4])
+    with pytest.raises(ValueError, match=r"labels \[3\] are not among the visible classes \[1, 4\]"):
+        symmetric_loss(f, text[visible], labels, visible, scale=torch.tensor(100.0))
 
 
 @pytest.mark.parametrize("double_softmax", [False, True])
@@ -209,21 +216,54 @@ def test_zero_shot_baseline_encodes_each_test_image_once(data, tmp_path, monkeyp
     assert not os.path.exists(tmp_path / "zs" / "peft.pt")
 
 
-def test_interrupt_keeps_results_measured_so_far(data, tmp_path, monkeypatch):
-    original, calls = train_online.evaluate_seen, []
+def interrupt_at_call(monkeypatch, owner, name, n):
+    """Make owner.name raise KeyboardInterrupt at its n-th call."""
+    original, calls = getattr(owner, name), []
 
-    def interrupt_on_third(*args):
+    def interrupted(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == n:
             raise KeyboardInterrupt
-        return original(*args)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(owner, name, interrupted)
 
-    monkeypatch.setattr(train_online, "evaluate_seen", interrupt_on_third)
+
+@pytest.mark.parametrize("when, owner, name, n", [
+    ("start-up", clip_model, "load", 1), ("loading", stream, "eval_batches", 1), ("training", train_online, "sit_step", 5),
+    ("evaluation", train_online, "evaluate_seen", 3), ("writing", evaluate, "write_json", 2)])
+def test_ctrl_c_at_any_point_ends_the_run_interrupted_with_exit_130(data, tmp_path, monkeypatch, capsys, when, owner,
+                                                                    name, n):
+    interrupt_at_call(monkeypatch, owner, name, n)
     assert train_online.main(run_args(data, tmp_path / "int")) == 130
-    results = read(tmp_path / "int")
-    assert results["status"] == "interrupted"
-    assert len(results["anytime"]) + len(results["task_acc"]) == 2
-    assert len(open(tmp_path / "int" / "log.jsonl").readlines()) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"
+    if when == "start-up":
+        assert not os.path.exists(tmp_path / "int")  # nothing was made
+    else:
+        assert read(tmp_path / "int")["status"] == "interrupted"
+    if when == "evaluation":  # what was measured before stays
+        assert len(read(tmp_path / "int")["anytime"]) + len(read(tmp_path / "int")["task_acc"]) == 2
+        assert len(open(tmp_path / "int" / "log.jsonl").readlines()) == 2
+
+
+def test_ctrl_c_that_python_swallows_at_a_fork_still_interrupts(data, tmp_path):
+    # A Ctrl-C that lands in an after-fork handler (as DataLoader workers start) is discarded by Python
+    # ("Exception ignored in: <function _releaseLock ...>"); here such a handler raises it at the first fork.
+    code = ("import os, sys\nimport train_online\nfired = []\n"
+            "def interrupt_once():\n    if not fired:\n        fired.append(1)\n        raise KeyboardInterrupt\n"
+            "os.register_at_fork(after_in_parent=interrupt_once)\nsys.exit(train_online.main(sys.argv[1:]))\n")
+    result = subprocess.run([sys.executable, "-c", code, *run_args(data, tmp_path / "fork", "--workers", "1")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 130, result.stderr
+    assert read(tmp_path / "fork")["status"] == "interrupted"
+
+
+def test_any_error_mid_run_leaves_the_results_failed(data, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(train_online, "sit_step", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        train_online.main(run_args(data, tmp_path / "bug"))
+    assert read(tmp_path / "bug")["status"] == "failed"
 
 
 def test_non_finite_loss_stops_with_a_clear_message(data, tmp_path, monkeypatch, capsys):
@@ -234,14 +274,16 @@ def test_non_finite_loss_stops_with_a_clear_message(data, tmp_path, monkeypatch,
     assert read(tmp_path / "nan")["status"] == "failed"
 
 
-def test_unreadable_image_mid_stream_stops_cleanly(data, tmp_path, capsys):
+@pytest.mark.parametrize("split, workers", [("train", "1"), ("test", "0"), ("test", "2")])
+def test_unreadable_image_mid_run_fails_the_run_naming_the_file(data, tmp_path, capsys, split, workers):
     root = tmp_path / "images"
     shutil.copytree(data / "images", root)
-    (root / "train" / "cat" / "7.png").write_bytes(b"not a png")
-    args = run_args(data, tmp_path / "broken", "--workers", "1")
+    (root / split / "cat" / "3.png").write_bytes(b"not a png")
+    args = run_args(data, tmp_path / "broken", "--workers", workers)
     args[args.index("--data-root") + 1] = str(root)
     assert train_online.main(args) == 1
-    assert "7.png" in capsys.readouterr().err.strip().splitlines()[-1]
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: cannot read image") and "3.png" in line and "DataError" not in line, line
     assert read(tmp_path / "broken")["status"] == "failed"
 
 
@@ -392,6 +434,47 @@ def test_bad_input_exits_cleanly(data, tmp_path, case):
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(("error:", "usage:", "train_online.py: error:"))
     assert not os.path.exists(tmp_path / "bad")  # nothing started
+
+
+@pytest.mark.parametrize("flag, value", [("--lr", "-1"), ("--lr", "nan"), ("--lr", "inf"), ("--lr", "0"),
+                                         ("--weight-decay", "-1e-5"), ("--lora-alpha", "nan"), ("--seed", "-1"),
+                                         ("--adapter-dropout", "1.5"), ("--batch-size", "0"), ("--workers", "two")])
+def test_a_bad_number_is_refused_by_the_usage_line_and_one_error_line(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train_online.parse_args(["--smoke", f"{flag}={value}"])
+    assert exit_.value.code == 2
+    usage, error = capsys.readouterr().err.strip().splitlines()
+    assert usage.startswith("usage: ") and f": error: argument {flag}: expected" in error
+    assert error.endswith(f"got {value}")
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        train_online.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "AdamW's (default: 0.0005)" in text and "(default: ViT-B/16)" in text
+
+
+def one_class(data, tmp_path):
+    for split in ("train", "test"):
+        shutil.copytree(data / "images" / split / "cat", tmp_path / "one" / split / "cat")
+    return str(tmp_path / "one")
+
+
+@pytest.mark.parametrize("case", ["--out below a file", "one class", "more tasks than classes", "smoke tasks"])
+def test_a_refused_run_is_one_line_exit_2_and_leaves_no_folder(data, tmp_path, capsys, case):
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "run"
+    args, words = {
+        "--out below a file": (run_args(data, tmp_path / "file" / "run"), ["--out", "file"]),
+        "one class": (run_args(data, out, "--data-root", one_class(data, tmp_path)), ["--data-root", "1 class"]),
+        "more tasks than classes": (run_args(data, out, "--n-tasks", "5"), ["--n-tasks 5", "at most 4"]),
+        "smoke tasks": (["--smoke", "--n-tasks", "1000", "--quiet", "--out", str(out)], ["--n-tasks 1000"]),
+    }[case]
+    assert train_online.main(args) == 2
+    line, = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and all(word in line for word in words), line
+    assert not os.path.exists(out) and os.listdir(tmp_path) in (["file"], ["file", "one"], ["one", "file"])
 
 
 def test_a_leading_empty_task_gets_no_task_end(data, tmp_path):
