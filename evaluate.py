@@ -1,12 +1,13 @@
 """
-Evaluation of SIT-tuned CLIP: the lifelong metrics, top-1 accuracy on the seen classes, zero-shot transfer, and the
-analyses of the run folders train_online.py writes. Accuracies are fractions in code and files, % in printed tables.
+Evaluation of SIT-tuned CLIP: the lifelong metrics, top-1 accuracy on the seen classes, zero-shot
+transfer, and the analyses of the run folders train_online.py writes. Accuracies are fractions in code
+and files, % in printed tables.
 
     python evaluate.py zero-shot --peft-weights runs/x/peft.pt --datasets food101,eurosat --data-root data
-    python evaluate.py table runs/cifar100            # mean ± std over seeds of the run folders below
-    python evaluate.py grid --dataset cifar100        # the commands of the paper's comparison (--slurm: a job array)
-    python evaluate.py plot runs/x runs/y             # anytime and per-class accuracy (needs matplotlib)
-    python evaluate.py plot-grad runs/x               # gradient timeline (Figure 2) of a --grad-analysis run
+    python evaluate.py table runs/cifar100      # mean ± std over seeds of the run folders below
+    python evaluate.py grid --dataset cifar100  # the commands of the paper's comparison (--slurm: jobs)
+    python evaluate.py plot runs/x runs/y       # anytime and per-class accuracy (needs matplotlib)
+    python evaluate.py plot-grad runs/x         # gradient timeline (Figure 2) of a --grad-analysis run
 """
 
 import argparse
@@ -35,11 +36,14 @@ METRICS = ("A_auc", "A_avg", "A_last", "F_last")
 
 
 def _mean(values):
-    return sum(values) / len(values) if values else None
+    if not values:
+        return None
+    return sum(values) / len(values)
 
 
 def a_auc(anytime_accs):
-    """A_auc: mean of the anytime accuracies (the released code's plain mean over evaluation points, not an area)."""
+    """A_auc: mean of the anytime accuracies (the released code's plain mean over evaluation points,
+    not an area)."""
     return _mean(anytime_accs)
 
 
@@ -54,8 +58,8 @@ def a_last(task_accs):
 
 
 def f_last(class_acc):
-    """F_last: mean over classes of (best task-end accuracy before the last task - last accuracy), over the classes
-    whose best earlier accuracy is above 0. `class_acc[t][c]` is None while class c is unseen."""
+    """F_last: mean over classes of (best task-end accuracy before the last task - last accuracy), over
+    the classes whose best earlier accuracy is above 0. `class_acc[t][c]` is None while c is unseen."""
     if len(class_acc) < 2:
         return None  # nothing to forget before the first task end
     *earlier, last = class_acc
@@ -69,52 +73,89 @@ def f_last(class_acc):
 
 
 def lifelong_metrics(anytime_accs, task_accs, class_acc):
-    """The four numbers the paper reports for a run: A_auc, A_avg, A_last, F_last (fractions, None if undefined)."""
-    return dict(zip(METRICS, (a_auc(anytime_accs), a_avg(task_accs), a_last(task_accs), f_last(class_acc))))
+    """The four numbers the paper reports for a run: A_auc, A_avg, A_last, F_last (fractions, None if
+    undefined)."""
+    values = (a_auc(anytime_accs), a_avg(task_accs), a_last(task_accs), f_last(class_acc))
+    return dict(zip(METRICS, values))
 
 
 # ---- 2. accuracy on the seen classes (anytime and task-end evaluation) ---------------------------
 
 
 def top1_on_seen(image_features, labels, text_features, seen_classes):
-    """(top-1 accuracy, {class: accuracy}) on the test images of the seen classes, predicting among the seen classes
-    only. Features are L2-normalized: image (N, D), text (S, D) with row j for class seen_classes[j]."""
+    """(top-1 accuracy, {class: accuracy}) on the test images of the seen classes, predicting among the
+    seen classes only. Features are L2-normalized: image (N, D), text (S, D) with row j for class
+    seen_classes[j]."""
     seen = torch.as_tensor(seen_classes, device=image_features.device)  # (S,)
-    is_class = labels.to(seen.device)[:, None] == seen[None, :]  # (N, S) one-hot; all False for an unseen class
-    predicted = (image_features.float() @ text_features.float().t()).argmax(dim=1)  # (N,) positions in seen
+    is_class = labels.to(seen.device)[:, None] == seen[None, :]  # (N, S) one-hot; all False if unseen
+    logits = image_features.float() @ text_features.float().t()  # (N, S)
+    predicted = logits.argmax(dim=1)  # (N,) positions in seen
     hit = is_class & F.one_hot(predicted, len(seen)).bool()
-    total, correct = torch.stack([is_class.sum(0), hit.sum(0)]).tolist()  # the one device -> host transfer
+    total, correct = torch.stack([is_class.sum(0), hit.sum(0)]).tolist()  # one device -> host transfer
     if sum(total) == 0:
         raise ValueError("no test images of the seen classes to evaluate on")
-    return sum(correct) / sum(total), {c: k / n for c, n, k in zip(seen.tolist(), total, correct) if n > 0}
+    per_class = {c: k / n for c, n, k in zip(seen.tolist(), total, correct) if n > 0}
+    return sum(correct) / sum(total), per_class
 
 
-# ---- 3. zero-shot transfer (the paper's check: Food101, Caltech101, EuroSAT, Flowers102, Oxford-IIIT Pet) ----
+# ---- 3. files: one error line for each problem ---------------------------------------------------
+
+
+def require(ok, path, problem):
+    """The one user-facing check of files and folders: unless ok, stream.DataError 'PATH: PROBLEM'."""
+    if not ok:
+        raise stream.DataError(f"{path}: {problem}")
+
+
+def read_json(path, what):
+    """Parse a JSON file; `what` says who writes it, for the one error line when it is missing."""
+    require(os.path.isfile(path), path, f"no such file ({what})")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise stream.DataError(f"{path}: malformed JSON ({e})") from None
+
+
+def write_json(path, obj):
+    """Write JSON atomically (a crash never leaves a half-written file)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+# ---- 4. zero-shot transfer (the paper's check: Food101, Caltech101, EuroSAT, Flowers102, Pets) ---
 
 ZERO_SHOT_DATASETS = ("food101", "caltech101", "eurosat", "flowers102", "oxford_pets")
 ZERO_SHOT_CHOICES = ZERO_SHOT_DATASETS + ("imagefolder",)
 ZERO_SHOT_PROTOCOLS = ("ours", "released")
-# Where torchvision downloads from, and where under DATA_ROOT it finds (checks, unpacks) a copy put there by hand.
+# Where torchvision downloads from, and where under DATA_ROOT it finds (checks, unpacks) a copy put
+# there by hand.
 ZERO_SHOT_SOURCES = {
     "food101": ("http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz", "food-101.tar.gz"),
-    "caltech101": ("https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip", "caltech101/caltech-101.zip"),
-    "eurosat": ("https://huggingface.co/datasets/torchgeo/eurosat/resolve/c877bcd43f099cd0196738f714544e355477f3fd/"
-                "EuroSAT.zip", "eurosat/EuroSAT.zip"),
-    "flowers102": ("https://www.robots.ox.ac.uk/~vgg/data/flowers/102/{102flowers.tgz,imagelabels.mat,setid.mat}",
-                   "flowers-102/ (all three files)"),
+    "caltech101": ("https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip",
+                   "caltech101/caltech-101.zip"),
+    "eurosat": ("https://huggingface.co/datasets/torchgeo/eurosat/resolve/"
+                "c877bcd43f099cd0196738f714544e355477f3fd/EuroSAT.zip", "eurosat/EuroSAT.zip"),
+    "flowers102": ("https://www.robots.ox.ac.uk/~vgg/data/flowers/102/"
+                   "{102flowers.tgz,imagelabels.mat,setid.mat}", "flowers-102/ (all three files)"),
     "oxford_pets": ("https://www.robots.ox.ac.uk/~vgg/data/pets/data/{images.tar.gz,annotations.tar.gz}",
-                    "oxford-iiit-pet/ (both archives)")}
-# CoOp's split files, which the released protocol reads and torchvision does not fetch: folder, file, part read.
+                    "oxford-iiit-pet/ (both archives)"),
+}
+# CoOp's split files, which the released protocol reads and torchvision does not fetch: folder, file,
+# the part read.
 COOP_SPLITS = {"oxford_pets": ("oxford-iiit-pet", "split_zhou_OxfordPets.json", "val"),
                "flowers102": ("flowers-102", "split_zhou_OxfordFlowers.json", "test")}
 
-# CLIP's prompt names (openai/CLIP data/prompts.md) where torchvision's are not readable; other Caltech101 names only
-# need "_" -> " ".
+# CLIP's prompt names (openai/CLIP data/prompts.md) where torchvision's are not readable; other
+# Caltech101 names only need "_" -> " ".
 CALTECH101_RENAMES = {
-    "Faces": "off-center face", "Faces_easy": "centered face", "Leopards": "leopard", "Motorbikes": "motorbike",
-    "airplanes": "airplane", "car_side": "side of a car", "cougar_body": "body of a cougar cat",
-    "cougar_face": "face of a cougar cat", "crocodile_head": "head of a crocodile",
-    "flamingo_head": "head of a flamingo", "snoopy": "snoopy (cartoon beagle)", "yin_yang": "yin and yang symbol"}
+    "Faces": "off-center face", "Faces_easy": "centered face", "Leopards": "leopard",
+    "Motorbikes": "motorbike", "airplanes": "airplane", "car_side": "side of a car",
+    "cougar_body": "body of a cougar cat", "cougar_face": "face of a cougar cat",
+    "crocodile_head": "head of a crocodile", "flamingo_head": "head of a flamingo",
+    "snoopy": "snoopy (cartoon beagle)", "yin_yang": "yin and yang symbol"}
 EUROSAT_NAMES = {
     "AnnualCrop": "annual crop land", "Forest": "forest", "HerbaceousVegetation": "brushland or shrubland",
     "Highway": "highway or road", "Industrial": "industrial buildings or commercial buildings",
@@ -125,108 +166,144 @@ FLOWERS102_RENAMES = {"globe-flower": "globe flower", "pink-yellow dahlia?": "pi
                       "ball moss": "air plant"}
 
 
-def check_zero_shot_names(names, protocol="ours"):
+def check_zero_shot_names(datasets, protocol="ours"):
     """Reject unknown zero-shot dataset names or protocol before any work starts."""
-    unknown = [n for n in names if n not in ZERO_SHOT_CHOICES]
-    if unknown or not names:
-        raise stream.DataError(f"unknown zero-shot dataset(s) {unknown or names}; "
+    unknown = [d for d in datasets if d not in ZERO_SHOT_CHOICES]
+    if unknown or not datasets:
+        raise stream.DataError(f"unknown zero-shot dataset(s) {unknown or datasets}; "
                                f"expected a comma-separated list from {', '.join(ZERO_SHOT_CHOICES)}")
     if protocol not in ZERO_SHOT_PROTOCOLS:
-        raise stream.DataError(f"unknown zero-shot protocol {protocol!r}; expected {' or '.join(ZERO_SHOT_PROTOCOLS)}")
+        raise stream.DataError(f"unknown zero-shot protocol {protocol!r}; "
+                               f"expected {' or '.join(ZERO_SHOT_PROTOCOLS)}")
 
 
-def zero_shot_dataset(name, data_root, protocol="ours"):
-    """(dataset, indices of its evaluation images, {label: name} of the classes ranked) as `protocol` evaluates it,
-    downloaded where missing (else a clip_model.DownloadError names the file to put in place)."""
-    check_zero_shot_names([name], protocol)
-    released, tv = protocol == "released", torchvision.datasets
-    if released and name in COOP_SPLITS:  # before any download: the file a user must fetch by hand
-        folder, file, part = COOP_SPLITS[name]
-        coop = read_json(os.path.join(data_root, folder, file), "the released zero-shot protocol reads it; put CoOp's "
-                         "split file there: https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md")[part]
-        coop_names = {label: class_name for _, label, class_name in coop}  # entries [image file, label, name]
+def caltech101(root):
+    """Caltech101 as torchvision downloads and lists it (its 101 folders, BACKGROUND_Google left out),
+    with readable `classes` and the folder names as `raw_classes`. Its images are read here: torchvision
+    reads them only with scipy installed, which the README's install does not bring."""
+    listed = torchvision.datasets.Caltech101(root, target_type="category", download=True)
+    folder = os.path.join(listed.root, "101_ObjectCategories")
+    paths = [os.path.join(folder, listed.categories[y], f"image_{i:04d}.jpg")
+             for i, y in zip(listed.index, listed.y)]
+    classes = [CALTECH101_RENAMES.get(c, c.replace("_", " ")) for c in listed.categories]
+    return stream.ImageFiles(paths, listed.y, classes, listed.categories)
+
+
+def download_zero_shot(name, data_root, released):
+    """(dataset, class names) of a zero-shot data set through torchvision, downloaded where missing:
+    the names the released code prompts with, or readable ones. A failed download names the file to put
+    in place, and leaves no new empty folder."""
+    tv = torchvision.datasets
+    url, put_at = ZERO_SHOT_SOURCES[name]
     try:
-        if name == "imagefolder":
-            ds = stream.load_dataset("imagefolder", data_root, train=False)  # DATA_ROOT/test/<class>/*
-            names = ds.raw_classes if released else ds.classes
-        elif name == "food101":
-            ds = tv.Food101(data_root, split="test", download=True)
-            names = ds.classes if released else [c.replace("_", " ") for c in ds.classes]
-        elif name == "caltech101":  # no test split: all images
-            ds = tv.Caltech101(data_root, target_type="category", download=True)
-            names = [CALTECH101_RENAMES.get(c, c.replace("_", " ")) for c in ds.categories]
-            if released:  # the released code drops Faces_easy; we keep it, as CLIP's evaluation does
-                names = {c: n for c, n in enumerate(ds.categories) if n != "Faces_easy"}
-        elif name == "eurosat":
-            ds = tv.EuroSAT(data_root, download=True)  # no split either: all images
-            names = ds.classes if released else [EUROSAT_NAMES[c] for c in ds.classes]
-        elif name == "flowers102":
-            ds = tv.Flowers102(data_root, split="test", download=True)
-            names = coop_names if released else [FLOWERS102_RENAMES.get(c, c) for c in ds.classes]
-        else:  # Oxford Pets: ours, the test split; released, the trainval images CoOp's split validates with (~736)
-            ds = tv.OxfordIIITPet(data_root, "trainval" if released else "test", target_types="category", download=True)
-            names = coop_names if released else ds.classes  # already readable ("American Pit Bull Terrier")
+        with clip_model.undo_new_folders(os.path.dirname(os.path.join(data_root, put_at))):
+            if name == "food101":
+                ds = tv.Food101(data_root, split="test", download=True)
+                return ds, ds.classes if released else [c.replace("_", " ") for c in ds.classes]
+            if name == "caltech101":  # no test split: all images
+                ds = caltech101(data_root)
+                return ds, ds.raw_classes if released else ds.classes
+            if name == "eurosat":  # no split either: all images
+                ds = tv.EuroSAT(data_root, download=True)
+                return ds, ds.classes if released else [EUROSAT_NAMES[c] for c in ds.classes]
+            if name == "flowers102":  # released: CoOp's names
+                ds = tv.Flowers102(data_root, split="test", download=True)
+                return ds, [] if released else [FLOWERS102_RENAMES.get(c, c) for c in ds.classes]
+            # Oxford Pets: ours, the test split; released, the trainval images CoOp's split validates with
+            ds = tv.OxfordIIITPet(data_root, "trainval" if released else "test", target_types="category",
+                                  download=True)
+            return ds, ds.classes  # already readable ("American Pit Bull Terrier"); released: CoOp's
     except ImportError as e:  # torchvision reads Flowers102's labels with scipy, which we do not require
         raise stream.DataError(f"{name}: torchvision needs {e.name} to read it: pip install {e.name}") from None
-    except OSError as e:  # no network (urllib's URLError is an OSError), or a file that cannot be written
-        url, put_at = ZERO_SHOT_SOURCES[name]
+    except OSError as e:  # no network (a URLError is an OSError), or a file that cannot be written
         raise clip_model.DownloadError(name, url, e, os.path.join(data_root, put_at)) from None
     except RuntimeError as e:  # torchvision: corrupt or incomplete files
         raise stream.DataError(f"{name}: could not load it under {data_root}: {e}") from None
+
+
+def zero_shot_dataset(name, data_root, protocol="ours"):
+    """(dataset, indices of its evaluation images, {label: name} of the classes ranked) as `protocol`
+    evaluates it, downloaded where missing (else a clip_model.DownloadError names the file to put in
+    place)."""
+    check_zero_shot_names([name], protocol)
+    released = protocol == "released"
+    coop = None
+    if released and name in COOP_SPLITS:  # before any download: the file a user must fetch by hand
+        folder, file, part = COOP_SPLITS[name]
+        coop = read_json(os.path.join(data_root, folder, file), "the released zero-shot protocol reads it; "
+                         "put CoOp's split file there: https://github.com/KaiyangZhou/CoOp/blob/main/"
+                         "DATASETS.md")[part]  # entries [image file, label, class name]
+    if name == "imagefolder":
+        ds = stream.load_dataset("imagefolder", data_root, train=False)  # DATA_ROOT/test/<class>/*
+        class_names = ds.raw_classes if released else ds.classes
+    else:
+        ds, class_names = download_zero_shot(name, data_root, released)
+    ranked = dict(enumerate(class_names))
+    if coop is not None:
+        ranked = {label: class_name for _, label, class_name in coop}
     indices = list(range(len(ds)))
-    if released and name == "caltech101":
-        indices = [i for i, c in enumerate(ds.y) if c in names]
-    if released and name == "oxford_pets":
+    if released and name == "caltech101":  # the released code drops Faces_easy; CLIP's evaluation keeps it
+        del ranked[class_names.index("Faces_easy")]
+        indices = [i for i, c in enumerate(ds.targets) if c in ranked]
+    if released and name == "oxford_pets":  # the trainval images CoOp's split validates with (~736)
         files = {file for file, _, _ in coop}
         indices = [i for i, path in enumerate(ds._images) if os.path.basename(path) in files]
     require(indices, name, f"no images to evaluate under {data_root}")
-    return ds, indices, names if isinstance(names, dict) else dict(enumerate(names))
+    return ds, indices, ranked
 
 
-def fetch_zero_shot(names, data_root, protocol="ours"):
+def fetch_zero_shot(datasets, data_root, protocol="ours"):
     """Download (where missing) and open each zero-shot dataset: {name: number of evaluation images}."""
-    check_zero_shot_names(names, protocol)
-    return {name: len(zero_shot_dataset(name, data_root, protocol)[1]) for name in names}
+    check_zero_shot_names(datasets, protocol)
+    return {name: len(zero_shot_dataset(name, data_root, protocol)[1]) for name in datasets}
 
 
 def autocast(device, precision):
-    """bf16 autocast on CUDA by default (precision "auto"), plain fp32 elsewhere: a context-manager factory."""
+    """bf16 autocast on CUDA by default (precision "auto"), plain fp32 elsewhere: a context-manager
+    factory."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
 @torch.inference_mode()
-def zero_shot_transfer(model, datasets, data_root, prompt, device, batch_size=256, workers=2, mean=None, std=None,
-                       resize="clip", protocol="ours", precision="auto"):
-    """Zero-shot transfer check (the paper's): {dataset: top-1 among all its classes}, with the run's prompt. Test
-    images take the anytime evaluation's path (stream.eval_batches, eval_transform): protocol "ours" with `resize`
-    and `mean`/`std` (default: the model's), "released" squashed and with ImageNet's statistics, as released. Every
-    dataset is opened (downloaded) before any is evaluated: a failed download loses no measurement."""
+def zero_shot_transfer(model, datasets, data_root, prompt, device, batch_size=256, workers=2, mean=None,
+                       std=None, resize="centre", protocol="ours", precision="auto"):
+    """Zero-shot transfer check (the paper's): {dataset: top-1 among all its classes}, with the run's
+    prompt. Test images take the anytime evaluation's path (stream.eval_batches, eval_transform):
+    protocol "ours" with `resize` and `mean`/`std` (default: the model's), "released" squashed and with
+    ImageNet's statistics, as released. Every dataset is opened (downloaded) before any is evaluated:
+    a failed download loses no measurement."""
     check_zero_shot_names(datasets, protocol)
     loaded = {name: zero_shot_dataset(name, data_root, protocol) for name in datasets}
     clip_model.get_tokenizer(model.config.vocab_size)  # the vocabulary too, before any work
-    if protocol == "released":
-        (mean, std), resize = stream.DATASET_STATS["imagenet-r"], "squash"  # ImageNet's statistics
-    mean, std, image_size = mean or model.config.image_mean, std or model.config.image_std, model.visual.image_size
+    if protocol == "released":  # squashed, with ImageNet's statistics
+        mean, std = stream.DATASET_STATS["imagenet-r"]
+        resize = "squash"
+    mean = mean or model.config.image_mean
+    std = std or model.config.image_std
+    image_size = model.visual.image_size
     device = torch.device(device)
-    was_training, accs = model.training, {}
+    was_training = model.training
     model.eval()
+    accs = {}
     try:
         with autocast(device, precision)():
-            for name, (ds, indices, class_names) in loaded.items():
-                classes = torch.tensor(list(class_names), device=device)  # (C,) the labels ranked
-                text = clip_model.class_text_features(model, list(class_names.values()), prompt).float()  # (C, D)
+            for name, (ds, indices, ranked) in loaded.items():
+                classes = torch.tensor(list(ranked), device=device)  # (C,) the labels ranked
+                text = clip_model.class_text_features(model, list(ranked.values()), prompt).float()  # (C, D)
                 correct = torch.zeros((), dtype=torch.long, device=device)
-                batches = stream.eval_batches(ds, indices, batch_size, workers, image_size=image_size, resize=resize)
+                batches = stream.eval_batches(ds, indices, batch_size, workers, image_size=image_size,
+                                              resize=resize)
                 for images, labels in tqdm(batches, desc=name, leave=False):
-                    images = stream.eval_transform(images.to(device, non_blocking=True), image_size, resize, mean, std)
+                    images = images.to(device, non_blocking=True)
+                    images = stream.eval_transform(images, image_size, resize, mean, std)
                     image = F.normalize(model.encode_image(images).float(), dim=-1)  # (B, D)
-                    correct += (classes[(image @ text.t()).argmax(dim=1)] == labels.to(device)).sum()
+                    predicted = classes[(image @ text.t()).argmax(dim=1)]  # (B,) labels
+                    correct += (predicted == labels.to(device)).sum()
                 accs[name] = correct.item() / len(indices)
     finally:
         model.train(was_training)
     return accs
-
 
 def zero_shot_markdown(accs):
     """Markdown table of zero-shot accuracies in percent, with their mean."""
@@ -234,14 +311,6 @@ def zero_shot_markdown(accs):
     if len(accs) > 1:
         lines.append(f"| mean | {100 * _mean(accs.values()):.2f} |")
     return "\n".join(lines)
-
-
-def write_json(path, obj):
-    """Write JSON atomically (a crash never leaves a half-written file)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def write_zero_shot(out_dir, accs, model, prompt, peft_weights=None, protocol="ours"):
@@ -254,13 +323,15 @@ def write_zero_shot(out_dir, accs, model, prompt, peft_weights=None, protocol="o
 def read_peft_file(path):
     """The dict train_online.py saves in OUT/peft.pt, checked for what is needed to rebuild the model."""
     keys = ["model", "peft", "encoder", "peft_args", "state_dict", "prompt"]
+    require(os.path.isfile(path), path, "no such file (train_online.py writes OUT/peft.pt)")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a missing or corrupt file; all mean the same to the user
-        why = (str(e).splitlines() or [""])[0][:200]
-        raise stream.DataError(f"{path}: not a readable peft.pt ({type(e).__name__}: {why})") from None
+    except Exception as e:  # many types, one meaning; torch's message advises unpickling code: unsafe
+        raise stream.DataError(f"{path}: not a torch file of tensors, as peft.pt is "
+                               f"({type(e).__name__})") from None
     ok = isinstance(saved, dict) and set(keys) <= saved.keys() and saved["peft"] in ("lora", "adapter")
-    require(ok, path, f"not the dict train_online.py saves in OUT/peft.pt (keys {keys}, peft lora or adapter)")
+    require(ok, path, f"not the dict train_online.py saves in OUT/peft.pt (keys {keys}, "
+                      "peft lora or adapter)")
     return saved
 
 
@@ -281,29 +352,13 @@ def load_peft_model(path, device="cpu"):
     return model.to(device).eval(), saved["prompt"]
 
 
-# ---- 4. analyses of run folders: seed tables, the grid of runs, the gradient timeline, plots -----
+# ---- 5. analyses of run folders: seed tables, the grid of runs, the gradient timeline, plots -----
 
 # Settings that should agree within a table row; the table warns when they do not.
 MUST_AGREE = ("model", "act", "n_tasks", "n", "m", "batch_size", "online_iter", "lr", "eval_period", "memory_size",
               "recipe", "lora_init", "double_softmax", "augment_per", "normalize", "test_resize", "class_names",
               "image_fit", "precision", "eval_split", "zero_shot_protocol")
 REPOSITORY = os.path.dirname(os.path.abspath(__file__))  # where `python train_online.py` runs from
-
-
-def require(ok, path, problem):
-    """The one user-facing check of files and folders: unless ok, stream.DataError 'PATH: PROBLEM'."""
-    if not ok:
-        raise stream.DataError(f"{path}: {problem}")
-
-
-def read_json(path, what):
-    """Parse a JSON file; `what` says who writes it, for the one error line when it is missing."""
-    require(os.path.isfile(path), path, f"no such file ({what})")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise stream.DataError(f"{path}: malformed JSON ({e})") from None
 
 
 def read_results(run_dir):
@@ -313,6 +368,8 @@ def read_results(run_dir):
     needed = ("config", "status", "seen_classes", "anytime", "task_end_samples", "class_acc") + METRICS
     missing = [k for k in needed if not isinstance(results, dict) or k not in results]
     require(not missing, path, f"missing key(s) {missing}")
+    if results["config"].get("test_resize") == "clip":  # written before "clip" was renamed "centre"
+        results["config"]["test_resize"] = "centre"
     return results
 
 
@@ -509,7 +566,7 @@ def save_png(fig, path):
     print(f"wrote {path}")
 
 
-# ---- 5. command line -----------------------------------------------------------------------------
+# ---- 6. command line -----------------------------------------------------------------------------
 
 
 def resolve_device(name):
@@ -522,23 +579,29 @@ def resolve_device(name):
 
 
 def cmd_zero_shot(args):
-    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
-    check_zero_shot_names(datasets)
     device = resolve_device(args.device)
     if args.peft_weights:
         saved = read_peft_file(args.peft_weights)
-        name, resize, recipe = saved["model"], saved.get("test_resize", "clip"), saved.get("recipe", {})
+        name = saved["model"]
+        resize = saved.get("test_resize", "centre")
+        resize = {"clip": "centre"}.get(resize, resize)  # written before the rename
+        recipe = saved.get("recipe", {})
         model, prompt = load_peft_model(args.peft_weights, device)  # with the run's mean/std
         out = args.out or os.path.dirname(os.path.abspath(args.peft_weights))
     else:
         model = clip_model.load(args.model, device, act=None if args.act == "auto" else args.act)
-        name, resize, recipe, prompt = args.model, "clip", {}, clip_model.PROMPT
-        slug = os.path.splitext(os.path.basename(args.model))[0] if os.path.isfile(args.model) else args.model
+        name = args.model
+        resize = "centre"
+        recipe = {}
+        prompt = clip_model.PROMPT
+        slug = args.model
+        if os.path.isfile(args.model):
+            slug = os.path.splitext(os.path.basename(args.model))[0]
         out = args.out or os.path.join("runs", "zero-shot", slug.replace("/", "-").replace("@", "-"))
-    protocol = args.protocol or recipe.get("zero_shot_protocol", "ours")  # the run's, unless told otherwise
+    protocol = args.protocol or recipe.get("zero_shot_protocol", "ours")  # the run's, unless told
     precision = args.precision or recipe.get("precision", "auto")
-    accs = zero_shot_transfer(model, datasets, args.data_root, prompt, device, args.batch_size, args.workers,
-                              resize=resize, protocol=protocol, precision=precision)
+    accs = zero_shot_transfer(model, args.datasets, args.data_root, prompt, device, args.batch_size,
+                              args.workers, resize=resize, protocol=protocol, precision=precision)
     print(zero_shot_markdown(accs))
     print(f"wrote {write_zero_shot(out, accs, name, prompt, args.peft_weights, protocol)}")
 
@@ -593,24 +656,64 @@ def cmd_plot_grad(args):
     plot_grad(records, read_results(args.run_dir), args.out or os.path.join(args.run_dir, "grad.png"))
 
 
+class HelpWithDefaults(argparse.HelpFormatter):
+    """--help adds "(default: X)" to each option whose default is worth saying."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help
+        return f"{action.help or ''} (default: %(default)s)".strip()
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose error is one line (the usage is --help's), and whose --help shows defaults."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=HelpWithDefaults, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def int_at_least(low):
+    """An argparse type: an integer, at least `low`."""
+    def integer(text):
+        if not text.lstrip("-").isdigit() or int(text) < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return int(text)
+    return integer
+
+
+def zero_shot_list(text):
+    """An argparse type: a comma-separated list of zero-shot data sets."""
+    datasets = [d.strip() for d in text.split(",") if d.strip()]
+    try:
+        check_zero_shot_names(datasets)
+    except stream.DataError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return datasets
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(description="Evaluate SIT-tuned CLIP runs: zero-shot transfer, tables, plots.")
+    parser = ArgumentParser(description="Evaluate SIT-tuned CLIP runs: zero-shot transfer, tables, plots.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("zero-shot", help="top-1 accuracy on other datasets (all classes) -> zero_shot.json")
     weights = p.add_mutually_exclusive_group(required=True)
     weights.add_argument("--peft-weights", help="OUT/peft.pt of a run (rebuilds the tuned model and its prompt)")
-    weights.add_argument("--model", help=f"plain CLIP: one of {clip_model.available_models()} or a checkpoint path")
+    weights.add_argument("--model", help=f"plain CLIP: one of {clip_model.available_models()} or a checkpoint")
     p.add_argument("--act", default="auto", choices=("auto",) + clip_model.ACTIVATIONS,
-                   help="MLP activation of --model: auto = open_clip_config.json beside it, else OpenAI's QuickGELU")
-    p.add_argument("--datasets", default=",".join(ZERO_SHOT_DATASETS), help=f"from {', '.join(ZERO_SHOT_CHOICES)}")
-    p.add_argument("--data-root", default="data", help="torchvision download folder; imagefolder reads ROOT/test/")
+                   help="MLP activation of --model: auto = open_clip_config.json beside it, else QuickGELU")
+    p.add_argument("--datasets", type=zero_shot_list, default=",".join(ZERO_SHOT_DATASETS),
+                   help=f"from {', '.join(ZERO_SHOT_CHOICES)}")
+    p.add_argument("--data-root", default="data", help="torchvision download folder; imagefolder: ROOT/test/")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--protocol", choices=ZERO_SHOT_PROTOCOLS, help="released: the released code's images, class "
-                   "names and preprocessing (default: the run's, from peft.pt, else ours)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=256)
+    p.add_argument("--workers", type=int_at_least(0), default=2)
+    p.add_argument("--protocol", choices=ZERO_SHOT_PROTOCOLS, help="released: the released code's images, "
+                   "class names and preprocessing (default: the run's, from peft.pt, else ours)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="auto: bf16 on CUDA (default: the run's)")
-    p.add_argument("--out", help="folder for zero_shot.json (default: beside --peft-weights, runs/zero-shot/<model>)")
+    p.add_argument("--out", help="folder for zero_shot.json (default: beside --peft-weights, "
+                   "runs/zero-shot/<model>)")
     p = commands.add_parser("table", help="Markdown table of A_auc, A_avg, A_last, F_last: mean ± std over seeds")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, or folders to search for them")
     p.add_argument("--unfinished", action="store_true", help="include interrupted or failed runs")
@@ -623,7 +726,7 @@ def build_parser():
     p.add_argument("--skip-finished", action="store_true", help="leave out runs with a finished results.json")
     p.add_argument("--slurm", action="store_true", help="print a SLURM job-array script instead (one GPU per run)")
     p.add_argument("--time", default="02:00:00", help="--slurm: the time limit of each run")
-    p.add_argument("--cpus", type=int, default=8, help="--slurm: CPU cores per run (data-loading workers)")
+    p.add_argument("--cpus", type=int_at_least(1), default=8, help="--slurm: CPU cores per run (data loading)")
     p.add_argument("--partition", help="--slurm: the SLURM partition to submit to")
     p = commands.add_parser("plot", help="PNG of anytime accuracy curves and per-class accuracy at task ends")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, or folders to search for them")
@@ -635,7 +738,8 @@ def build_parser():
 
 
 def main(argv=None):
-    """Run one command; bad input gives one error line on stderr and exit status 1, never a traceback."""
+    """Run one command. Bad input is one error line on stderr, never a traceback: exit status 2 for a
+    refused flag (argparse), 1 for a file, data set or download that fails."""
     args = build_parser().parse_args(argv)
     command = {"zero-shot": cmd_zero_shot, "table": cmd_table, "grid": cmd_grid, "plot": cmd_plot,
                "plot-grad": cmd_plot_grad}[args.command]
@@ -648,7 +752,6 @@ def main(argv=None):
         print(f"evaluate.py {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

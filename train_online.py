@@ -426,8 +426,11 @@ def run_stream(config, s):
     augment = stream.BatchAugment(image_size, seed=config.seed, mean=s.mean, std=s.std, per=config.augment_per)
     batches_of = functools.partial(stream.stream_batches, s.train_set, policy=policy, image_size=load_size,
                                    augment_per=config.augment_per, image_fit=config.image_fit)
-    online_iter, workers = (config.online_iter, config.workers) if config.peft != "none" else (0, 0)  # labels alone
-    batches = batches_of(s.split.tasks, config.batch_size, online_iter, workers=workers, seed=config.seed)
+    if config.peft == "none":  # zero-shot CLIP trains nothing: the labels alone, no image is read
+        batches = stream.stream_labels(s.train_set, s.split.tasks, config.batch_size)
+    else:
+        batches = batches_of(s.split.tasks, config.batch_size, config.online_iter, workers=config.workers,
+                             seed=config.seed)
     memory = None
     if config.memory_size > 0:
         load = functools.partial(batches_of, online_iter=1, workers=0)  # a memory batch, freshly augmented
@@ -470,9 +473,9 @@ def run_stream(config, s):
 
 # Each released behaviour that changes numbers is a switch (README, "Differences from the released code").
 RECIPES = {
-    "ours": dict(lora_init="zero", double_softmax=False, augment_per="sample", normalize="clip", test_resize="clip",
-                 class_names="readable", image_fit="centre", precision="auto", eval_split="test",
-                 zero_shot_protocol="ours"),
+    "ours": dict(lora_init="zero", double_softmax=False, augment_per="sample", normalize="clip",
+                 test_resize="centre", class_names="readable", image_fit="centre", precision="auto",
+                 eval_split="test", zero_shot_protocol="ours"),
     "released": dict(lora_init="released", double_softmax=True, augment_per="batch", normalize="dataset",
                      test_resize="squash", class_names="raw", image_fit="random", precision="fp32",
                      eval_split="train", zero_shot_protocol="released"),

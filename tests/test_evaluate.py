@@ -461,8 +461,8 @@ def test_zero_shot_prompts_use_the_protocols_class_names(tmp_path, monkeypatch, 
 
 
 @pytest.mark.parametrize("protocol, precision, expected", [
-    ("ours", "bf16", [("clip", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), torch.bfloat16]),
-    ("ours", "auto", [("clip", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), torch.float32]),  # auto: bf16 on CUDA only
+    ("ours", "bf16", [("centre", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), torch.bfloat16]),
+    ("ours", "auto", [("centre", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), torch.float32]),  # auto: bf16 on CUDA only
     ("released", "fp32", [("squash", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), torch.float32])])
 def test_zero_shot_normalizes_and_computes_as_the_protocol_and_precision_say(tmp_path, monkeypatch, protocol,
                                                                              precision, expected):

@@ -463,11 +463,11 @@ class Photos(torch.utils.data.Dataset):
         return TF.to_pil_image(pixels).convert(self.modes[i % 4]), i % 3
 
 
-@pytest.mark.parametrize("resize", ["clip", "squash"])
+@pytest.mark.parametrize("resize", ["centre", "squash"])
 def test_test_images_of_any_mode_and_size_equal_the_pil_preprocessing_exactly(resize):
     # zero-shot transfer: fitted to image_size when loaded, then eval_transform; OpenAI's PIL pipeline, or the released
     mode = T.InterpolationMode
-    geometry = ([T.Resize(16, interpolation=mode.BICUBIC), T.CenterCrop(16)] if resize == "clip"
+    geometry = ([T.Resize(16, interpolation=mode.BICUBIC), T.CenterCrop(16)] if resize == "centre"
                 else [T.Resize((16, 16), interpolation=mode.BILINEAR)])
     reference = T.Compose(geometry + [T.Lambda(lambda image: image.convert("RGB")), T.ToTensor(),
                                       T.Normalize(CLIP_MEAN, CLIP_STD)])
