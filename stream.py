@@ -44,15 +44,11 @@ class StreamSplit(NamedTuple):
 
 def si_blurry_split(targets, num_classes, n_tasks=5, n=50, m=10, seed=1, stochastic=True):
     """Si-Blurry stream (stochastic) or i-Blurry-like stream: N% of classes disjoint, M% of blurry
-    samples blurred. Returns a StreamSplit of lists per task: the dataset indices of each task in
-    stream order, its disjoint and its blurry classes, and the indices it received from the pool of
-    blurred samples.
-
-    As released, it drops what does not divide evenly into the tasks: the disjoint classes are
-    rounded down to a multiple of n_tasks, then the blurry ones, and the classes left over go with
-    all their samples (7 classes in 5 tasks, seed 1: classes 2 and 4, 200 of 700 samples);
-    stochastic=False also drops the last len(pool) % n_tasks samples of the pool. `describe_stream`
-    counts the dropped classes."""
+    samples blurred. Returns a StreamSplit: per task, its dataset indices in stream order, its
+    disjoint and blurry classes, the indices it got from the blur pool.
+    As released, class counts are rounded down to multiples of n_tasks and the classes left over are
+    dropped with their samples (7 classes in 5 tasks, seed 1: classes 2 and 4, 200 of 700 samples);
+    stochastic=False also drops the last len(pool) % n_tasks pooled samples."""
     if not 1 <= n_tasks <= num_classes:
         raise ValueError(f"n_tasks={n_tasks} is outside 1..num_classes={num_classes}: "
                          "every class would be dropped")
@@ -139,7 +135,7 @@ def _pool(blurry_indices, taken: list[int], g: torch.Generator) -> tuple[list, l
 
 
 def _first_names(cs, classes) -> str:
-    """' (name, name, name, ...)': the names of the first three classes of cs ('' for none)."""
+    """' (name, name, name, ...)': the first three classes of cs ('' for none)."""
     if not cs:
         return ""
     more = ", ..." if len(cs) > 3 else ""
@@ -203,9 +199,8 @@ class SyntheticDataset(Dataset):
         self.train = train
 
     def pattern(self, c: int) -> tuple[bool, int]:
-        """Class c's grating: (vertical stripes?, number of stripes). Beyond ten classes the stripe
-        counts grow by 10 with each further ten (distinct names, but too fine for a tiny model at 32
-        px: benchmarks only)."""
+        """Class c's grating: (vertical stripes?, number of stripes); beyond ten classes, 10 more
+        stripes per ten classes (too fine for a tiny model at 32 px: for benchmarks)."""
         k = len(self.FREQUENCIES)
         return (c // k) % 2 == 1, self.FREQUENCIES[c % k] + 10 * (c // (2 * k))
 
@@ -288,13 +283,11 @@ def _read_lines(path: str) -> list[str]:
 
 
 def download_archive(what: str, url: str, root: str, md5: str, filename: str = None) -> None:
-    """Download an archive into root and unpack it there (tqdm bar, md5 check). An archive already
-    at root/filename with the right md5 is unpacked without a connection: that is where to put it by
-    hand. A failed download leaves no new empty folder; a partial archive fails the md5 check next
-    time."""
+    """Download an archive into root and unpack it there (md5-checked). An archive already at
+    root/filename with the right md5 is unpacked without a connection: put it there by hand."""
     filename = filename or os.path.basename(url)
     archive = os.path.join(root, filename)
-    try:
+    try:  # a failed download leaves no empty folder; a partial archive fails the md5 check
         with clip_model.undo_new_folders(root):
             download_and_extract_archive(url, root, filename=filename, md5=md5)
     except RuntimeError as err:  # torchvision's md5 check after the download
@@ -411,7 +404,7 @@ def load_dataset(name: str, root: str, train: bool, download: bool = True) -> Da
 
 POLICIES = {"cifar10": AutoAugmentPolicy.CIFAR10, "imagenet": AutoAugmentPolicy.IMAGENET}
 AUGMENT_PER = ("sample", "batch")  # one random draw per sample (ours) or per batch (released)
-# Geometries of `fit_image`: variable-size images when loaded (--image-fit), test images (--test-resize)
+# Geometries of `fit_image`: variable-size images when loaded (--image-fit), test images
 IMAGE_FITS = ("centre", "random")
 TEST_RESIZES = ("centre", "squash")
 # The released code normalizes with the dataset's channel statistics, training and test images alike.
@@ -498,11 +491,9 @@ def _augment(autoaugment: AutoAugment, image: Image.Image, seed: int) -> Image.I
 
 
 class StreamBatches(Dataset):
-    """Item b is batch b of the online stream (a StreamBatch): tasks in order, batches never cross a
-    task boundary. AutoAugment is drawn per sample, or once per batch and online iteration
-    (augment_per="batch", as released); its draws are a function of the seed and the stream position
-    (or the batch), so the same whatever reads them. Images are brought to `image_size` by
-    `image_fit` when loaded (None: as they are)."""
+    """Item b: batch b of the stream (a StreamBatch); batches never cross a task boundary. AutoAugment
+    is drawn per sample, or once per batch and online iteration (augment_per="batch", as released),
+    from the seed and the stream position. Images are brought to `image_size` by `image_fit`."""
 
     def __init__(self, dataset, tasks, batch_size=64, online_iter=3, policy="cifar10", seed=1,
                  image_size=None, augment_per="sample", image_fit="centre"):
@@ -553,13 +544,9 @@ def stream_batches(dataset, tasks, batch_size=64, online_iter=3, policy="cifar10
 
 
 def stream_labels(dataset, tasks, batch_size=64) -> list[StreamBatch]:
-    """The stream's batches with their labels alone (images None): for zero-shot CLIP, which trains
-    nothing, so no image is read."""
-    batches = []
-    for task, indices in task_batches(tasks, batch_size):
-        labels = torch.tensor([dataset.targets[i] for i in indices])
-        batches.append(StreamBatch(task, None, labels, torch.tensor(indices)))
-    return batches
+    """The stream's batches, labels alone (images None): zero-shot CLIP trains nothing."""
+    return [StreamBatch(t, None, torch.tensor([dataset.targets[i] for i in b]), torch.tensor(b))
+            for t, b in task_batches(tasks, batch_size)]
 
 
 @functools.cache
@@ -619,10 +606,9 @@ class BatchAugment:
 
 def eval_batches(dataset, indices, batch_size=512, workers=2, image_size=None, resize="centre",
                  image_fit="centre", seed=0):
-    """Test samples in index order as an iterable of (uint8 RGB images (B, 3, H, W), labels (B,))
-    for eval_transform. With an `image_size`, images are fitted when loaded by `resize` (one of
-    TEST_RESIZES), after, with image_fit="random", the released ImageNet-R random crop (drawn once
-    per image from `seed`)."""
+    """Test samples in index order as an iterable of (uint8 RGB images (B, 3, H, W), labels (B,)).
+    With an `image_size`, images are fitted when loaded by `resize`, after, with image_fit="random",
+    the released ImageNet-R random crop (drawn once per image from `seed`)."""
     indices = [int(i) for i in indices]
     chunks = [indices[b:b + batch_size] for b in range(0, len(indices), batch_size)]
     load = functools.partial(_eval_batch, dataset, image_size, resize, image_fit, seed)
@@ -645,9 +631,8 @@ def _eval_batch(dataset, image_size, resize, image_fit, seed, indices):
 
 def eval_transform(images: torch.Tensor, image_size: int, resize="centre",
                    mean=clip_model.CLIP_MEAN, std=clip_model.CLIP_STD) -> torch.Tensor:
-    """uint8 test images (N, 3, H, W) -> float (N, 3, n, n), n = image_size, batched on the device:
-    the geometry `resize` (one of TEST_RESIZES; images already n x n pass unchanged), then
-    normalize."""
+    """uint8 test images (N, 3, H, W) -> float (N, 3, n, n), n = image_size, on the device: the
+    geometry `resize` (images already n x n pass unchanged), then normalize."""
     return normalize(fit_image(images, image_size, resize), mean, std)
 
 
