@@ -1,13 +1,14 @@
-"""OpenAI's CLIP (Radford et al., "Learning Transferable Visual Models From Natural Language
+"""
+OpenAI's CLIP (Radford et al., "Learning Transferable Visual Models From Natural Language
 Supervision"): the ViT image tower and the text transformer, with parameter names equal to the keys
 of OpenAI's state dicts, so their weights load strictly without renaming. Then `build_model` (every
 size read off the tensors), checkpoints (OpenAI's, downloaded and SHA256-verified; plain or
 open_clip state dicts), the byte-level BPE tokenizer, and the zero-shot helpers.
 """
 
+import contextlib
 import gzip
 import hashlib
-import contextlib
 import html
 import importlib.util
 import json
@@ -232,6 +233,10 @@ class CLIP(nn.Module):
         return logits_per_image, logits_per_image.t()
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupt, or not an OpenAI-layout ViT CLIP."""
+
+
 def build_model(state_dict, act="quickgelu", **settings) -> CLIP:
     """Build a CLIP whose every size is read off OpenAI-layout tensors, then load them strictly
     (fp32). What the tensors cannot tell comes from `act` and `settings` (CLIPConfig fields: head
@@ -319,10 +324,6 @@ _MODELS = {  # the folder of each URL is the file's SHA256, verified after downl
 CACHE_DIR = os.path.expanduser("~/.cache/clip")  # OpenAI's weights and the BPE vocabulary
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, corrupt, or not an OpenAI-layout ViT CLIP."""
-
-
 class DownloadError(OSError):
     def __init__(self, what, url, error, put_at):
         reason = getattr(error, "reason", error)  # a URLError wraps the OS error that says why
@@ -345,8 +346,7 @@ def sha256sum(path):
 
 @contextlib.contextmanager
 def undo_new_folders(folder):
-    """On an exception inside, remove `folder` and those of its parents that did not exist before
-    and are still empty: a failed download leaves no empty folder behind."""
+    """On an exception inside, remove `folder` and its parents where they are new and still empty."""
     new = []  # deepest first
     while folder and not os.path.exists(folder):
         new.append(folder)
@@ -362,11 +362,11 @@ def undo_new_folders(folder):
 
 def download(url, root, sha256, what=None):
     """The path of `url`'s file in `root`: a verified copy there (no connection opened), or
-    downloaded and verified. A failed download leaves neither a file nor a new folder behind."""
+    downloaded and verified (a failed download leaves no file, no new folder)."""
     path = os.path.join(root, os.path.basename(url))
     if os.path.isfile(path) and sha256sum(path) == sha256:
         return path
-    tmp = path + ".part"  # only a verified file gets the name the next run looks for
+    tmp = path + ".part"  # only a verified file gets the name the next run trusts
     with undo_new_folders(root):
         os.makedirs(root, exist_ok=True)
         try:
@@ -488,7 +488,10 @@ def load(name_or_path, device="cpu", download_root=None, act=None) -> CLIP:
     path = checkpoint_path(name_or_path, download_root)
     state_dict = read_state_dict(path)
     config_path = os.path.join(os.path.dirname(os.path.abspath(path)), OPEN_CLIP_CONFIG)
-    settings, sizes = open_clip_settings(config_path) if os.path.isfile(config_path) else ({}, {})
+    settings = {}
+    sizes = {}
+    if os.path.isfile(config_path):
+        settings, sizes = open_clip_settings(config_path)
     if act is not None:
         settings["act"] = act
     elif not settings and name_or_path not in _MODELS and not is_torchscript(path):
@@ -568,7 +571,8 @@ class Tokenizer:
         self.encoder = {token: i for i, token in enumerate(vocab)}
         self.bpe_ranks = {m: i for i, m in enumerate(merges)}
         self.cache = {"<|startoftext|>": "<|startoftext|>", "<|endoftext|>": "<|endoftext|>"}
-        self.sot, self.eot = self.encoder["<|startoftext|>"], self.encoder["<|endoftext|>"]
+        self.sot = self.encoder["<|startoftext|>"]
+        self.eot = self.encoder["<|endoftext|>"]
 
     def bpe(self, token):
         """Greedily merge the lowest-ranked adjacent pair until no known merge is left."""
@@ -635,9 +639,8 @@ PROMPT = "a bad photo of a {}."
 
 
 def trim_padding(tokens):
-    """Drop the padding columns after the last end-of-text token: under the causal mask nothing
-    after it reaches it, so the features are unchanged, and "a bad photo of a {}." runs on ~10
-    positions instead of 77."""
+    """Drop the padding columns after the last end-of-text token: under the causal mask they never
+    reach it, so the features are unchanged, and prompts run on ~10 positions instead of 77."""
     return tokens[:, :int(tokens.argmax(dim=-1).max()) + 1]
 
 

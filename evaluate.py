@@ -566,7 +566,7 @@ def plot_grad(records, results, out_png):
     fig = matplotlib_figure()(figsize=(12, height), layout="constrained")
     row = {c: i for i, c in enumerate(classes)}
     pos = [[math.nan] * len(records) for _ in classes]  # (classes, steps)
-    neg = [[math.nan] * len(records) for _ in classes]  # (classes, steps)
+    neg = [row[:] for row in pos]
     for j, r in enumerate(records):
         for c, p, n in zip(r["classes"], r["pos"], r["neg"]):
             pos[row[c]][j] = p

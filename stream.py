@@ -145,8 +145,8 @@ def _first_names(cs, classes) -> str:
 def describe_stream(split: StreamSplit, targets, classes) -> str:
     """A one-screen summary of a stream: per task, its classes, samples, and samples blurred in and out."""
     owner = {}  # class -> the task that owns it
-    for classes_per_task in (split.disjoint_classes, split.blurry_classes):
-        for t, cs in enumerate(classes_per_task):
+    for per_task in (split.disjoint_classes, split.blurry_classes):
+        for t, cs in enumerate(per_task):
             owner.update(dict.fromkeys(cs, t))
     # (owning task, task) of every sample
     moves = [(owner[int(targets[i])], t) for t, task in enumerate(split.tasks) for i in task]
@@ -545,8 +545,8 @@ def stream_batches(dataset, tasks, batch_size=64, online_iter=3, policy="cifar10
 
 def stream_labels(dataset, tasks, batch_size=64) -> list[StreamBatch]:
     """The stream's batches, labels alone (images None): zero-shot CLIP trains nothing."""
-    return [StreamBatch(t, None, torch.tensor([dataset.targets[i] for i in b]), torch.tensor(b))
-            for t, b in task_batches(tasks, batch_size)]
+    return [StreamBatch(t, None, torch.tensor([dataset.targets[i] for i in ids]), torch.tensor(ids))
+            for t, ids in task_batches(tasks, batch_size)]
 
 
 @functools.cache
