@@ -36,9 +36,7 @@ METRICS = ("A_auc", "A_avg", "A_last", "F_last")
 
 
 def _mean(values):
-    if not values:
-        return None
-    return sum(values) / len(values)
+    return sum(values) / len(values) if values else None
 
 
 def a_auc(anytime_accs):
