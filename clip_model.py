@@ -1,10 +1,12 @@
 """
-OpenAI's CLIP (Radford et al., "Learning Transferable Visual Models From Natural Language Supervision"): the ViT image
-tower and the text transformer, with parameter names equal to the keys of OpenAI's state dicts, so their weights load
-strictly without renaming. Then `build_model` (every size read off the tensors), checkpoints (OpenAI's, downloaded
-and SHA256-verified; plain or open_clip state dicts), the byte-level BPE tokenizer, and the zero-shot helpers.
+OpenAI's CLIP (Radford et al., "Learning Transferable Visual Models From Natural Language
+Supervision"): the ViT image tower and the text transformer, with parameter names equal to the keys
+of OpenAI's state dicts, so their weights load strictly without renaming. Then `build_model` (every
+size read off the tensors), checkpoints (OpenAI's, downloaded and SHA256-verified; plain or
+open_clip state dicts), the byte-level BPE tokenizer, and the zero-shot helpers.
 """
 
+import contextlib
 import gzip
 import hashlib
 import html
@@ -33,8 +35,9 @@ class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in fp32 whatever the input dtype (as OpenAI's, for fp16/bf16 safety)."""
 
     def forward(self, x):
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
-                            self.eps).type_as(x)
+        weight = self.weight.float()
+        bias = self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
 
 
 class QuickGELU(nn.Module):
@@ -44,7 +47,8 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = ("quickgelu", "gelu")  # OpenAI's CLIP; most open_clip checkpoints (LAION, DataComp, MetaCLIP) use GELU
+# OpenAI's CLIP; most open_clip checkpoints (LAION, DataComp, MetaCLIP) use GELU
+ACTIVATIONS = ("quickgelu", "gelu")
 
 
 class Attention(nn.Module):
@@ -98,7 +102,7 @@ class Transformer(nn.Module):
 
 # ---- the two towers and CLIP ---------------------------------------------------------------------
 
-# The image normalization OpenAI's CLIP was trained with (open_clip checkpoints may bring their own).
+# The image normalization OpenAI's CLIP was trained with (open_clip checkpoints may have their own).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -111,14 +115,14 @@ class CLIPConfig:
     vision_width: int = 768
     vision_patch_size: int = 16
     context_length: int = 77       # text tokens, start and end-of-text included
-    vocab_size: int = 49408        # BPE vocabulary incl. the two special tokens (see `get_tokenizer`)
+    vocab_size: int = 49408        # BPE vocabulary and the two special tokens (see `get_tokenizer`)
     transformer_width: int = 512   # text tower width
-    transformer_heads: int = None  # None: transformer_width // 64 (OpenAI's; open_clip's ViT-H/g/bigG differ)
+    transformer_heads: int = None  # None: transformer_width // 64 (open_clip's ViT-H/g/bigG differ)
     transformer_layers: int = 12
     vision_heads: int = None       # None: vision_width // 64
-    vision_mlp_width: int = None   # None: 4 * vision_width (open_clip's ViT-g/bigG use other MLP ratios)
+    vision_mlp_width: int = None   # None: 4 * vision_width (open_clip's ViT-g/bigG: other ratios)
     transformer_mlp_width: int = None  # None: 4 * transformer_width
-    act: str = "quickgelu"         # MLP activation, one of ACTIVATIONS; nothing in the weights tells which
+    act: str = "quickgelu"         # MLP activation, one of ACTIVATIONS (the weights do not tell)
     image_mean: tuple = CLIP_MEAN  # per-channel normalization the image tower was trained with
     image_std: tuple = CLIP_STD
 
@@ -129,14 +133,16 @@ class CLIPConfig:
         self.transformer_heads = self.transformer_heads or self.transformer_width // 64
         self.vision_mlp_width = self.vision_mlp_width or 4 * self.vision_width
         self.transformer_mlp_width = self.transformer_mlp_width or 4 * self.transformer_width
-        for width, heads in ((self.vision_width, self.vision_heads), (self.transformer_width, self.transformer_heads)):
+        for width, heads in [(self.vision_width, self.vision_heads),
+                             (self.transformer_width, self.transformer_heads)]:
             if heads < 1 or width % heads:
                 raise ValueError(f"width {width} does not split into {heads} attention heads")
 
 
-# The same layout at toy size (width 64, 2 layers, one head, 32 px): for tests and `train_online.py --smoke`.
-TINY_CONFIG = CLIPConfig(embed_dim=32, image_size=32, vision_layers=2, vision_width=64, vision_patch_size=8,
-                         transformer_width=64, transformer_heads=1, transformer_layers=2)
+# The same layout at toy size (width 64, 2 layers, one head, 32 px): for tests and `--smoke`.
+TINY_CONFIG = CLIPConfig(embed_dim=32, image_size=32, vision_layers=2, vision_width=64,
+                         vision_patch_size=8, transformer_width=64, transformer_heads=1,
+                         transformer_layers=2)
 
 
 class VisionTransformer(nn.Module):
@@ -148,7 +154,8 @@ class VisionTransformer(nn.Module):
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         scale = width ** -0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn((image_size // patch_size) ** 2 + 1, width))
+        n_patches = (image_size // patch_size) ** 2
+        self.positional_embedding = nn.Parameter(scale * torch.randn(n_patches + 1, width))
         self.ln_pre = LayerNorm(width)
         self.transformer = Transformer(width, layers, heads, mlp_width, act)
         self.ln_post = LayerNorm(width)
@@ -158,7 +165,8 @@ class VisionTransformer(nn.Module):
         x = self.conv1(x)  # (B, width, grid, grid)
         x = x.flatten(2).transpose(1, 2)  # (B, grid*grid, width)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, width)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1+grid*grid, width)
+        x = torch.cat([cls, x], dim=1)  # (B, 1+grid*grid, width)
+        x = x + self.positional_embedding.to(x.dtype)
         x = self.transformer(self.ln_pre(x))
         return self.ln_post(x[:, 0]) @ self.proj  # (B, output_dim)
 
@@ -169,12 +177,13 @@ class CLIP(nn.Module):
     def __init__(self, config: CLIPConfig):
         super().__init__()
         self.config = c = config
-        self.visual = VisionTransformer(c.image_size, c.vision_patch_size, c.vision_width, c.vision_layers,
-                                        c.vision_heads, c.vision_mlp_width, c.act, c.embed_dim)
+        self.visual = VisionTransformer(c.image_size, c.vision_patch_size, c.vision_width,
+                                        c.vision_layers, c.vision_heads, c.vision_mlp_width, c.act,
+                                        c.embed_dim)
         self.token_embedding = nn.Embedding(c.vocab_size, c.transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(c.context_length, c.transformer_width))
-        self.transformer = Transformer(c.transformer_width, c.transformer_layers, c.transformer_heads,
-                                       c.transformer_mlp_width, c.act)
+        self.transformer = Transformer(c.transformer_width, c.transformer_layers,
+                                       c.transformer_heads, c.transformer_mlp_width, c.act)
         self.ln_final = LayerNorm(c.transformer_width)
         self.text_projection = nn.Parameter(torch.empty(c.transformer_width, c.embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(4.6052))  # log(100)
@@ -184,7 +193,8 @@ class CLIP(nn.Module):
         # OpenAI's initialization, so that random models (tests, --smoke) are well-scaled
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        for tower, width in ((self.transformer, c.transformer_width), (self.visual.transformer, c.vision_width)):
+        for tower, width in [(self.transformer, c.transformer_width),
+                             (self.visual.transformer, c.vision_width)]:
             proj_std = (width ** -0.5) * ((2 * len(tower.resblocks)) ** -0.5)
             for block in tower.resblocks:
                 nn.init.normal_(block.attn.in_proj_weight, std=width ** -0.5)
@@ -202,12 +212,15 @@ class CLIP(nn.Module):
         return self.visual(images.to(self.dtype))
 
     def encode_text(self, tokens):
-        """(B, T) token ids, T <= context_length -> (B, embed_dim) unnormalized features at the end-of-text token."""
+        """(B, T) token ids, T <= context_length -> (B, embed_dim) unnormalized features at the
+        end-of-text token."""
         T = tokens.shape[1]
-        x = self.token_embedding(tokens) + self.positional_embedding[:T].to(self.dtype)  # (B, T, width)
+        x = self.token_embedding(tokens)  # (B, T, width)
+        x = x + self.positional_embedding[:T].to(self.dtype)
         x = self.ln_final(self.transformer(x, self.causal_mask[:T, :T]))
         eot = tokens.argmax(dim=-1)  # end-of-text has the largest id
-        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection  # (B, embed_dim)
+        rows = torch.arange(x.shape[0], device=x.device)
+        return x[rows, eot] @ self.text_projection  # (B, embed_dim)
 
     def forward(self, images, tokens):
         image_features = F.normalize(self.encode_image(images), dim=-1)
@@ -216,30 +229,47 @@ class CLIP(nn.Module):
         return logits_per_image, logits_per_image.t()
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupt, or not an OpenAI-layout ViT CLIP."""
+
+
 def build_model(state_dict, act="quickgelu", **settings) -> CLIP:
-    """Build a CLIP whose every size is read off OpenAI-layout tensors, then load them strictly (fp32). What the
-    tensors cannot tell comes from `act` and `settings` (CLIPConfig fields: head counts, image_mean, image_std)."""
+    """Build a CLIP whose every size is read off OpenAI-layout tensors, then load them strictly
+    (fp32). What the tensors cannot tell comes from `act` and `settings` (CLIPConfig fields: head
+    counts, image_mean, image_std)."""
     # OpenAI's TorchScript archives also hold these three sizes as tensors
-    sd = {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
-    if "visual.proj" not in sd:
-        if any(k.startswith("visual.layer1.") for k in sd):
-            raise CheckpointError("this is a ResNet CLIP checkpoint; only ViT CLIP models are supported")
-        raise CheckpointError("not an OpenAI-layout ViT CLIP state dict (no 'visual.proj' key)")
+    sizes_as_tensors = ("input_resolution", "context_length", "vocab_size")
+    sd = {k: v for k, v in state_dict.items() if k not in sizes_as_tensors}
+    if any(k.startswith("visual.layer1.") for k in sd):
+        raise CheckpointError("this is a ResNet CLIP checkpoint; only ViT CLIP models are supported")
+
+    def shape(key):
+        if key not in sd:
+            raise CheckpointError(f"not an OpenAI-layout ViT CLIP state dict (no {key!r} key)")
+        return sd[key].shape
+
+    def n_blocks(tower):
+        return sum(k.startswith(tower + ".") and k.endswith(".ln_1.weight") for k in sd)
+
+    patch = shape("visual.conv1.weight")[-1]
+    grid = round((shape("visual.positional_embedding")[0] - 1) ** 0.5)  # patches per image side
+    sizes = dict(
+        embed_dim=shape("text_projection")[1],
+        image_size=patch * grid,
+        vision_patch_size=patch,
+        vision_width=shape("visual.conv1.weight")[0],
+        vision_layers=n_blocks("visual"),
+        vision_mlp_width=shape("visual.transformer.resblocks.0.mlp.c_fc.weight")[0],
+        context_length=shape("positional_embedding")[0],
+        vocab_size=shape("token_embedding.weight")[0],
+        transformer_width=shape("ln_final.weight")[0],
+        transformer_layers=n_blocks("transformer"),
+        transformer_mlp_width=shape("transformer.resblocks.0.mlp.c_fc.weight")[0],
+    )
     try:
-        patch = sd["visual.conv1.weight"].shape[-1]
-        grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-        inferred = dict(embed_dim=sd["text_projection"].shape[1], image_size=patch * grid, vision_patch_size=patch,
-                        vision_width=sd["visual.conv1.weight"].shape[0],
-                        vision_layers=sum(k.startswith("visual.") and k.endswith(".ln_1.weight") for k in sd),
-                        vision_mlp_width=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-                        context_length=sd["positional_embedding"].shape[0],
-                        vocab_size=sd["token_embedding.weight"].shape[0],
-                        transformer_width=sd["ln_final.weight"].shape[0],
-                        transformer_layers=sum(k.startswith("transformer.") and k.endswith(".ln_1.weight") for k in sd),
-                        transformer_mlp_width=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0])
-        model = CLIP(CLIPConfig(**{**inferred, "act": act, **settings}))
+        model = CLIP(CLIPConfig(**{**sizes, "act": act, **settings}))
         model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a missing key, a bad setting, a wrong shape
+    except (TypeError, ValueError, RuntimeError) as e:  # a bad setting, a missing key, a bad shape
         raise CheckpointError(f"cannot build a ViT CLIP from this state dict and these settings "
                               f"({type(e).__name__}: {' '.join(str(e).split())})") from None
     return model.eval()
@@ -252,20 +282,17 @@ _MODELS = {  # the folder of each URL is the file's SHA256, verified after downl
     "ViT-B/32": f"{_BASE}/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
     "ViT-B/16": f"{_BASE}/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
     "ViT-L/14": f"{_BASE}/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
-    "ViT-L/14@336px": f"{_BASE}/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
+    "ViT-L/14@336px": f"{_BASE}/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/"
+                      "ViT-L-14-336px.pt",
 }
 CACHE_DIR = os.path.expanduser("~/.cache/clip")  # OpenAI's weights and the BPE vocabulary
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, corrupt, or not an OpenAI-layout ViT CLIP."""
-
-
 class DownloadError(OSError):
     def __init__(self, what, url, error, put_at):
-        reason = getattr(error, "reason", error)  # urllib's URLError wraps the OS error that says why
-        super().__init__(f"could not download {what} from {url} ({reason}); without network, fetch it elsewhere "
-                         f"and put it at {put_at}")
+        reason = getattr(error, "reason", error)  # a URLError wraps the OS error that says why
+        super().__init__(f"could not download {what} from {url} ({reason}); without network, "
+                         f"fetch it elsewhere and put it at {put_at}")
 
 
 def available_models():
@@ -281,40 +308,63 @@ def sha256sum(path):
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def undo_new_folders(folder):
+    """On an exception inside, remove `folder` and its parents where they are new and still empty."""
+    new = []  # deepest first
+    while folder and not os.path.exists(folder):
+        new.append(folder)
+        folder = os.path.dirname(folder)
+    try:
+        yield
+    except BaseException:
+        for path in new:
+            if os.path.isdir(path) and not os.listdir(path):
+                os.rmdir(path)
+        raise
+
+
 def download(url, root, sha256, what=None):
-    """The path of `url`'s file in `root`: a verified copy there (no connection opened), or downloaded and verified."""
-    os.makedirs(root, exist_ok=True)
+    """The path of `url`'s file in `root`: a verified copy there (no connection opened), or
+    downloaded and verified (a failed download leaves no file, no new folder)."""
     path = os.path.join(root, os.path.basename(url))
     if os.path.isfile(path) and sha256sum(path) == sha256:
         return path
-    tmp = path + ".part"
-    try:
-        with urllib.request.urlopen(url) as source, open(tmp, "wb") as out:
-            with tqdm.wrapattr(out, "write", total=getattr(source, "length", None), desc=os.path.basename(url)) as bar:
-                shutil.copyfileobj(source, bar)
-    except OSError as e:  # no network, DNS, HTTP error (a URLError is an OSError), or a broken connection
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise DownloadError(what or os.path.basename(url), url, e, path) from None
-    if sha256sum(tmp) != sha256:
-        os.remove(tmp)
-        raise CheckpointError(f"{url}: downloaded file does not match its SHA256 {sha256}")
+    tmp = path + ".part"  # only a verified file gets the name the next run trusts
+    with undo_new_folders(root):
+        os.makedirs(root, exist_ok=True)
+        try:
+            with urllib.request.urlopen(url) as source, open(tmp, "wb") as out:
+                size = getattr(source, "length", None)
+                with tqdm.wrapattr(out, "write", total=size, desc=os.path.basename(url)) as bar:
+                    shutil.copyfileobj(source, bar)
+            if sha256sum(tmp) != sha256:
+                raise CheckpointError(f"{url}: downloaded file does not match its SHA256 {sha256}")
+        except BaseException as e:  # Ctrl-C too
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            if isinstance(e, OSError):  # no network, DNS, HTTP error (URLError), broken connection
+                raise DownloadError(what or os.path.basename(url), url, e, path) from None
+            raise
     os.replace(tmp, path)
     return path
 
 
 def checkpoint_path(name_or_path, download_root=None):
-    """The local file of an OpenAI model name (downloaded once, SHA256-verified) or of a checkpoint path."""
+    """The local file of an OpenAI model name (downloaded once, SHA256-verified) or of a checkpoint
+    path."""
     if name_or_path in _MODELS:
         url = _MODELS[name_or_path]
-        return download(url, download_root or CACHE_DIR, url.split("/")[-2], f"the CLIP {name_or_path} weights")
+        sha256 = url.split("/")[-2]
+        return download(url, download_root or CACHE_DIR, sha256, f"the CLIP {name_or_path} weights")
     if os.path.isfile(name_or_path):
         return name_or_path
-    raise CheckpointError(f"{name_or_path}: no such checkpoint file, nor a model name in {available_models()}")
+    raise CheckpointError(f"{name_or_path}: no such checkpoint file, "
+                          f"nor a model name in {available_models()}")
 
 
 def is_torchscript(path):
-    """TorchScript archives (how OpenAI ships CLIP) are zip files with compiled code beside the pickled tensors."""
+    """TorchScript archives (how OpenAI ships CLIP): zip files, code beside the pickled tensors."""
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as archive:
@@ -322,16 +372,17 @@ def is_torchscript(path):
 
 
 def read_state_dict(path):
-    """Tensors of a TorchScript archive, a state dict, or a training checkpoint (open_clip's epoch_N.pt)."""
+    """Tensors of a TorchScript archive, a state dict, or a training checkpoint (open_clip's
+    epoch_N.pt)."""
     try:
         if is_torchscript(path):
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, but it is OpenAI's format
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated: OpenAI's
                 return torch.jit.load(path, map_location="cpu").state_dict()
         sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except Exception as e:  # not torch's message: it advises unpickling code, unsafe for a download
         raise CheckpointError(f"{path}: not a TorchScript archive nor a torch state dict "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+                              f"of tensors ({type(e).__name__})") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -342,32 +393,40 @@ def read_state_dict(path):
 
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"  # beside open_clip's weights, as on its model hubs
-# open_clip options that change the forward pass without changing the state-dict keys, or that we do not implement:
-# a config that sets one to another value than open_clip's default is refused, never loaded as a different model.
-_OPEN_CLIP_OFF = ("timm_model_name attentional_pool no_ln_pre hf_model_name hf_tokenizer_name tokenizer_kwargs "
-                  "no_causal_mask final_ln_after_pool embed_cls proj_bias ls_init_value act_kwargs norm_kwargs qk_norm "
-                  "scaled_cosine_attn scale_heads scale_attn_inner scale_attn scale_fc").split()  # default: unset
-_OPEN_CLIP_DEFAULTS = {"vision_cfg": {"pool_type": "tok", "pos_embed_type": "learnable", "block_type": "default"},
-                       "text_cfg": {"pool_type": "argmax", "proj_type": "linear", "block_type": "default"}}
+# open_clip options that change the forward pass without changing the state-dict keys, or that we do
+# not implement: a config that sets one to another value than open_clip's default is refused, never
+# loaded as a different model.
+_OPEN_CLIP_OFF = (  # default: unset
+    "timm_model_name attentional_pool no_ln_pre hf_model_name hf_tokenizer_name tokenizer_kwargs "
+    "no_causal_mask final_ln_after_pool embed_cls proj_bias ls_init_value act_kwargs norm_kwargs "
+    "qk_norm scaled_cosine_attn scale_heads scale_attn_inner scale_attn scale_fc").split()
+_OPEN_CLIP_DEFAULTS = {
+    "vision_cfg": {"pool_type": "tok", "pos_embed_type": "learnable", "block_type": "default"},
+    "text_cfg": {"pool_type": "argmax", "proj_type": "linear", "block_type": "default"},
+}
 
 
 def open_clip_settings(path):
-    """build_model settings from an open_clip_config.json (act: its quick_gelu, false when absent; the head counts;
-    the preprocess_cfg mean/std), and the sizes it gives, to compare with the weights'."""
+    """build_model settings from an open_clip_config.json (act: its quick_gelu, false when absent;
+    the head counts; the preprocess_cfg mean/std), and the sizes it gives, to compare with the
+    weights'."""
     try:
         with open(path) as f:
             cfg = json.load(f)
-        model_cfg = cfg.get("model_cfg", cfg)  # the hubs' layout, or a bare model config as in open_clip's package
-        vision, text = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+        model_cfg = cfg.get("model_cfg", cfg)  # the hubs' layout, or a bare config as in open_clip
+        vision = model_cfg["vision_cfg"]
+        text = model_cfg["text_cfg"]
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
         raise CheckpointError(f"{path}: not a readable open_clip config ({type(e).__name__}: {e})") from None
     if model_cfg.get("custom_text") or "multimodal_cfg" in model_cfg or "init_logit_bias" in model_cfg:
         raise CheckpointError(f"{path}: a custom-text, CoCa or SigLIP model; only CLIP ViTs are supported")
     for tower, options in (("vision_cfg", vision), ("text_cfg", text)):
-        for key, default in {**dict.fromkeys(_OPEN_CLIP_OFF), **_OPEN_CLIP_DEFAULTS[tower]}.items():
-            if (options.get(key) or default) != default:  # absent, None, False, {} or the default: open_clip's
-                raise CheckpointError(f"{path}: {tower}.{key} = {options[key]!r} is not supported: this model would "
-                                      "not compute what open_clip computes")
+        expected = dict.fromkeys(_OPEN_CLIP_OFF)
+        expected.update(_OPEN_CLIP_DEFAULTS[tower])
+        for key, default in expected.items():
+            if (options.get(key) or default) != default:  # absent, None, False, {}: open_clip's default
+                raise CheckpointError(f"{path}: {tower}.{key} = {options[key]!r} is not supported: this "
+                                      "model would not compute what open_clip computes")
     preprocess = cfg.get("preprocess_cfg", {})
     settings = {"act": "quickgelu" if model_cfg.get("quick_gelu", False) else "gelu",
                 "vision_heads": vision.get("width", 768) // vision.get("head_width", 64),
@@ -379,24 +438,29 @@ def open_clip_settings(path):
              "transformer_width": text.get("width"), "transformer_layers": text.get("layers")}
     resize = (preprocess.get("resize_mode", "shortest"), preprocess.get("interpolation", "bicubic"))
     if resize != ("shortest", "bicubic"):
-        print(f"note: {path} asks for resize_mode {resize[0]!r}, interpolation {resize[1]!r}; test images get "
-              "OpenAI's preprocessing here (shorter side, bicubic, centre crop) with its mean/std", file=sys.stderr)
+        print(f"note: {path} asks for resize_mode {resize[0]!r}, interpolation {resize[1]!r}; test "
+              "images get OpenAI's preprocessing here (shorter side, bicubic, centre crop) with its "
+              "mean/std", file=sys.stderr)
     return settings, {k: v for k, v in sizes.items() if v is not None}
 
 
 def load(name_or_path, device="cpu", download_root=None, act=None) -> CLIP:
-    """Load a ViT CLIP by OpenAI name (downloaded, SHA256-verified) or from a checkpoint path; fp32, eval mode.
-    `act`: "quickgelu" (OpenAI's models), "gelu" (most open_clip models), or None: an open_clip_config.json beside
-    the checkpoint decides it (and the head counts, mean/std), else QuickGELU is assumed (said unless OpenAI's)."""
+    """Load a ViT CLIP by OpenAI name (downloaded, SHA256-verified) or from a checkpoint path; fp32,
+    eval mode. `act`: "quickgelu" (OpenAI's models), "gelu" (most open_clip models), or None: an
+    open_clip_config.json beside the checkpoint decides it (and the head counts, mean/std), else
+    QuickGELU is assumed (said unless OpenAI's)."""
     path = checkpoint_path(name_or_path, download_root)
     state_dict = read_state_dict(path)
     config_path = os.path.join(os.path.dirname(os.path.abspath(path)), OPEN_CLIP_CONFIG)
-    settings, sizes = open_clip_settings(config_path) if os.path.isfile(config_path) else ({}, {})
+    settings = {}
+    sizes = {}
+    if os.path.isfile(config_path):
+        settings, sizes = open_clip_settings(config_path)
     if act is not None:
         settings["act"] = act
     elif not settings and name_or_path not in _MODELS and not is_torchscript(path):
-        print(f"note: {path}: no {OPEN_CLIP_CONFIG} beside it, so OpenAI's QuickGELU is assumed; for a GELU model "
-              "(most open_clip checkpoints) pass act='gelu' (--act gelu)", file=sys.stderr)
+        print(f"note: {path}: no {OPEN_CLIP_CONFIG} beside it, so OpenAI's QuickGELU is assumed; "
+              "for a GELU model (most open_clip checkpoints) pass act='gelu' (--act gelu)", file=sys.stderr)
     try:
         model = build_model(state_dict, **settings)
     except CheckpointError as e:
@@ -404,7 +468,7 @@ def load(name_or_path, device="cpu", download_root=None, act=None) -> CLIP:
     wrong = [f"{k} {v} in the config, {getattr(model.config, k)} in the weights"
              for k, v in sizes.items() if getattr(model.config, k) != v]
     if wrong:
-        raise CheckpointError(f"{config_path} describes another model than {path}: " + ", ".join(wrong))
+        raise CheckpointError(f"{config_path} describes another model than {path}: {', '.join(wrong)}")
     return model.to(device)
 
 
@@ -413,20 +477,23 @@ def load(name_or_path, device="cpu", download_root=None, act=None) -> CLIP:
 _BPE_NAME = "bpe_simple_vocab_16e6.txt.gz"
 _BPE_URL = f"https://github.com/openai/CLIP/raw/main/clip/{_BPE_NAME}"
 _BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
-# A vocabulary is 256 byte tokens, the same 256 ending a word ("</w>"), the first n merges of the BPE file, and
-# <|startoftext|>, <|endoftext|>: OpenAI's has 48,894 merges (49,408 tokens). With no merges (514 tokens) every
-# byte is its own token and no vocabulary file is needed: the tiny --smoke model uses that, offline.
+# A vocabulary is 256 byte tokens, the same 256 ending a word ("</w>"), the first n merges of the
+# BPE file, and <|startoftext|>, <|endoftext|>: OpenAI's has 48,894 merges (49,408 tokens). With no
+# merges (514 tokens) every byte is its own token and no vocabulary file is needed (--smoke, offline).
 OPENAI_VOCAB_SIZE = 49408
 BYTE_VOCAB_SIZE = 2 * 256 + 2
 
 
 def bpe_vocab_path(path=None):
-    """Find the BPE vocabulary: argument, $CLIP_BPE_PATH, ~/.cache/clip, open_clip or clip package, download."""
+    """The BPE vocabulary: argument, $CLIP_BPE_PATH, ~/.cache/clip, open_clip or clip, download."""
     path = path or os.environ.get("CLIP_BPE_PATH")
     if path and not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: BPE vocabulary file not found")
-    specs = [importlib.util.find_spec(package) for package in ("open_clip", "clip")]  # located, not imported
-    folders = [CACHE_DIR] + [s.submodule_search_locations[0] for s in specs if s and s.submodule_search_locations]
+    folders = [CACHE_DIR]
+    for package in ("open_clip", "clip"):
+        spec = importlib.util.find_spec(package)  # located, not imported
+        if spec and spec.submodule_search_locations:
+            folders.append(spec.submodule_search_locations[0])
     for candidate in [path] + [os.path.join(folder, _BPE_NAME) for folder in folders]:
         if candidate and os.path.isfile(candidate):
             return candidate
@@ -439,9 +506,11 @@ def is_openai_vocabulary(path):
 
 
 def bytes_to_unicode():
-    """Map every byte to a printable unicode character, so BPE works on strings without spaces/controls."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]  # spaces and controls: moved to 256, 257, ...
+    """Map every byte to a printable unicode character, so BPE works on strings without spaces and
+    controls."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]  # spaces, controls: to 256, 257, ...
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
 
 
@@ -452,7 +521,8 @@ def clean_text(text):
 
 
 class Tokenizer:
-    """Byte-level BPE with the given merges (OpenAI's 48,894, or none) and <|startoftext|>/<|endoftext|> tokens."""
+    """Byte-level BPE with the given merges (OpenAI's 48,894, or none) and <|startoftext|>,
+    <|endoftext|>."""
 
     pattern = re.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
                          r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", re.IGNORECASE)
@@ -460,11 +530,13 @@ class Tokenizer:
     def __init__(self, merges):
         self.byte_encoder = bytes_to_unicode()
         vocab = list(self.byte_encoder.values())
-        vocab += [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+        vocab += [v + "</w>" for v in vocab]
+        vocab += ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
         self.encoder = {token: i for i, token in enumerate(vocab)}
         self.bpe_ranks = {m: i for i, m in enumerate(merges)}
         self.cache = {"<|startoftext|>": "<|startoftext|>", "<|endoftext|>": "<|endoftext|>"}
-        self.sot, self.eot = self.encoder["<|startoftext|>"], self.encoder["<|endoftext|>"]
+        self.sot = self.encoder["<|startoftext|>"]
+        self.eot = self.encoder["<|endoftext|>"]
 
     def bpe(self, token):
         """Greedily merge the lowest-ranked adjacent pair until no known merge is left."""
@@ -495,11 +567,11 @@ class Tokenizer:
 
 @lru_cache()
 def get_tokenizer(vocab_size=OPENAI_VOCAB_SIZE, bpe_path=None):
-    """The tokenizer of a text tower with `vocab_size` token embeddings (OpenAI's, or byte-level for 514)."""
+    """The tokenizer of a text tower with `vocab_size` token embeddings (OpenAI's, or 514: bytes)."""
     n_merges = vocab_size - BYTE_VOCAB_SIZE
     if not 0 <= n_merges <= OPENAI_VOCAB_SIZE - BYTE_VOCAB_SIZE:
-        raise CheckpointError(f"no tokenizer for a vocabulary of {vocab_size} tokens: expected {BYTE_VOCAB_SIZE} "
-                              f"(bytes only) to {OPENAI_VOCAB_SIZE} (OpenAI's BPE)")
+        raise CheckpointError(f"no tokenizer for a vocabulary of {vocab_size} tokens: expected "
+                              f"{BYTE_VOCAB_SIZE} (bytes only) to {OPENAI_VOCAB_SIZE} (OpenAI's BPE)")
     if not n_merges:
         return Tokenizer([])
     with gzip.open(bpe_vocab_path(bpe_path), "rt", encoding="utf-8") as f:
@@ -507,8 +579,9 @@ def get_tokenizer(vocab_size=OPENAI_VOCAB_SIZE, bpe_path=None):
     return Tokenizer([tuple(m.split()) for m in merges])
 
 
-def tokenize(texts, context_length=77, truncate=False, vocab_size=OPENAI_VOCAB_SIZE) -> torch.LongTensor:
-    """Strings -> (N, context_length) token ids: <sot> text <eot>, zero padded (OpenAI's clip.tokenize)."""
+def tokenize(texts, context_length=77, truncate=False, vocab_size=OPENAI_VOCAB_SIZE):
+    """Strings -> (N, context_length) token ids: <sot> text <eot>, zero padded (OpenAI's
+    clip.tokenize)."""
     if isinstance(texts, str):
         texts = [texts]
     tokenizer = get_tokenizer(vocab_size)
@@ -517,7 +590,8 @@ def tokenize(texts, context_length=77, truncate=False, vocab_size=OPENAI_VOCAB_S
         ids = [tokenizer.sot] + tokenizer.encode(text) + [tokenizer.eot]
         if len(ids) > context_length:
             if not truncate:
-                raise ValueError(f"input {text!r} is {len(ids)} tokens, longer than context length {context_length}")
+                raise ValueError(f"input {text!r} is {len(ids)} tokens, "
+                                 f"longer than context length {context_length}")
             ids = ids[:context_length - 1] + [tokenizer.eot]
         result[i, :len(ids)] = torch.tensor(ids)
     return result
@@ -529,13 +603,14 @@ PROMPT = "a bad photo of a {}."
 
 
 def trim_padding(tokens):
-    """Drop the padding columns after the last end-of-text token: under the causal mask nothing after it reaches
-    it, so the features are unchanged, and "a bad photo of a {}." runs on ~10 positions instead of 77."""
+    """Drop the padding columns after the last end-of-text token: under the causal mask they never
+    reach it, so the features are unchanged, and prompts run on ~10 positions instead of 77."""
     return tokens[:, :int(tokens.argmax(dim=-1).max()) + 1]
 
 
 def class_text_features(model, class_names, template=PROMPT):
-    """L2-normalized text features g_c of `template.format(name)` for each class (grad mode is the caller's)."""
+    """L2-normalized text features g_c of `template.format(name)` for each class (grad mode: the
+    caller's)."""
     tokens = tokenize([template.format(name) for name in class_names], model.config.context_length,
                       vocab_size=model.config.vocab_size)
     tokens = trim_padding(tokens).to(model.positional_embedding.device)

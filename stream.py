@@ -1,8 +1,10 @@
-"""The data side of online lifelong learning: the Si-Blurry stream, the datasets, and the batches the learner sees.
+"""The data side of online lifelong learning: the Si-Blurry stream, the datasets, and the batches
+the learner sees.
 
-The sampler is index for index the released one (KHU-AGI/Si-Blurry, Debatrix/LifeLong-CLIP). Datasets give `targets`,
-readable `classes`, `raw_classes` (the released prompt names) and (PIL RGB image, label) items; each image geometry
-(`fit_image`) is the same on PIL images when loaded and on uint8 tensors on the device.
+The sampler is index for index the released one (KHU-AGI/Si-Blurry, Debatrix/LifeLong-CLIP).
+Datasets give `targets`, readable `classes`, `raw_classes` (the released prompt names) and (PIL RGB
+image, label) items. Each image geometry of `fit_image` (centre, random, squash) is the same on PIL
+images when loaded and on uint8 tensors on the device.
 """
 import collections
 import functools
@@ -36,27 +38,35 @@ class StreamSplit(NamedTuple):
     """A stream and the class split it was drawn from, all per task."""
     tasks: list             # dataset indices in stream order
     disjoint_classes: list  # classes whose samples occur in this task only
-    blurry_classes: list    # blurry classes owned by this task (M% of all blurry samples are dealt to any task)
-    blurred: list           # dataset indices this task received from the shuffled pool of blurred samples
+    blurry_classes: list    # blurry classes owned by this task (its samples may go to any task)
+    blurred: list           # dataset indices this task received from the pool of blurred samples
 
 
-def si_blurry_split(targets, num_classes, n_tasks=5, n=50, m=10, seed=1, stochastic=True) -> StreamSplit:
-    """Si-Blurry stream (stochastic) or i-Blurry-like stream: N% of classes disjoint, M% of blurry samples blurred."""
+def si_blurry_split(targets, num_classes, n_tasks=5, n=50, m=10, seed=1, stochastic=True):
+    """Si-Blurry stream (stochastic) or i-Blurry-like stream: N% of classes disjoint, M% of blurry
+    samples blurred. Returns a StreamSplit: per task, its dataset indices in stream order, its
+    disjoint and blurry classes, the indices it got from the blur pool.
+    As released, class counts are rounded down to multiples of n_tasks and the classes left over are
+    dropped with their samples (7 classes in 5 tasks, seed 1: classes 2 and 4, 200 of 700 samples);
+    stochastic=False also drops the last len(pool) % n_tasks pooled samples."""
     if not 1 <= n_tasks <= num_classes:
-        raise ValueError(f"n_tasks={n_tasks} is outside 1..num_classes={num_classes}: every class would be dropped")
+        raise ValueError(f"n_tasks={n_tasks} is outside 1..num_classes={num_classes}: "
+                         "every class would be dropped")
     for name, value in (("n", n), ("m", m)):
         if not 0 <= value <= 100:
             raise ValueError(f"{name} is a percentage in 0..100, got {value}")
     targets = torch.as_tensor(targets).tolist()
     outside = sorted({y for y in targets if not 0 <= y < num_classes})
     if not targets or outside:
-        raise ValueError(f"targets must be one or more labels in 0..{num_classes - 1}; got {len(targets)} labels, "
-                         f"these outside: {outside[:5]}")
-    g = torch.Generator().manual_seed(seed)  # the only source of randomness, drawn in the released sampler's order
+        raise ValueError(f"targets must be one or more labels in 0..{num_classes - 1}; "
+                         f"got {len(targets)} labels, these outside: {outside[:5]}")
+    g = torch.Generator().manual_seed(seed)  # the only randomness, drawn in the released order
     n_disjoint = num_classes * n // 100 // n_tasks * n_tasks
-    n_blurry = (num_classes - n_disjoint) // n_tasks * n_tasks  # quirk: classes left over by the rounding are dropped
+    # quirk: the classes left over by the rounding are dropped
+    n_blurry = (num_classes - n_disjoint) // n_tasks * n_tasks
     order = torch.randperm(num_classes, generator=g).tolist()
-    disjoint, blurry = order[:n_disjoint], order[n_disjoint:n_disjoint + n_blurry]
+    disjoint = order[:n_disjoint]
+    blurry = order[n_disjoint:n_disjoint + n_blurry]
     if stochastic:
         disjoint_classes = _cut(disjoint, _random_sizes(n_disjoint, n_tasks, g))
         blurry_classes = _cut(blurry, _random_sizes(n_blurry, n_tasks, g))
@@ -66,30 +76,35 @@ def si_blurry_split(targets, num_classes, n_tasks=5, n=50, m=10, seed=1, stochas
     disjoint_indices = _indices_by_task(targets, disjoint_classes)
     blurry_indices = _indices_by_task(targets, blurry_classes)
 
-    # The pool of blurred samples, dealt back in task order, shares[t] samples to task t while it lasts.
+    # The pool of blurred samples, dealt in task order: shares[t] samples to task t while it lasts.
     if stochastic:
         shares = _random_sizes(sum(map(len, blurry_indices)) * m // 100, n_tasks, g)
         blurry_indices, pool = _pool(blurry_indices, shares, g)
-        blurred = _cut(pool, shares)  # quirk: a task short of its share shortens the pool, starving later tasks
+        # quirk: a task short of its share shortens the pool, starving later tasks
+        blurred = _cut(pool, shares)
     else:
         blurry_indices, pool = _pool(blurry_indices, [len(b) * m // 100 for b in blurry_indices], g)
-        blurred = _cut(pool, [len(pool) // n_tasks] * n_tasks)  # quirk: the last len(pool) % n_tasks are dropped
+        # quirk: the last len(pool) % n_tasks samples of the pool are dropped
+        blurred = _cut(pool, [len(pool) // n_tasks] * n_tasks)
 
-    tasks = [disjoint_indices[t] + blurry_indices[t] + blurred[t] for t in range(n_tasks)]
-    tasks = [[task[i] for i in torch.randperm(len(task), generator=g).tolist()] for task in tasks]  # shuffled in turn
+    tasks = []
+    for t in range(n_tasks):  # each task shuffled in turn
+        task = disjoint_indices[t] + blurry_indices[t] + blurred[t]
+        tasks.append([task[i] for i in torch.randperm(len(task), generator=g).tolist()])
     return StreamSplit(tasks, disjoint_classes, blurry_classes, blurred)
 
 
-def si_blurry_tasks(targets, num_classes, n_tasks=5, n=50, m=10, seed=1, stochastic=True) -> list[list[int]]:
-    """Per task, the dataset indices of the Si-Blurry stream in stream order (see `si_blurry_split`)."""
+def si_blurry_tasks(targets, num_classes, n_tasks=5, n=50, m=10, seed=1, stochastic=True) -> list:
+    """Per task, the dataset indices of the stream in stream order (see `si_blurry_split`)."""
     return si_blurry_split(targets, num_classes, n_tasks, n, m, seed, stochastic).tasks
 
 
 def _random_sizes(total: int, n_tasks: int, g: torch.Generator) -> list[int]:
-    """Sizes of n_tasks consecutive parts of `total`, cut at sorted random points (no draw when total is 0)."""
+    """Sizes of n_tasks consecutive parts of `total`, cut at sorted random points (none if total 0)."""
     if total == 0:
         return [0] * n_tasks
-    cuts = [0] + torch.randint(0, total, (n_tasks - 1,), generator=g).sort().values.tolist() + [total]
+    points = torch.randint(0, total, (n_tasks - 1,), generator=g).sort().values.tolist()
+    cuts = [0] + points + [total]
     return [b - a for a, b in zip(cuts, cuts[1:])]
 
 
@@ -109,64 +124,83 @@ def _indices_by_task(targets: list[int], classes_per_task: list[list[int]]) -> l
     return indices
 
 
-def _pool(blurry_indices, taken: list[int], g: torch.Generator) -> tuple[list[list[int]], list[int]]:
-    """Each task's remaining blurry indices, and the shuffled pool made of the first taken[t] of each task."""
-    kept, pool = [], []
+def _pool(blurry_indices, taken: list[int], g: torch.Generator) -> tuple[list, list[int]]:
+    """Each task's remaining blurry indices, and the shuffled pool of the first taken[t] of task t."""
+    kept = []
+    pool = []
     for indices, k in zip(blurry_indices, taken):
-        pool += indices[:k]  # quirk: the blurred samples are the first k of the task's list, in dataset order
+        pool += indices[:k]  # quirk: the first k of the task's list, in dataset order
         kept.append(indices[k:])
     return kept, [pool[i] for i in torch.randperm(len(pool), generator=g).tolist()]
 
 
+def _first_names(cs, classes) -> str:
+    """' (name, name, name, ...)': the first three classes of cs ('' for none)."""
+    if not cs:
+        return ""
+    more = ", ..." if len(cs) > 3 else ""
+    return f" ({', '.join(classes[c] for c in cs[:3])}{more})"
+
+
 def describe_stream(split: StreamSplit, targets, classes) -> str:
-    """A one-screen summary of a stream: per task, its classes, its samples, and the samples blurred in and out."""
-    owner = {c: t for per_task in (split.disjoint_classes, split.blurry_classes)
-             for t, cs in enumerate(per_task) for c in cs}
-    moves = [(owner[int(targets[i])], t) for t, task in enumerate(split.tasks) for i in task]  # (owning task, task)
+    """A one-screen summary of a stream: per task, its classes, samples, and samples blurred in and out."""
+    owner = {}  # class -> the task that owns it
+    for per_task in (split.disjoint_classes, split.blurry_classes):
+        for t, cs in enumerate(per_task):
+            owner.update(dict.fromkeys(cs, t))
+    # (owning task, task) of every sample
+    moves = [(owner[int(targets[i])], t) for t, task in enumerate(split.tasks) for i in task]
     blurred_out = collections.Counter(home for home, t in moves if home != t)
     blurred_in = collections.Counter(t for home, t in moves if home != t)
-    n_disjoint, n_blurry = sum(map(len, split.disjoint_classes)), sum(map(len, split.blurry_classes))
-    lines = [f"stream: {len(split.tasks)} tasks, {len(moves)} samples, {n_disjoint} disjoint and {n_blurry} blurry "
-             f"classes ({len(classes) - n_disjoint - n_blurry} dropped by rounding), "
+    n_disjoint = sum(map(len, split.disjoint_classes))
+    n_blurry = sum(map(len, split.blurry_classes))
+    n_dropped = len(classes) - n_disjoint - n_blurry
+    lines = [f"stream: {len(split.tasks)} tasks, {len(moves)} samples, {n_disjoint} disjoint and "
+             f"{n_blurry} blurry classes ({n_dropped} dropped by rounding), "
              f"{sum(map(len, split.blurred))} samples dealt from the blur pool"]
-
-    def names(cs):
-        return f" ({', '.join(classes[c] for c in cs[:3])}{', ...' if len(cs) > 3 else ''})" if cs else ""
-    for t, (task, d, b) in enumerate(zip(split.tasks, split.disjoint_classes, split.blurry_classes)):
-        lines.append(f"task {t}: {len(task)} samples | disjoint {len(d)}{names(d)} | blurry {len(b)}{names(b)}"
-                     f" | blurred in {blurred_in[t]}, out {blurred_out[t]}")
+    per_task = zip(split.tasks, split.disjoint_classes, split.blurry_classes)
+    for t, (task, d, b) in enumerate(per_task):
+        lines.append(f"task {t}: {len(task)} samples | disjoint {len(d)}{_first_names(d, classes)} "
+                     f"| blurry {len(b)}{_first_names(b, classes)} "
+                     f"| blurred in {blurred_in[t]}, out {blurred_out[t]}")
     return "\n".join(lines)
 
 
 # ---- 2. Datasets ---------------------------------------------------------------------------------
 
 class DataError(ValueError):
-    """A problem with the user's data: a missing, empty or inconsistent folder, or an unreadable file."""
+    """A problem with the user's data: a missing, empty or inconsistent folder, an unreadable file."""
 
 
 def _seed_of(*parts) -> int:
-    """A 63-bit seed that is a fixed function of some integers (Python's hash() promises no such thing)."""
+    """A 63-bit seed, a fixed function of some integers (Python's hash() promises no such thing)."""
     digest = hashlib.blake2b(repr(tuple(int(p) for p in parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 
 class SyntheticDataset(Dataset):
-    """Generated images, cheap and deterministic, that a tiny model can learn: class c is a grey grating (stripes)
-    with its own orientation and frequency, each image with its own phase and noise. Shape, not colour, tells the
-    classes apart, so AutoAugment's colour operations, flips and crops leave them learnable."""
+    """Generated images, cheap and deterministic, that a tiny model can learn: class c is a grey
+    grating (stripes) with its own orientation and frequency, each image with its own phase and
+    noise. Shape, not colour, tells the classes apart, so AutoAugment's colour operations, flips and
+    crops leave them learnable."""
 
-    FREQUENCIES = (1, 3, 5, 7, 10)  # stripes across the image; 2 orientations x 5 frequencies = 10 patterns
+    FREQUENCIES = (1, 3, 5, 7, 10)  # stripes across the image: 2 orientations x 5 = 10 patterns
 
-    def __init__(self, num_classes: int, per_class: int, image_size: int = 32, seed: int = 0, train: bool = True):
+    def __init__(self, num_classes: int, per_class: int, image_size: int = 32, seed: int = 0,
+                 train: bool = True):
         self.targets = [i % num_classes for i in range(num_classes * per_class)]
-        patterns = map(self.pattern, range(num_classes))
-        self.classes = [f"{s} {'vertical' if v else 'horizontal'} stripe{'s' if s > 1 else ''}" for v, s in patterns]
+        self.classes = []
+        for vertical, stripes in map(self.pattern, range(num_classes)):
+            direction = "vertical" if vertical else "horizontal"
+            self.classes.append(f"{stripes} {direction} stripe{'s' if stripes > 1 else ''}")
         self.raw_classes = list(self.classes)
-        self.image_size, self.seed, self.train = image_size, seed, train
+        self.image_size = image_size
+        self.seed = seed
+        self.train = train
 
     def pattern(self, c: int) -> tuple[bool, int]:
-        """Class c's grating: (vertical stripes?, number of stripes). Beyond ten classes the stripe counts grow by
-        10 with each further ten (distinct names, but too fine for a tiny model at 32 px: only benchmarks use them)."""
+        """Class c's grating: (vertical stripes?, number of stripes); beyond ten classes, 10 more
+        stripes per ten classes (too fine for a tiny model at 32 px: for benchmarks)."""
         k = len(self.FREQUENCIES)
         return (c // k) % 2 == 1, self.FREQUENCIES[c % k] + 10 * (c // (2 * k))
 
@@ -174,21 +208,27 @@ class SyntheticDataset(Dataset):
         return len(self.targets)
 
     def __getitem__(self, i: int):
-        g = torch.Generator().manual_seed(_seed_of(self.seed, self.train, i))  # made on demand: building is free
+        # made on demand: building the dataset is free
+        g = torch.Generator().manual_seed(_seed_of(self.seed, self.train, i))
         vertical, stripes = self.pattern(self.targets[i])
         n = self.image_size
         position = torch.arange(n, dtype=torch.float32).view((1, n) if vertical else (n, 1))
         phase = 2 * torch.pi * torch.rand((), generator=g)
-        wave = 0.5 + 0.5 * torch.sin(2 * torch.pi * stripes * position / n + phase)  # (n, 1) or (1, n) in [0, 1]
+        # (n, 1) or (1, n) in [0, 1]
+        wave = 0.5 + 0.5 * torch.sin(2 * torch.pi * stripes * position / n + phase)
         pixels = 60 + 140 * wave.expand(n, n) + torch.randn(n, n, generator=g) * 8  # (n, n) grey levels
-        return TF.to_pil_image(pixels.clamp(0, 255).to(torch.uint8).expand(3, n, n)), self.targets[i]
+        image = TF.to_pil_image(pixels.clamp(0, 255).to(torch.uint8).expand(3, n, n))
+        return image, self.targets[i]
 
 
 class ImageFiles(Dataset):
-    """Images on disk: paths and labels, each image read by PIL and converted to RGB when indexed."""
+    """Images on disk: paths and labels, each image read by PIL and converted to RGB when indexed"""
 
-    def __init__(self, paths: list[str], targets: list[int], classes: list[str], raw_classes: list[str]):
-        self.paths, self.targets, self.classes, self.raw_classes = paths, targets, classes, raw_classes
+    def __init__(self, paths: list[str], targets: list[int], classes: list[str], raw_classes: list):
+        self.paths = paths
+        self.targets = targets
+        self.classes = classes
+        self.raw_classes = raw_classes
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -203,47 +243,58 @@ class ImageFiles(Dataset):
 
 def _class_folders(folder: str) -> list[str]:
     """The sorted names of a folder's subfolders, one per class."""
-    names = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir()) if os.path.isdir(folder) else []
+    names = []
+    if os.path.isdir(folder):
+        names = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
     if not names:
-        raise DataError(f"{folder} is missing or has no class folders (expected {folder}/<class>/<images>)")
+        raise DataError(f"{folder} is missing or has no class folders "
+                        f"(expected {folder}/<class>/<images>)")
     return names
 
 
 def _image_files(folder: str) -> list[str]:
-    """The image files under a folder in torchvision ImageFolder's order (sorted walk), so indices match it."""
+    """The image files under a folder in ImageFolder's order (sorted walk), so indices match it."""
     files = [os.path.join(directory, name)
              for directory, _, names in sorted(os.walk(folder, followlinks=True))
              for name in sorted(names) if name.lower().endswith(IMG_EXTENSIONS)]
     if not files:
-        raise DataError(f"{folder} is missing or has no images (expected files ending in {', '.join(IMG_EXTENSIONS)})")
+        raise DataError(f"{folder} is missing or has no images "
+                        f"(expected files ending in {', '.join(IMG_EXTENSIONS)})")
     return files
 
 
 def _labelled_files(folder: str, classes: list[str]) -> tuple[list[str], list[int]]:
-    """The image files under folder/<class>/, classes in sorted (ImageFolder's) order, each file labelled by the
-    position of its class in `classes`."""
+    """The image files under folder/<class>/, classes in sorted (ImageFolder's) order, each file
+    labelled by the position of its class in `classes`."""
     label = {c: k for k, c in enumerate(classes)}
-    pairs = [(path, label[c]) for c in sorted(classes) for path in _image_files(os.path.join(folder, c))]
-    return [path for path, _ in pairs], [y for _, y in pairs]
+    paths = []
+    labels = []
+    for c in sorted(classes):
+        files = _image_files(os.path.join(folder, c))
+        paths += files
+        labels += [label[c]] * len(files)
+    return paths, labels
 
 
 def _read_lines(path: str) -> list[str]:
-    """The non-empty lines of a text file, stripped (a missing file: FileNotFoundError, naming it)."""
+    """The non-empty lines of a text file, stripped (a missing file: FileNotFoundError names it)."""
     with open(path) as f:
         return [line.strip() for line in f if line.strip()]
 
 
 def download_archive(what: str, url: str, root: str, md5: str, filename: str = None) -> None:
-    """Download an archive into root and unpack it there (tqdm bar, md5 check). An archive already at
-    root/filename with the right md5 is unpacked without a connection: that is where to put it by hand."""
+    """Download an archive into root and unpack it there (md5-checked). An archive already at
+    root/filename with the right md5 is unpacked without a connection: put it there by hand."""
     filename = filename or os.path.basename(url)
-    try:
-        download_and_extract_archive(url, root, filename=filename, md5=md5)
+    archive = os.path.join(root, filename)
+    try:  # a failed download leaves no empty folder; a partial archive fails the md5 check
+        with clip_model.undo_new_folders(root):
+            download_and_extract_archive(url, root, filename=filename, md5=md5)
     except RuntimeError as err:  # torchvision's md5 check after the download
-        raise DataError(f"the {what} archive downloaded from {url} is corrupt ({err}); delete "
-                        f"{os.path.join(root, filename)} and try again") from None
-    except OSError as err:  # no network, DNS, HTTP error (urllib's URLError is an OSError), full disk
-        raise clip_model.DownloadError(what, url, err, os.path.join(root, filename)) from None
+        raise DataError(f"the {what} archive downloaded from {url} is corrupt ({err}); "
+                        f"delete {archive} and try again") from None
+    except OSError as err:  # no network, DNS, HTTP error (a URLError is an OSError), full disk
+        raise clip_model.DownloadError(what, url, err, archive) from None
 
 
 def _fetch(root: str, folder: str, url: str, md5: str, download: bool, what: str) -> str:
@@ -263,26 +314,33 @@ def _cifar100(root: str, train: bool, download: bool) -> Dataset:
     try:
         dataset = cifar(root, train=train, download=False)  # checks the md5 of every file
     except (OSError, RuntimeError) as err:
-        raise DataError(f"cannot load CIFAR-100 from {os.path.join(root, cifar.base_folder)}: {err}") from err
+        folder = os.path.join(root, cifar.base_folder)
+        raise DataError(f"cannot load CIFAR-100 from {folder}: {err}") from err
     dataset.raw_classes = list(dataset.classes)  # "aquarium_fish", as the released code prompts
     dataset.classes = [c.replace("_", " ") for c in dataset.classes]
     return dataset
 
 
 TINYIMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
-TINYIMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"  # Stanford publishes none; this is the one other loaders check
+# Stanford publishes no checksum; this is the one other loaders check
+TINYIMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 
 
 def _tinyimagenet(root: str, train: bool, download: bool) -> Dataset:
-    """Tiny-ImageNet-200: train folders; the val folder, labelled by its annotations, is the test split."""
-    folder = _fetch(root, "tiny-imagenet-200", TINYIMAGENET_URL, TINYIMAGENET_MD5, download, "Tiny-ImageNet")
-    wnids = _read_lines(os.path.join(folder, "wnids.txt"))  # labels in this order, as the released loader, not sorted
+    """Tiny-ImageNet-200: train folders; the val folder, labelled by its annotations, is the test set."""
+    url = TINYIMAGENET_URL
+    folder = _fetch(root, "tiny-imagenet-200", url, TINYIMAGENET_MD5, download, "Tiny-ImageNet")
+    wnids = _read_lines(os.path.join(folder, "wnids.txt"))  # labels in this order (as released)
     words = dict(line.split("\t", 1) for line in _read_lines(os.path.join(folder, "words.txt")))
     missing = [w for w in wnids if w not in words]
     if missing:
-        raise DataError(f"{os.path.join(folder, 'words.txt')} has no name for {', '.join(missing[:5])}")
-    classes = [words[w].split(",")[0].strip().replace("_", " ") for w in wnids]  # the first synonym: "Egyptian cat"
-    raw = list(TINYIMAGENET_RELEASED_NAMES) if len(wnids) == len(TINYIMAGENET_RELEASED_NAMES) else classes
+        words_path = os.path.join(folder, "words.txt")
+        raise DataError(f"{words_path} has no name for {', '.join(missing[:5])}")
+    # the first synonym: "Egyptian cat"
+    classes = [words[w].split(",")[0].strip().replace("_", " ") for w in wnids]
+    raw = classes
+    if len(wnids) == len(TINYIMAGENET_RELEASED_NAMES):
+        raw = list(TINYIMAGENET_RELEASED_NAMES)
     if train:
         return ImageFiles(*_labelled_files(os.path.join(folder, "train"), wnids), classes, raw)
     annotations_path = os.path.join(folder, "val", "val_annotations.txt")
@@ -295,84 +353,39 @@ def _tinyimagenet(root: str, train: bool, download: bool) -> Dataset:
     return ImageFiles(paths, targets, classes, raw)
 
 
-# The names the released SIT code puts in its Tiny-ImageNet prompts (CLIP's curated ImageNet names, not
-# words.txt's), in wnids.txt order: what --class-names raw uses for this dataset.
-TINYIMAGENET_RELEASED_NAMES = tuple((
-    "Egyptian Mau, fishing casting reel, volleyball, rocking chair, lemon, American bullfrog, basketball, cliff, "
-    "espresso, plunger, parking meter, German Shepherd Dog, dining table, monarch butterfly, brown bear, school bus, "
-    "pizza, guinea pig, umbrella, pipe organ, oboe, maypole, goldfish, pot pie, hourglass, beach, computer keyboard, "
-    "arabian camel, ice cream, metal nail, space heater, cardigan, baboon, snail, coral reef, albatross, spider web, "
-    "sea cucumber, backpack, Labrador Retriever, pretzel, king penguin, sulphur butterfly, tarantula, red panda, "
-    "soda bottle, banana, sock, cockroach, missile, beer bottle, praying mantis, freight car, guacamole, "
-    "remote control, fire salamander, lakeshore, chimpanzee, payphone, fur coat, mountain, lampshade, torch, abacus, "
-    "moving van, barrel, tabby cat, goose, koala, high-speed train, CD player, teapot, birdhouse, gazelle, "
-    "academic gown, tractor, ladybug, miniskirt, Golden Retriever, triumphal arch, cannon, neck brace, sombrero, "
-    "gas mask or respirator, candle, desk, frying pan, bee, dam, spiny lobster, police van, iPod, punching bag, "
-    "lighthouse, jellyfish, wok, potter's wheel, sandal, pill bottle, butcher shop, slug, pig, cougar, "
-    "construction crane, vestment, dragonfly, automated teller machine, mushroom, rickshaw, water tower, "
-    "storage chest, snorkel, sunglasses, fly, limousine, black stork, dugong, sports car, water jug, "
-    "suspension bridge, ox, popsicle, turnstile, Christmas stocking, broom, scorpion, wooden spoon, picket fence, "
-    "rugby ball, sewing machine, through arch bridge, Persian cat, refrigerator, barn, apron, Yorkshire Terrier, "
-    "swim trunks / shorts, stopwatch, lawn mower, thatched roof, fountain, southern black widow, bikini, plate, "
-    "teddy bear, barbershop, candy store, station wagon, scoreboard, orange, flagpole, American lobster, trolleybus, "
-    "drumstick, dumbbell, brass memorial plaque, bow tie, convertible, bighorn sheep, orangutan, American alligator, "
-    "centipede, syringe, go-kart, brain coral, sea slug, cliff dwelling, mashed potatoes, viaduct, military uniform, "
-    "pomegranate, chain, kimono, comic book, trilobite, bison, pole, boa constrictor, poncho, bathtub, grasshopper, "
-    "stick insect, Chihuahua, tailed frog, lion, altar, obelisk, beaker, bell pepper, baluster / handrail, bucket, "
-    "magnetic compass, meatloaf, gondola, Standard Poodle, acorn, lifeboat, binoculars, cauliflower, "
-    "African bush elephant"
-).split(", "))
-
-
 IMAGENET_R_URL = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"
-IMAGENET_R_MD5 = "a61312130a589d0ca1a8fca1f2bd3337"  # Berkeley publishes none; this is the one other loaders check
-IMAGENET_R_CLASSES = tuple((  # the names of its 200 ImageNet classes, in the order of their sorted WordNet ids
-    "goldfish, great white shark, hammerhead, stingray, hen, ostrich, goldfinch, junco, bald eagle, vulture, newt, "
-    "axolotl, tree frog, iguana, African chameleon, cobra, scorpion, tarantula, centipede, peacock, lorikeet, "
-    "hummingbird, toucan, duck, goose, black swan, koala, jellyfish, snail, lobster, hermit crab, flamingo, "
-    "american egret, pelican, king penguin, grey whale, killer whale, sea lion, chihuahua, shih tzu, afghan hound, "
-    "basset hound, beagle, bloodhound, italian greyhound, whippet, weimaraner, yorkshire terrier, boston terrier, "
-    "scottish terrier, west highland white terrier, golden retriever, labrador retriever, cocker spaniels, collie, "
-    "border collie, rottweiler, german shepherd dog, boxer, french bulldog, saint bernard, husky, dalmatian, pug, "
-    "pomeranian, chow chow, pembroke welsh corgi, toy poodle, standard poodle, timber wolf, hyena, red fox, "
-    "tabby cat, leopard, snow leopard, lion, tiger, cheetah, polar bear, meerkat, ladybug, fly, bee, ant, "
-    "grasshopper, cockroach, mantis, dragonfly, monarch butterfly, starfish, wood rabbit, porcupine, fox squirrel, "
-    "beaver, guinea pig, zebra, pig, hippopotamus, bison, gazelle, llama, skunk, badger, orangutan, gorilla, "
-    "chimpanzee, gibbon, baboon, panda, eel, clown fish, puffer fish, accordion, ambulance, assault rifle, backpack, "
-    "barn, wheelbarrow, basketball, bathtub, lighthouse, beer glass, binoculars, birdhouse, bow tie, broom, bucket, "
-    "cauldron, candle, cannon, canoe, carousel, castle, mobile phone, cowboy hat, electric guitar, fire engine, "
-    "flute, gasmask, grand piano, guillotine, hammer, harmonica, harp, hatchet, jeep, joystick, lab coat, lawn mower, "
-    "lipstick, mailbox, missile, mitten, parachute, pickup truck, pirate ship, revolver, rugby ball, sandal, "
-    "saxophone, school bus, schooner, shield, soccer ball, space shuttle, spider web, steam locomotive, scarf, "
-    "submarine, tank, tennis ball, tractor, trombone, vase, violin, military aircraft, wine bottle, ice cream, bagel, "
-    "pretzel, cheeseburger, hotdog, cabbage, broccoli, cucumber, bell pepper, mushroom, Granny Smith, strawberry, "
-    "lemon, pineapple, banana, pomegranate, pizza, burrito, espresso, volcano, baseball player, scuba diver, acorn"
-).split(", "))
+# Berkeley publishes no checksum; this is the one other loaders check
+IMAGENET_R_MD5 = "a61312130a589d0ca1a8fca1f2bd3337"
 
 
 def _imagenet_r(root: str, train: bool, download: bool) -> Dataset:
-    """ImageNet-R: 200 class folders, split 80/20 by a generator seeded 0, the same split whatever the run seed."""
+    """ImageNet-R: 200 class folders, split 80/20 by a generator seeded 0 (whatever the run seed)."""
     folder = _fetch(root, "imagenet-r", IMAGENET_R_URL, IMAGENET_R_MD5, download, "ImageNet-R")
     wnids = _class_folders(folder)
     if len(wnids) != len(IMAGENET_R_CLASSES):
-        raise DataError(f"{folder} has {len(wnids)} class folders; ImageNet-R has {len(IMAGENET_R_CLASSES)}")
+        raise DataError(f"{folder} has {len(wnids)} class folders; "
+                        f"ImageNet-R has {len(IMAGENET_R_CLASSES)}")
     paths, labels = _labelled_files(folder, wnids)
     order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(0))
     n_train = int(len(paths) * 0.8)
     keep = sorted((order[:n_train] if train else order[n_train:]).tolist())
-    raw = [name.replace(" ", "_") for name in IMAGENET_R_CLASSES]  # the released list: "great_white_shark"
-    return ImageFiles([paths[i] for i in keep], [labels[i] for i in keep], list(IMAGENET_R_CLASSES), raw)
+    raw = [name.replace(" ", "_") for name in IMAGENET_R_CLASSES]  # as released: "great_white_shark"
+    classes = list(IMAGENET_R_CLASSES)
+    return ImageFiles([paths[i] for i in keep], [labels[i] for i in keep], classes, raw)
 
 
 def _imagefolder(root: str, train: bool, download: bool) -> Dataset:
-    """A user's own data: ROOT/train/<class>/* and ROOT/test/<class>/*, classes sorted by folder name."""
-    train_folder, test_folder = os.path.join(root, "train"), os.path.join(root, "test")
-    names, test_names = _class_folders(train_folder), _class_folders(test_folder)
+    """A user's own data: ROOT/train/<class>/* and ROOT/test/<class>/*, classes in folder order."""
+    train_folder = os.path.join(root, "train")
+    test_folder = os.path.join(root, "test")
+    names = _class_folders(train_folder)
+    test_names = _class_folders(test_folder)
     if names != test_names:
         raise DataError(f"{train_folder} and {test_folder} have different class folders: "
                         f"{sorted(set(names) ^ set(test_names))}")
     classes = [name.replace("_", " ") for name in names]
-    return ImageFiles(*_labelled_files(train_folder if train else test_folder, names), classes, names)
+    paths, labels = _labelled_files(train_folder if train else test_folder, names)
+    return ImageFiles(paths, labels, classes, names)
 
 
 DATASETS = {"cifar100": _cifar100, "tinyimagenet": _tinyimagenet, "imagenet-r": _imagenet_r,
@@ -380,7 +393,8 @@ DATASETS = {"cifar100": _cifar100, "tinyimagenet": _tinyimagenet, "imagenet-r": 
 
 
 def load_dataset(name: str, root: str, train: bool, download: bool = True) -> Dataset:
-    """The train or test split of a dataset by name, with targets, readable class names and (image, label) items."""
+    """The train or test split of a dataset by name, with targets, readable class names and (image,
+    label) items."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}")
     return DATASETS[name](os.path.expanduser(root), train, download)
@@ -389,10 +403,11 @@ def load_dataset(name: str, root: str, train: bool, download: bool = True) -> Da
 # ---- 3. Batches ----------------------------------------------------------------------------------
 
 POLICIES = {"cifar10": AutoAugmentPolicy.CIFAR10, "imagenet": AutoAugmentPolicy.IMAGENET}
-AUGMENT_PER = ("sample", "batch")  # one random draw per sample (ours) or one per batch (the released code)
-IMAGE_FITS = ("centre", "random")  # how variable-size images are brought to the model's image size when loaded
-TEST_RESIZES = {"clip": "centre", "squash": "squash"}  # test images: OpenAI's centre fit, or the released squash
-# The released code normalizes with the dataset's channel statistics, for training and test images alike.
+AUGMENT_PER = ("sample", "batch")  # one random draw per sample (ours) or per batch (released)
+# Geometries of `fit_image`: variable-size images when loaded (--image-fit), test images
+IMAGE_FITS = ("centre", "random")
+TEST_RESIZES = ("centre", "squash")
+# The released code normalizes with the dataset's channel statistics, training and test images alike.
 DATASET_STATS = {
     "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
     "tinyimagenet": ((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)),
@@ -401,12 +416,17 @@ DATASET_STATS = {
 
 
 def channel_stats(dataset, limit=10_000) -> tuple[tuple, tuple]:
-    """Per-channel mean and std of a dataset's pixels in [0, 1], over its images (at most about `limit` of them,
-    evenly spaced: image folders are sorted by class): the statistics DATASET_STATS does not list."""
-    total, total_sq, count = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0
+    """Per-channel mean and std of a dataset's pixels in [0, 1], over its images (at most about
+    `limit` of them, evenly spaced: image folders are sorted by class): the statistics DATASET_STATS
+    does not list."""
+    total = torch.zeros(3, dtype=torch.float64)
+    total_sq = torch.zeros(3, dtype=torch.float64)
+    count = 0
     for i in range(0, len(dataset), max(1, len(dataset) // limit)):
         pixels = TF.pil_to_tensor(dataset[i][0]).flatten(1).double() / 255  # (3, H*W)
-        total, total_sq, count = total + pixels.sum(1), total_sq + (pixels ** 2).sum(1), count + pixels.shape[1]
+        total += pixels.sum(1)
+        total_sq += (pixels ** 2).sum(1)
+        count += pixels.shape[1]
     mean = total / count
     std = (total_sq / count - mean ** 2).sqrt()
     return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
@@ -415,24 +435,27 @@ def channel_stats(dataset, limit=10_000) -> tuple[tuple, tuple]:
 class StreamBatch(NamedTuple):
     """One batch of the stream, with online_iter independently augmented copies of its images."""
     task: int              # the task of every sample in the batch
-    images: torch.Tensor   # (online_iter, B, 3, H, W) uint8, each copy with its own AutoAugment draw
+    images: torch.Tensor   # (online_iter, B, 3, H, W) uint8, each copy with its own AutoAugment
     labels: torch.Tensor   # (B,) int64
     indices: torch.Tensor  # (B,) int64 dataset indices
 
 
 def fit_image(image, image_size, image_fit="centre", seed=0):
-    """A PIL image or uint8 tensor (3, H, W) or (N, 3, H, W) brought to n x n, n = image_size (None: unchanged); on
-    tensors torchvision rounds and clamps to within one grey level of PIL.
+    """A PIL image or uint8 tensor (3, H, W) or (N, 3, H, W) brought to n x n, n = image_size (None:
+    unchanged); on tensors torchvision rounds and clamps to within one grey level of PIL.
     centre: the shorter side resized to n (bicubic), then a centre crop: OpenAI's test geometry.
-    random: the shorter side resized to n * 8/7 (bilinear), then a crop drawn from `seed`: the released ImageNet-R
-            loader's Resize(256) + RandomCrop(224), for train and test images.
-    squash: the whole image resized to n x n (bilinear, aspect ratio not kept): the released test geometry."""
+    random: the shorter side resized to n * 8/7 (bilinear), then a crop drawn from `seed`: the
+    released ImageNet-R loader's Resize(256) + RandomCrop(224), for train and test images.
+    squash: the whole image resized to n x n (bilinear, aspect ratio not kept): the released test
+    geometry."""
     if image_size is None:
         return image
     if image_fit == "centre":
-        return TF.center_crop(TF.resize(image, image_size, InterpolationMode.BICUBIC, antialias=True), image_size)
+        image = TF.resize(image, image_size, InterpolationMode.BICUBIC, antialias=True)
+        return TF.center_crop(image, image_size)
     if image_fit == "squash":
-        return TF.resize(image, [image_size, image_size], InterpolationMode.BILINEAR, antialias=True)
+        size = [image_size, image_size]
+        return TF.resize(image, size, InterpolationMode.BILINEAR, antialias=True)
     if image_fit != "random":
         raise ValueError(f"image_fit must be centre, random or squash; got {image_fit!r}")
     image = TF.resize(image, image_size * 8 // 7, InterpolationMode.BILINEAR, antialias=True)
@@ -444,146 +467,242 @@ def fit_image(image, image_size, image_fit="centre", seed=0):
 
 
 def _stack(images, dim=0) -> torch.Tensor:
-    """torch.stack, or a DataError when the images differ in size (variable-size datasets need image_size=)."""
+    """torch.stack, or a DataError when the images differ in size (variable sizes need image_size=)."""
     sizes = sorted({tuple(image.shape[-2:]) for image in images})
     if len(sizes) > 1:
-        raise DataError(f"images of different sizes {sizes[:3]} in one batch; pass image_size= to fit them when loaded")
+        raise DataError(f"images of different sizes {sizes[:3]} in one batch; "
+                        "pass image_size= to fit them when loaded")
     return torch.stack(images, dim)
 
 
-def stream_batches(dataset, tasks, batch_size=64, online_iter=3, policy="cifar10", workers=2, seed=1, image_size=None,
-                   augment_per="sample", image_fit="centre"):
-    """The online stream as an iterable of StreamBatch: tasks in order, batches never cross a task boundary.
-    AutoAugment is drawn per sample, or once per batch and online iteration (augment_per="batch", as released);
-    online_iter=0 gives the labels alone.
-    Images are brought to `image_size` by `image_fit` when loaded (None keeps them as they are)."""
-    batches = task_batches(tasks, batch_size)
-    starts = itertools.accumulate((len(indices) for _, indices in batches), initial=0)  # stream positions
-    load = functools.partial(_stream_batch, dataset, online_iter, AutoAugment(POLICIES[policy]), seed, image_size,
-                             image_fit, augment_per)
-    return _loader([(b, start, *batch) for b, (start, batch) in enumerate(zip(starts, batches))], load, workers)
-
-
-def stream_labels(dataset, tasks, batch_size=64) -> list[StreamBatch]:
-    """The stream's batches with their labels alone (images None): for zero-shot CLIP, which trains
-    nothing, so no image is read."""
-    batches = []
-    for task, indices in task_batches(tasks, batch_size):
-        labels = torch.tensor([dataset.targets[i] for i in indices])
-        batches.append(StreamBatch(task, None, labels, torch.tensor(indices)))
-    return batches
-
-
 def task_batches(tasks, batch_size) -> list[tuple[int, list[int]]]:
-    """(task, dataset indices) of each batch of the stream; the last batch of a task may be short."""
-    return [(t, task[b:b + batch_size]) for t, task in enumerate(tasks) for b in range(0, len(task), batch_size)]
-
-
-def _loader(work: list, load, workers: int) -> DataLoader:
-    """load(w) for each w of work in turn, run in DataLoader workers."""
-    return DataLoader(work, batch_size=None, num_workers=workers, collate_fn=load, pin_memory=torch.cuda.is_available(),
-                      generator=torch.Generator())  # the loader draws a seed from it; the caller's RNG stays untouched
-
-
-def _stream_batch(dataset, online_iter, autoaugment, seed, image_size, image_fit, augment_per, batch) -> StreamBatch:
-    """Batch b of the stream, whose first sample is at stream position `start`, with its AutoAugmented copies."""
-    b, start, task, indices = batch
-    if online_iter == 0:  # labels alone (zero-shot CLIP trains nothing): no image is decoded
-        return StreamBatch(task, None, torch.tensor([dataset.targets[i] for i in indices]), torch.tensor(indices))
-    copies, labels = [], []
-    for position, index in enumerate(indices, start):
-        image, label = dataset[index]
-        # once per sample, shared by its online iterations (as the released loader's random crop)
-        image = fit_image(image, image_size, image_fit, seed=_seed_of(seed, position, -1))
-        key = position if augment_per == "sample" else b  # AutoAugment's draws are a function of seed, key, iteration
-        seeds = [_seed_of(seed, key, it) for it in range(online_iter)]
-        copies.append(torch.stack([TF.pil_to_tensor(_augment(autoaugment, image, s)) for s in seeds]))
-        labels.append(label)
-    return StreamBatch(task, _stack(copies, dim=1), torch.tensor(labels), torch.tensor(indices))
+    """(task, dataset indices) of each batch of the stream; a task's last batch may be short."""
+    batches = []
+    for t, task in enumerate(tasks):
+        batches += [(t, task[b:b + batch_size]) for b in range(0, len(task), batch_size)]
+    return batches
 
 
 def _augment(autoaugment: AutoAugment, image: Image.Image, seed: int) -> Image.Image:
     """AutoAugment whose draws (sub-policy, probabilities, signs) are a function of the seed."""
-    with torch.random.fork_rng(devices=[]):  # AutoAugment draws from the global RNG: fork it, leave it untouched
+    with torch.random.fork_rng(devices=[]):  # AutoAugment draws from the global RNG: leave it untouched
         torch.default_generator.manual_seed(seed)
         return autoaugment(image)
 
 
+class StreamBatches(Dataset):
+    """Item b: batch b of the stream (a StreamBatch); batches never cross a task boundary. AutoAugment
+    is drawn per sample, or once per batch and online iteration (augment_per="batch", as released),
+    from the seed and the stream position. Images are brought to `image_size` by `image_fit`."""
+
+    def __init__(self, dataset, tasks, batch_size=64, online_iter=3, policy="cifar10", seed=1,
+                 image_size=None, augment_per="sample", image_fit="centre"):
+        self.dataset = dataset
+        self.batches = task_batches(tasks, batch_size)
+        sizes = (len(indices) for _, indices in self.batches)
+        self.starts = list(itertools.accumulate(sizes, initial=0))  # stream position of each batch
+        self.online_iter = online_iter
+        self.autoaugment = AutoAugment(POLICIES[policy])
+        self.seed = seed
+        self.image_size = image_size
+        self.augment_per = augment_per
+        self.image_fit = image_fit
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, b: int) -> StreamBatch:
+        task, indices = self.batches[b]
+        copies = []
+        labels = []
+        for position, index in enumerate(indices, self.starts[b]):
+            image, label = self.dataset[index]
+            # once per sample, shared by its online iterations (as the released random crop)
+            fit_seed = _seed_of(self.seed, position, -1)
+            image = fit_image(image, self.image_size, self.image_fit, seed=fit_seed)
+            key = position if self.augment_per == "sample" else b
+            seeds = [_seed_of(self.seed, key, it) for it in range(self.online_iter)]
+            augmented = [_augment(self.autoaugment, image, s) for s in seeds]
+            copies.append(torch.stack([TF.pil_to_tensor(a) for a in augmented]))  # (online_iter, 3, H, W)
+            labels.append(label)
+        return StreamBatch(task, _stack(copies, dim=1), torch.tensor(labels), torch.tensor(indices))
+
+
+def _loader(batches, workers: int, collate_fn=None) -> DataLoader:
+    """batches[0], batches[1], ... in turn (through collate_fn), read in DataLoader workers."""
+    return DataLoader(batches, batch_size=None, num_workers=workers, collate_fn=collate_fn,
+                      pin_memory=torch.cuda.is_available(),
+                      generator=torch.Generator())  # seeds the workers; the caller's RNG stays untouched
+
+
+def stream_batches(dataset, tasks, batch_size=64, online_iter=3, policy="cifar10", workers=2, seed=1,
+                   image_size=None, augment_per="sample", image_fit="centre") -> DataLoader:
+    """The online stream as an iterable of StreamBatch (see StreamBatches), read by `workers`."""
+    batches = StreamBatches(dataset, tasks, batch_size, online_iter, policy, seed, image_size,
+                            augment_per, image_fit)
+    return _loader(batches, workers)
+
+
+def stream_labels(dataset, tasks, batch_size=64) -> list[StreamBatch]:
+    """The stream's batches, labels alone (images None): zero-shot CLIP trains nothing."""
+    return [StreamBatch(t, None, torch.tensor([dataset.targets[i] for i in ids]), torch.tensor(ids))
+            for t, ids in task_batches(tasks, batch_size)]
+
+
 @functools.cache
 def _mean_std(device: torch.device, mean: tuple, std: tuple):
-    """The channel mean and std as (1, 3, 1, 1) tensors, made once per device: making them waits for the GPU."""
-    return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
+    """The channel mean and std as (1, 3, 1, 1) tensors, made once per device (it waits for the GPU)."""
+    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    return mean, std
 
 
-def normalize(images: torch.Tensor, mean=clip_model.CLIP_MEAN, std=clip_model.CLIP_STD) -> torch.Tensor:
+def normalize(images: torch.Tensor, mean=clip_model.CLIP_MEAN, std=clip_model.CLIP_STD):
     """uint8 (N, 3, H, W) -> float (x / 255 - mean) / std per channel."""
     mean, std = _mean_std(images.device, tuple(mean), tuple(std))
     return (images.float() / 255 - mean) / std
 
 
 class BatchAugment:
-    """The training transform after AutoAugment, batched on the device: resize, padded random crop, flip, normalize.
-    per="sample" draws a crop offset and a flip for each image; per="batch" one of each for the whole batch (as
-    the released transform, applied to the batch tensor)."""
+    """The training transform after AutoAugment, batched on the device: resize, padded random crop,
+    flip, normalize. per="sample" draws a crop offset and a flip for each image; per="batch" one of
+    each for the whole batch (as the released transform, applied to the batch tensor)."""
 
-    def __init__(self, image_size: int, seed: int, padding: int = 4, mean=clip_model.CLIP_MEAN, std=clip_model.CLIP_STD,
-                 per="sample"):
-        self.image_size, self.seed, self.padding, self.per = image_size, seed, padding, per
-        self.mean, self.std = mean, std
+    def __init__(self, image_size: int, seed: int, padding: int = 4, mean=clip_model.CLIP_MEAN,
+                 std=clip_model.CLIP_STD, per="sample"):
+        self.image_size = image_size
+        self.seed = seed
+        self.padding = padding
+        self.per = per
+        self.mean = mean
+        self.std = std
         self.generator = None  # made on the device of the first batch, seeded with the run seed
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H, W) -> float (N, 3, n, n), n = image_size: squashed, then a random crop of the zero-padded
-        images (black border, as the released transform) and a random h-flip, normalized."""
+        """uint8 (N, 3, H, W) -> float (N, 3, n, n), n = image_size: squashed, then a random crop of
+        the zero-padded images (black border, as the released transform) and a random h-flip,
+        normalized."""
         if self.generator is None:
             self.generator = torch.Generator(images.device).manual_seed(self.seed)
         images = fit_image(images, self.image_size, "squash")
         n, c, h, w = images.shape
-        p, device = self.padding, images.device
+        p = self.padding
+        device = images.device
         draws = n if self.per == "sample" else 1  # one draw broadcast to the whole batch
         padded = F.pad(images, (p, p, p, p))  # (N, 3, H+2p, W+2p)
-        top = torch.randint(0, 2 * p + 1, (draws,), generator=self.generator, device=device).expand(n)
-        left = torch.randint(0, 2 * p + 1, (draws,), generator=self.generator, device=device).expand(n)
-        flip = (torch.rand(draws, generator=self.generator, device=device) < 0.5).expand(n)
+        g = self.generator
+        top = torch.randint(0, 2 * p + 1, (draws,), generator=g, device=device).expand(n)
+        left = torch.randint(0, 2 * p + 1, (draws,), generator=g, device=device).expand(n)
+        flip = (torch.rand(draws, generator=g, device=device) < 0.5).expand(n)
         rows = top[:, None] + torch.arange(h, device=device)  # (N, H) rows of the padded image
         cols = left[:, None] + torch.arange(w, device=device)  # (N, W)
-        cols = torch.where(flip[:, None], cols.flip(1), cols)  # reading columns backwards is the horizontal flip
-        sample, channel = torch.arange(n, device=device).view(n, 1, 1, 1), torch.arange(c, device=device).view(c, 1, 1)
-        crops = padded[sample, channel, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]  # (N, 3, H, W)
+        cols = torch.where(flip[:, None], cols.flip(1), cols)  # columns read backwards: the h-flip
+        sample = torch.arange(n, device=device).view(n, 1, 1, 1)
+        channel = torch.arange(c, device=device).view(c, 1, 1)
+        # advanced indexing broadcasts (N,1,1,1), (C,1,1), (N,1,H,1), (N,1,1,W) to (N, C, H, W)
+        crops = padded[sample, channel, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
         return normalize(crops, self.mean, self.std)
 
 
-def eval_batches(dataset, indices, batch_size=512, workers=2, image_size=None, resize="clip", image_fit="centre",
-                 seed=0):
-    """Test samples in index order as an iterable of (uint8 RGB images (B, 3, H, W), labels (B,)) for eval_transform.
-    With an `image_size`, images are fitted when loaded by `resize` (see TEST_RESIZES), after, with
-    image_fit="random", the released ImageNet-R random crop (drawn once per test image from `seed`)."""
-    chunks = [[int(i) for i in indices[b:b + batch_size]] for b in range(0, len(indices), batch_size)]
-    return _loader(chunks, functools.partial(_eval_batch, dataset, image_size, resize, image_fit, seed), workers)
+def eval_batches(dataset, indices, batch_size=512, workers=2, image_size=None, resize="centre",
+                 image_fit="centre", seed=0):
+    """Test samples in index order as an iterable of (uint8 RGB images (B, 3, H, W), labels (B,)).
+    With an `image_size`, images are fitted when loaded by `resize`, after, with image_fit="random",
+    the released ImageNet-R random crop (drawn once per image from `seed`)."""
+    indices = [int(i) for i in indices]
+    chunks = [indices[b:b + batch_size] for b in range(0, len(indices), batch_size)]
+    load = functools.partial(_eval_batch, dataset, image_size, resize, image_fit, seed)
+    return _loader(chunks, workers, load)
 
 
 def _eval_batch(dataset, image_size, resize, image_fit, seed, indices):
     """(uint8 RGB images (B, 3, H, W), labels (B,)) of dataset[indices], brought to `image_size`."""
-    images, labels = [], []
+    images = []
+    labels = []
     for index in indices:
         image, label = dataset[index]
         if image_fit == "random":  # the released ImageNet-R loader crops test images at random too
             image = fit_image(image, image_size, "random", seed=_seed_of(seed, index, -2))
-        image = fit_image(image, image_size, TEST_RESIZES[resize])
-        images.append(TF.pil_to_tensor(image.convert("RGB")))  # RGB after the geometry, as OpenAI's preprocessing
+        image = fit_image(image, image_size, resize)
+        images.append(TF.pil_to_tensor(image.convert("RGB")))  # RGB after the geometry, as OpenAI's
         labels.append(label)
     return _stack(images), torch.tensor(labels)
 
 
-def eval_transform(images: torch.Tensor, image_size: int, resize="clip", mean=clip_model.CLIP_MEAN,
-                   std=clip_model.CLIP_STD) -> torch.Tensor:
-    """uint8 test images (N, 3, H, W) -> float (N, 3, n, n), n = image_size, batched on the device: the geometry
-    named by TEST_RESIZES[resize] (images already n x n pass unchanged), then normalize."""
-    return normalize(fit_image(images, image_size, TEST_RESIZES[resize]), mean, std)
+def eval_transform(images: torch.Tensor, image_size: int, resize="centre",
+                   mean=clip_model.CLIP_MEAN, std=clip_model.CLIP_STD) -> torch.Tensor:
+    """uint8 test images (N, 3, H, W) -> float (N, 3, n, n), n = image_size, on the device: the
+    geometry `resize` (images already n x n pass unchanged), then normalize."""
+    return normalize(fit_image(images, image_size, resize), mean, std)
 
 
 def seen_test_indices(test_targets, seen_classes) -> torch.Tensor:
-    """The test indices whose labels are among the seen classes, in index order: the anytime-evaluation test set."""
+    """The test indices whose labels are among the seen classes, in index order: the
+    anytime-evaluation test set."""
     targets = torch.as_tensor(test_targets, dtype=torch.long)
     seen = torch.as_tensor(sorted(seen_classes), dtype=torch.long)
     return torch.isin(targets, seen).nonzero().flatten()
+
+
+# ---- Tables of class names -----------------------------------------------------------------------
+
+# The names the released SIT code puts in its Tiny-ImageNet prompts (CLIP's curated ImageNet names,
+# not words.txt's), in wnids.txt order: what --class-names raw uses for this dataset.
+TINYIMAGENET_RELEASED_NAMES = tuple((
+    "Egyptian Mau, fishing casting reel, volleyball, rocking chair, lemon, American bullfrog, "
+    "basketball, cliff, espresso, plunger, parking meter, German Shepherd Dog, dining table, "
+    "monarch butterfly, brown bear, school bus, pizza, guinea pig, umbrella, pipe organ, oboe, "
+    "maypole, goldfish, pot pie, hourglass, beach, computer keyboard, arabian camel, ice cream, "
+    "metal nail, space heater, cardigan, baboon, snail, coral reef, albatross, spider web, "
+    "sea cucumber, backpack, Labrador Retriever, pretzel, king penguin, sulphur butterfly, "
+    "tarantula, red panda, soda bottle, banana, sock, cockroach, missile, beer bottle, "
+    "praying mantis, freight car, guacamole, remote control, fire salamander, lakeshore, "
+    "chimpanzee, payphone, fur coat, mountain, lampshade, torch, abacus, moving van, barrel, "
+    "tabby cat, goose, koala, high-speed train, CD player, teapot, birdhouse, gazelle, "
+    "academic gown, tractor, ladybug, miniskirt, Golden Retriever, triumphal arch, cannon, "
+    "neck brace, sombrero, gas mask or respirator, candle, desk, frying pan, bee, dam, "
+    "spiny lobster, police van, iPod, punching bag, lighthouse, jellyfish, wok, potter's wheel, "
+    "sandal, pill bottle, butcher shop, slug, pig, cougar, construction crane, vestment, "
+    "dragonfly, automated teller machine, mushroom, rickshaw, water tower, storage chest, snorkel, "
+    "sunglasses, fly, limousine, black stork, dugong, sports car, water jug, suspension bridge, "
+    "ox, popsicle, turnstile, Christmas stocking, broom, scorpion, wooden spoon, picket fence, "
+    "rugby ball, sewing machine, through arch bridge, Persian cat, refrigerator, barn, apron, "
+    "Yorkshire Terrier, swim trunks / shorts, stopwatch, lawn mower, thatched roof, fountain, "
+    "southern black widow, bikini, plate, teddy bear, barbershop, candy store, station wagon, "
+    "scoreboard, orange, flagpole, American lobster, trolleybus, drumstick, dumbbell, "
+    "brass memorial plaque, bow tie, convertible, bighorn sheep, orangutan, American alligator, "
+    "centipede, syringe, go-kart, brain coral, sea slug, cliff dwelling, mashed potatoes, viaduct, "
+    "military uniform, pomegranate, chain, kimono, comic book, trilobite, bison, pole, "
+    "boa constrictor, poncho, bathtub, grasshopper, stick insect, Chihuahua, tailed frog, lion, "
+    "altar, obelisk, beaker, bell pepper, baluster / handrail, bucket, magnetic compass, meatloaf, "
+    "gondola, Standard Poodle, acorn, lifeboat, binoculars, cauliflower, African bush elephant"
+).split(", "))
+
+# ImageNet-R's 200 ImageNet classes, in the order of their sorted WordNet ids
+IMAGENET_R_CLASSES = tuple((
+    "goldfish, great white shark, hammerhead, stingray, hen, ostrich, goldfinch, junco, "
+    "bald eagle, vulture, newt, axolotl, tree frog, iguana, African chameleon, cobra, scorpion, "
+    "tarantula, centipede, peacock, lorikeet, hummingbird, toucan, duck, goose, black swan, koala, "
+    "jellyfish, snail, lobster, hermit crab, flamingo, american egret, pelican, king penguin, "
+    "grey whale, killer whale, sea lion, chihuahua, shih tzu, afghan hound, basset hound, beagle, "
+    "bloodhound, italian greyhound, whippet, weimaraner, yorkshire terrier, boston terrier, "
+    "scottish terrier, west highland white terrier, golden retriever, labrador retriever, "
+    "cocker spaniels, collie, border collie, rottweiler, german shepherd dog, boxer, "
+    "french bulldog, saint bernard, husky, dalmatian, pug, pomeranian, chow chow, "
+    "pembroke welsh corgi, toy poodle, standard poodle, timber wolf, hyena, red fox, tabby cat, "
+    "leopard, snow leopard, lion, tiger, cheetah, polar bear, meerkat, ladybug, fly, bee, ant, "
+    "grasshopper, cockroach, mantis, dragonfly, monarch butterfly, starfish, wood rabbit, "
+    "porcupine, fox squirrel, beaver, guinea pig, zebra, pig, hippopotamus, bison, gazelle, llama, "
+    "skunk, badger, orangutan, gorilla, chimpanzee, gibbon, baboon, panda, eel, clown fish, "
+    "puffer fish, accordion, ambulance, assault rifle, backpack, barn, wheelbarrow, basketball, "
+    "bathtub, lighthouse, beer glass, binoculars, birdhouse, bow tie, broom, bucket, cauldron, "
+    "candle, cannon, canoe, carousel, castle, mobile phone, cowboy hat, electric guitar, "
+    "fire engine, flute, gasmask, grand piano, guillotine, hammer, harmonica, harp, hatchet, jeep, "
+    "joystick, lab coat, lawn mower, lipstick, mailbox, missile, mitten, parachute, pickup truck, "
+    "pirate ship, revolver, rugby ball, sandal, saxophone, school bus, schooner, shield, "
+    "soccer ball, space shuttle, spider web, steam locomotive, scarf, submarine, tank, "
+    "tennis ball, tractor, trombone, vase, violin, military aircraft, wine bottle, ice cream, "
+    "bagel, pretzel, cheeseburger, hotdog, cabbage, broccoli, cucumber, bell pepper, mushroom, "
+    "Granny Smith, strawberry, lemon, pineapple, banana, pomegranate, pizza, burrito, espresso, "
+    "volcano, baseball player, scuba diver, acorn"
+).split(", "))

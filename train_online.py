@@ -372,7 +372,7 @@ def train(model, batches, *, task_sizes, text_features, test, augment, results, 
 # code").
 RECIPES = {
     "ours": dict(lora_init="zero", double_softmax=False, augment_per="sample", normalize="clip",
-                 test_resize="clip", class_names="readable", image_fit="centre", precision="auto",
+                 test_resize="centre", class_names="readable", image_fit="centre", precision="auto",
                  eval_split="test", zero_shot_protocol="ours"),
     "released": dict(lora_init="released", double_softmax=True, augment_per="batch", normalize="dataset",
                      test_resize="squash", class_names="raw", image_fit="random", precision="fp32",

@@ -1,5 +1,6 @@
 """clip_model.py against open_clip (the reference oracle) on the same random weights in OpenAI's layout."""
 
+import argparse
 import json
 import os
 
@@ -162,7 +163,22 @@ def test_download_verifies_sha256(tmp_path):
     assert open(path, "rb").read() == b"not the real weights"
     with pytest.raises(CheckpointError, match="SHA256"):
         clip_model.download(source.as_uri(), str(tmp_path / "cache2"), "0" * 64)
-    assert not os.listdir(tmp_path / "cache2")
+    assert not (tmp_path / "cache2").exists()  # neither the file nor the folder made for it
+
+
+def test_a_failed_download_leaves_no_file_and_no_new_folder(tmp_path):
+    missing = (tmp_path / "nowhere" / "ViT-B-16.pt").as_uri()  # fails offline, as a dropped network does
+    with pytest.raises(clip_model.DownloadError, match="ViT-B-16.pt"):
+        clip_model.download(missing, str(tmp_path / "home" / ".cache" / "clip"), "0" * 64)
+    assert not (tmp_path / "home").exists()
+
+
+def test_a_pickle_that_is_no_checkpoint_is_refused_without_advising_weights_only_false(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(argparse.Namespace(lr=0.1), path)  # loading it would run code from the file
+    with pytest.raises(CheckpointError, match="not a TorchScript archive nor a torch state dict") as error:
+        clip_model.load(str(path))
+    assert "weights_only" not in str(error.value) and len(str(error.value).splitlines()) == 1
 
 
 def test_available_models_are_the_vit_checkpoints():

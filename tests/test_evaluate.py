@@ -461,8 +461,8 @@ def test_zero_shot_prompts_use_the_protocols_class_names(tmp_path, monkeypatch, 
 
 
 @pytest.mark.parametrize("protocol, precision, expected", [
-    ("ours", "bf16", [("clip", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), torch.bfloat16]),
-    ("ours", "auto", [("clip", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), torch.float32]),  # auto: bf16 on CUDA only
+    ("ours", "bf16", [("centre", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), torch.bfloat16]),
+    ("ours", "auto", [("centre", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), torch.float32]),  # auto: bf16 on CUDA only
     ("released", "fp32", [("squash", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), torch.float32])])
 def test_zero_shot_normalizes_and_computes_as_the_protocol_and_precision_say(tmp_path, monkeypatch, protocol,
                                                                              precision, expected):
@@ -475,6 +475,52 @@ def test_zero_shot_normalizes_and_computes_as_the_protocol_and_precision_say(tmp
     evaluate.zero_shot_transfer(model, ["eurosat"], str(tmp_path), "{}", "cpu", workers=0, mean=(0.5,) * 3,
                                 std=(0.25,) * 3, protocol=protocol, precision=precision)
     assert used == expected  # one batch: its preprocessing, then its image features' dtype
+
+
+def test_caltech101_is_read_without_scipy(tmp_path):
+    # torchvision's Caltech101 imports scipy to read any item; scipy is in no requirements file
+    fake_tree(tmp_path / "caltech101" / "101_ObjectCategories", CALTECH101_FOLDERS, "image_0001.jpg")
+    code = ("import sys; sys.modules['scipy'] = None; import evaluate\n"
+            f"for protocol in ('ours', 'released'):\n"
+            f"    ds, indices, names = evaluate.zero_shot_dataset('caltech101', {str(tmp_path)!r}, protocol)\n"
+            "    image, label = ds[indices[-1]]\n"
+            "    print(protocol, len(indices), image.size, names[label])")
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], cwd=repository, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["ours 101 (40, 40) yin and yang symbol",
+                                          "released 100 (40, 40) yin_yang"]
+
+
+@pytest.mark.parametrize("dataset", evaluate.ZERO_SHOT_DATASETS)
+def test_a_failed_zero_shot_download_is_one_line_and_leaves_no_folder(tmp_path, capsys, monkeypatch, dataset):
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    code, _, err = run_cli(capsys, "zero-shot", "--model", tiny_checkpoint(tmp_path), "--act", "quickgelu",
+                           "--datasets", dataset, "--data-root", tmp_path / "data", "--device", "cpu")
+    assert (code, len(err.splitlines())) == (1, 1) and "no network" in err
+    assert evaluate.ZERO_SHOT_SOURCES[dataset][0] in err
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("argv, value", [(["--batch-size", "0"], "'0'"), (["--datasets", "food101,mnist"], "mnist"),
+                                         (["--protocol", "release"], "'release'")])
+def test_a_refused_flag_is_one_line_naming_it_and_exit_2(tmp_path, capsys, argv, value):
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main(["zero-shot", "--model", "ViT-B/16", *argv])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and argv[0] in err and value in err
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["zero-shot", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: 256)" in out and "(default: data)" in out and "(default: None)" not in out
 
 
 def fake_pets(root):
@@ -625,6 +671,16 @@ def test_peft_weights_that_do_not_fit_their_settings_are_one_clear_line(tmp_path
     torch.save(saved, path)
     code, _, err = run_cli(capsys, "zero-shot", "--peft-weights", path, "--datasets", "imagefolder")
     assert (code, len(err.splitlines())) == (1, 1) and str(path) in err
+
+
+def test_a_peft_file_written_before_centre_was_named_so_still_evaluates(tmp_path, capsys):
+    _, path = save_peft(tmp_path, "lora")
+    saved = torch.load(path, weights_only=True)
+    saved["test_resize"] = "clip"  # OpenAI's centre fit, under its old name
+    torch.save(saved, path)
+    code, _, err = run_cli(capsys, "zero-shot", "--peft-weights", path, "--datasets", "imagefolder",
+                           "--data-root", image_folder(tmp_path / "images"), "--device", "cpu", "--workers", 0)
+    assert code == 0, err
 
 
 @pytest.mark.parametrize("content", [None, b"not a torch file", "wrong dict"])

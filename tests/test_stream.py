@@ -67,6 +67,12 @@ def test_classes_left_over_by_the_rounding_are_dropped():
     assert not any(targets[i] in dropped for task in split.tasks for i in task)
 
 
+def test_the_docstrings_example_of_dropped_classes_holds():
+    split = si_blurry_split([i % 7 for i in range(700)], 7, n_tasks=5, seed=1)
+    assert set(range(7)) - set(owner_of(split)) == {2, 4}
+    assert sum(map(len, split.tasks)) == 500
+
+
 @pytest.mark.parametrize("stochastic", [True, False])
 @pytest.mark.parametrize("seed", range(4))
 def test_disjoint_classes_appear_only_in_their_own_task(stochastic, seed):
@@ -212,6 +218,13 @@ def test_missing_dataset_without_download_names_the_path(tmp_path):
         load_dataset("tinyimagenet", str(tmp_path), train=True, download=False)
 
 
+def test_a_failed_download_leaves_no_new_folder(tmp_path):
+    missing = (tmp_path / "nowhere" / "tiny-imagenet-200.zip").as_uri()  # fails offline, like no network
+    with pytest.raises(OSError, match="tiny-imagenet-200.zip"):
+        stream.download_archive("Tiny-ImageNet", missing, str(tmp_path / "data" / "here"), md5="0" * 32)
+    assert not (tmp_path / "data").exists()
+
+
 def test_tinyimagenet_labels_follow_wnids_and_val_annotations(tmp_path):
     folder = tmp_path / "tiny-imagenet-200"
     wnids = ["n09", "n01"]  # wnids.txt is not sorted; labels follow its order, samples the sorted folders
@@ -286,6 +299,18 @@ def test_stream_batches_shapes_labels_and_indices():
         assert batch.images.shape == (3, b, 3, 8, 8) and batch.images.dtype == torch.uint8
         assert batch.labels.dtype == batch.indices.dtype == torch.long
         assert batch.labels.tolist() == [DATA.targets[i] for i in batch.indices.tolist()]
+
+
+class LabelsOnly(SyntheticDataset):
+    def __getitem__(self, i):
+        raise AssertionError("stream_labels read an image")
+
+
+def test_stream_labels_are_the_streams_batches_without_reading_an_image():
+    labels_only = stream.stream_labels(LabelsOnly(4, 6, image_size=8, seed=0), TASKS, batch_size=5)
+    for mine, full in zip(labels_only, collect(), strict=True):
+        assert (mine.task, mine.images) == (full.task, None)
+        assert torch.equal(mine.labels, full.labels) and torch.equal(mine.indices, full.indices)
 
 
 def test_batches_follow_the_stream_and_never_cross_a_task_boundary():
@@ -463,11 +488,11 @@ class Photos(torch.utils.data.Dataset):
         return TF.to_pil_image(pixels).convert(self.modes[i % 4]), i % 3
 
 
-@pytest.mark.parametrize("resize", ["clip", "squash"])
+@pytest.mark.parametrize("resize", ["centre", "squash"])
 def test_test_images_of_any_mode_and_size_equal_the_pil_preprocessing_exactly(resize):
     # zero-shot transfer: fitted to image_size when loaded, then eval_transform; OpenAI's PIL pipeline, or the released
     mode = T.InterpolationMode
-    geometry = ([T.Resize(16, interpolation=mode.BICUBIC), T.CenterCrop(16)] if resize == "clip"
+    geometry = ([T.Resize(16, interpolation=mode.BICUBIC), T.CenterCrop(16)] if resize == "centre"
                 else [T.Resize((16, 16), interpolation=mode.BILINEAR)])
     reference = T.Compose(geometry + [T.Lambda(lambda image: image.convert("RGB")), T.ToTensor(),
                                       T.Normalize(CLIP_MEAN, CLIP_STD)])
