@@ -1,16 +1,17 @@
 """
-Bottleneck adapters for a CLIP in OpenAI's layout (clip_model's, OpenAI's `clip`, open_clip's), placed as in the
-paper's released code. Needs only torch.
+Bottleneck adapters for a CLIP in OpenAI's layout (clip_model's, OpenAI's `clip`, open_clip's),
+placed as in the paper's released code. Needs only torch.
 
-    Ad(h) = up(dropout(relu(down(h)))),   down: width -> bottleneck,  up: bottleneck -> width, zero at init
+    Ad(h) = up(dropout(relu(down(h)))),   down: width -> bottleneck,  up: bottleneck -> width
 
 Each residual block gets ONE adapter, used twice (after attention and after the MLP):
 
     h = Attn(LN1(x));  x = x + h + scale * Ad(h)
     m = MLP(LN2(x));   x = x + m + scale * Ad(m)
 
-Since `up` starts at zero, the tuned model starts at zero-shot CLIP. The adapter is `block.adapter` (parameters
-`*.adapter.*`), applied by forward hooks on `block.attn` and `block.mlp`; no OpenAI state-dict name changes.
+Since `up` starts at zero, the tuned model starts at zero-shot CLIP. The adapter is `block.adapter`
+(parameters `*.adapter.*`), applied by forward hooks on `block.attn` and `block.mlp`, so any block
+in this layout takes it and no OpenAI state-dict name changes.
 """
 
 import torch
@@ -27,8 +28,8 @@ class Adapter(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.up = nn.Linear(bottleneck, width)
         self.scale = scale
-        # The released code's init (AdaptFormer's "lora" option): down kaiming-uniform (nn.Linear's default),
-        # both biases and the up weight zero.
+        # The released code's init (AdaptFormer's "lora" option): down kaiming-uniform
+        # (nn.Linear's default), both biases and the up weight zero.
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
@@ -37,14 +38,16 @@ class Adapter(nn.Module):
         return self.up(self.dropout(self.relu(self.down(h))))
 
     def add_to_output(self, module, inputs, output):
-        """Forward hook on block.attn and block.mlp: h -> h + scale * Ad(h) (nn.MultiheadAttention returns (h, _))."""
+        """Forward hook on block.attn and block.mlp: h -> h + scale * Ad(h).
+        nn.MultiheadAttention returns (h, weights): h is replaced."""
         h = output[0] if isinstance(output, tuple) else output
         h = h + self.scale * self(h)
         return (h, *output[1:]) if isinstance(output, tuple) else h
 
 
 def towers(model, encoder):
-    """The residual blocks of the chosen tower(s); a ValueError naming what differs from OpenAI's CLIP layout."""
+    """The residual blocks of the chosen tower(s); a ValueError naming what differs from OpenAI's
+    CLIP layout."""
     if encoder not in ("image", "text", "both"):
         raise ValueError(f"encoder={encoder!r}; expected one of ('image', 'text', 'both')")
     paths = {"image": ["visual.transformer.resblocks"], "text": ["transformer.resblocks"]}
@@ -54,26 +57,29 @@ def towers(model, encoder):
             blocks += list(model.get_submodule(path))
         except AttributeError:
             children = [n for n, _ in model.named_children()]
-            raise ValueError(f"{type(model).__name__} has no {path} (its children: {children}); expected a CLIP in "
-                             "OpenAI's layout: clip_model's, OpenAI's `clip`, open_clip's") from None
+            raise ValueError(f"{type(model).__name__} has no {path} (its children: {children}); "
+                             "expected a CLIP in OpenAI's layout: clip_model's, OpenAI's `clip`, "
+                             "open_clip's") from None
     for block in blocks:
         if not all(isinstance(getattr(block, n, None), nn.Module) for n in ("ln_1", "attn", "mlp")):
-            raise ValueError(f"a block is a {type(block).__name__}: expected modules ln_1, attn and mlp in each")
+            raise ValueError(f"a block is a {type(block).__name__}: expected modules ln_1, attn and "
+                             "mlp in each")
     return blocks
 
 
 def apply_adapter(model, encoder="both", bottleneck=64, scale=0.1, dropout=0.1):
-    """Give every block of the chosen tower(s) an adapter and freeze everything else (in place; returns model).
+    """Give every block of the chosen tower(s) an adapter, freeze everything else (in place; returns
+    model).
 
-    model: a CLIP in OpenAI's layout (clip_model's, OpenAI's `clip`, open_clip's: visual.transformer.resblocks,
-        transformer.resblocks); anything else is refused before any change.
-    encoder: "image", "text" or "both"; bottleneck: the adapter's hidden width; scale: the factor on Ad(h);
-    dropout: inside the adapter, in training.
+    model: a CLIP in OpenAI's layout (clip_model's, OpenAI's `clip`, open_clip's:
+        visual.transformer.resblocks, transformer.resblocks); anything else is refused unchanged.
+    encoder: "image", "text" or "both"; bottleneck: the adapter's hidden width.
+    scale: the factor on Ad(h); dropout: inside the adapter, in training.
     """
     if not isinstance(bottleneck, int) or bottleneck < 1:
         raise ValueError(f"bottleneck={bottleneck!r}; expected an integer >= 1")
     if scale == 0:
-        raise ValueError(f"scale={scale!r}; expected a non-zero number (the released code uses 0.1)")
+        raise ValueError(f"scale={scale!r}; expected a non-zero number (released: 0.1)")
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout={dropout!r}; expected a probability in [0, 1)")
     if any(isinstance(m, Adapter) for m in model.modules()):
@@ -82,26 +88,28 @@ def apply_adapter(model, encoder="both", bottleneck=64, scale=0.1, dropout=0.1):
     model.requires_grad_(False)  # every CLIP weight, logit_scale included, stays frozen
     for block in blocks:
         like = block.ln_1.weight  # (width,)
-        block.adapter = Adapter(like.shape[0], bottleneck, scale, dropout).to(like.device, like.dtype)
+        block.adapter = Adapter(like.shape[0], bottleneck, scale, dropout)
+        block.adapter.to(like.device, like.dtype)
         block.attn.register_forward_hook(block.adapter.add_to_output)
         block.mlp.register_forward_hook(block.adapter.add_to_output)
     return model
 
 
 def adapter_state_dict(model):
-    """Only the adapter tensors, under their model.state_dict() names (sharing storage, as state_dict does)."""
+    """Only the adapter tensors, under their model.state_dict() names (sharing storage)."""
     return {name: tensor for name, tensor in model.state_dict().items() if ".adapter." in name}
 
 
 def load_adapter_state_dict(model, state_dict):
-    """Restore tensors saved by adapter_state_dict; refuse missing, unexpected or mis-shaped keys before copying any."""
+    """Restore tensors saved by adapter_state_dict; refuse missing, unexpected or mis-shaped keys
+    before copying any."""
     own = adapter_state_dict(model)
     for name in sorted(own.keys() | state_dict.keys()):
         got = tuple(getattr(state_dict[name], "shape", ())) if name in state_dict else "absent"
         want = tuple(own[name].shape) if name in own else "absent"
         if got != want:
-            raise ValueError(f"adapter state dict: {name!r} saved: {got}, in the model: {want} (saved with other "
-                             "encoder or bottleneck?)")
+            raise ValueError(f"adapter state dict: {name!r} saved: {got}, in the model: {want} "
+                             "(saved with other encoder or bottleneck?)")
     with torch.no_grad():
         for name, tensor in state_dict.items():
             own[name].copy_(tensor)
