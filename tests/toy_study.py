@@ -16,10 +16,12 @@ prints paired differences, SIT - all, with 95 % t intervals over the (world, see
 ROOT/toy_study.png. A study, not a test: nothing here decides who wins.
 
 Pre-registered: every setting was fixed before the reported worlds and seeds were run. The learning
-rate was chosen on world 9 with stream seeds 91-93 (never reported) among 5e-4 (released), 1e-3, 3e-3
-and 1e-2, as the one with the highest mean A_auc over all eight tuned configurations, SIT and all
-alike (the printed "mean A_auc of the tuned runs"). Everything else is the released recipe, except
-where the toy's scale forbids it (README, "The paper's comparison on a laptop").
+rate, 1e-3, was chosen on world 9 with stream seeds 91-93 (never reported), among 5e-4 (the released
+one), 1e-3, 3e-3 and 1e-2, as the one with the highest mean A_auc over all eight tuned configurations,
+SIT and all alike (the printed "mean A_auc of the tuned runs": 35.33, 37.19, 36.55, 34.54 %):
+    python tests/toy_study.py --world-seeds 9 --seeds 91-93 --lr 1e-3
+Everything else is the released recipe, except where the toy's scale forbids it (README, "The
+paper's comparison on a laptop").
 """
 
 import argparse
@@ -51,7 +53,7 @@ TUNED = [("LoRA image", ["--peft", "lora", "--encoder", "image"]),
          ("LoRA both", ["--peft", "lora", "--encoder", "both"]),
          ("adapter both", ["--peft", "adapter", "--encoder", "both"])]
 VISIBLE = {"SIT": "batch", "all": "all"}
-LR = 3e-3  # pre-registered (docstring)
+LR = 1e-3  # pre-registered (docstring)
 N_TASKS = 4  # Si-Blurry's N 50 of 24 classes is 12 disjoint ones: 5 tasks would drop 4 classes
 BATCH_SIZE = 64
 # The released recipe, but the anytime period: 1,000 samples would give 2 points on 2,400 images.
@@ -272,8 +274,7 @@ def vs_zero_shot_table(runs, untuned):
     runs that ended predicting one class."""
     lines = ["| − zero-shot CLIP (points) | A_auc | A_last | held-out zero-shot | ended predicting "
              "one class |", "|---|---|---|---|---|"]
-    base = runs["zero-shot CLIP"]
-    for label, rs in runs.items():
+    for label, rs in [*list(runs.items())[1:], list(runs.items())[0]]:  # zero-shot CLIP last
         diffs = [paired(values(runs, label, m), values(runs, "zero-shot CLIP", m))
                  for m in ("A_auc", "A_last")]
         diffs.append(paired(values(runs, label, "zero_shot"), {k: untuned[k[0]] for k in rs}))
@@ -304,17 +305,17 @@ def plot(runs, tuned, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(MEASURES), figsize=(16, 3.2), sharey=True)
-    for ax, (m, name) in zip(axes, MEASURES.items()):
+    fig, axes = plt.subplots(2, 3, figsize=(12, 5.6), sharey=True)
+    for ax, (m, name) in zip(axes.flat, MEASURES.items()):
         for y, t in enumerate(tuned):
             mean, half, _, n = paired(values(runs, f"{t}, SIT", m), values(runs, f"{t}, all", m))
             colour = "black" if abs(mean) > half else "grey"
             ax.errorbar(100 * mean, y, xerr=100 * half, fmt="o", color=colour, capsize=3)
         ax.axvline(0, color="red", linewidth=0.8)
         ax.set(title=name, xlabel="SIT − all (points)")
-    axes[0].set_yticks(range(len(tuned)), tuned)
-    axes[0].invert_yaxis()
-    fig.suptitle(f"SIT − all, paired over {n} (world, seed) pairs: mean and 95 % t interval "
+    axes[0, 0].set_yticks(range(len(tuned)), tuned)
+    axes[0, 0].invert_yaxis()
+    fig.suptitle(f"SIT − all, paired over {n} (world, seed) pairs: the mean and its 95 % t interval\n"
                  "(black: the interval excludes 0)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
