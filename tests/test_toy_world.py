@@ -1,5 +1,5 @@
-"""The premise of tests/toy_study.py: its world is deterministic and in the paper's regime, and a CLIP pretrained on
-it transfers zero-shot. Nothing here asserts who wins."""
+"""The premise of tests/toy_study.py: its world is deterministic and in the paper's regime, and a
+CLIP pretrained on it transfers zero-shot. Nothing here asserts who wins."""
 
 import collections
 import os
@@ -34,10 +34,12 @@ def test_groups_split_the_compositions_and_each_holds_every_shape_and_texture(wo
 
 
 def test_the_regime_is_the_papers():
-    """At least 24 stream classes in 4 Si-Blurry tasks (N 50, M 10) and 8 held-out ones; a training batch of 64
-    holds several classes (measured 8.6 on seeds 1-10), so SIT's loss is rarely over a single class."""
+    """At least 24 stream classes in 4 Si-Blurry tasks (N 50, M 10) and 8 held-out ones; a training
+    batch of 64 holds several classes (measured 8.6 on seeds 1-10), so SIT's loss is rarely over a
+    single class."""
     assert len(toy_world.classes("stream")) >= 24 and len(toy_world.classes("heldout")) >= 8
-    targets = [c for c in range(len(toy_world.classes("stream"))) for _ in range(100)]  # the folders' label order
+    n_classes = len(toy_world.classes("stream"))
+    targets = [c for c in range(n_classes) for _ in range(100)]  # the folders' label order
     assert toy_study.classes_per_batch(targets, range(1, 11)) >= 6
 
 
@@ -48,13 +50,14 @@ def test_the_world_is_deterministic_for_a_seed(tmp_path):
     assert a == b
     assert a != c
     names = {path.split(os.sep)[2] for path in a if path.startswith("heldout")}
-    assert names == {toy_world.class_name(*comp).replace(" ", "_") for comp in toy_world.classes("heldout", 3)}
+    heldout = toy_world.classes("heldout", 3)
+    assert names == {toy_world.class_name(*comp).replace(" ", "_") for comp in heldout}
     image = Image.open(tmp_path / "a" / next(p for p in a if p.endswith(".png")))
     assert image.size == (toy_world.SIZE, toy_world.SIZE) and image.mode == "RGB"
 
 
-# A short pretraining, a tenth of the study's. Held-out zero-shot top-1 (chance 1/8 = 12.5%) measured on worlds 0, 1:
-# 57.2%, 69.0%. The bound, 3x chance (37.5%), leaves 20 and 31 points.
+# A short pretraining, a tenth of the study's. Held-out zero-shot top-1 (chance 1/8 = 12.5%)
+# measured on worlds 0, 1: 57.2%, 69.0%. The bound, 3x chance (37.5%), leaves 20 and 31 points.
 SHORT = toy_world.PretrainConfig(steps=150, per_class=60, batch_size=64)
 
 
