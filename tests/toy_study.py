@@ -183,20 +183,23 @@ def classes_per_batch(targets, seeds):
 # ---- what a run's results.json says ------------------------------------------------------------------
 
 
-def final_accuracy_on(r, task):
-    """Final accuracy on the classes first seen in the first task ("kept") or in the last one
-    ("learned"): the mean of their per-class accuracies at the last task end (each class has as many
-    test images). None without such classes."""
-    accs, ends = r["class_acc"], r["task_end_samples"]
-    before = 0 if task == "first" else None
-    if task == "last":  # the task end before the last one (an empty task ends with the one before)
-        before = max([k for k, end in enumerate(ends) if end < ends[-1]], default=None)
-    if before is None:
-        return None
-    new = [c for c, a in enumerate(accs[before]) if a is not None]
-    if task == "last":
-        new = [c for c, a in enumerate(accs[-1]) if a is not None and c not in new]
-    return statistics.mean(accs[-1][c] for c in new) if new else None
+def seen_at(r, k):
+    """The classes seen at task end k."""
+    return {c for c, acc in enumerate(r["class_acc"][k]) if acc is not None}
+
+
+def last_task_classes(r):
+    """The classes first seen in the last task: seen at the last task end but not at the one before
+    (an empty task ends together with the one before it)."""
+    ends = r["task_end_samples"]
+    earlier = [k for k, end in enumerate(ends) if end < ends[-1]]
+    return seen_at(r, -1) - seen_at(r, earlier[-1]) if earlier else set()
+
+
+def final_accuracy(r, classes):
+    """The mean of these classes' accuracies at the last task end (each has as many test images):
+    "learned" for the last task's classes, "kept" for the first task's. None without classes."""
+    return statistics.mean(r["class_acc"][-1][c] for c in classes) if classes else None
 
 
 def predicts_one_class(r):
@@ -212,7 +215,7 @@ def measures(out):
     zs = os.path.join(out, "zero_shot.json")
     held_out = json.load(open(zs))["accuracy"]["imagefolder"] if os.path.isfile(zs) else None
     return {"A_auc": r["A_auc"], "A_last": r["A_last"], "F_last": r["F_last"], "zero_shot": held_out,
-            "learned": final_accuracy_on(r, "last"), "kept": final_accuracy_on(r, "first"),
+            "learned": final_accuracy(r, last_task_classes(r)), "kept": final_accuracy(r, seen_at(r, 0)),
             "one_class": predicts_one_class(r)}
 
 
