@@ -1,5 +1,7 @@
-"""The premise of tests/toy_study.py: its world is deterministic, and a CLIP pretrained on it transfers zero-shot."""
+"""The premise of tests/toy_study.py: its world is deterministic and in the paper's regime, and a
+CLIP pretrained on it transfers zero-shot. Nothing here asserts who wins."""
 
+import collections
 import os
 from dataclasses import replace
 
@@ -7,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import toy_study
 import toy_world
 
 
@@ -20,11 +23,24 @@ def folder_bytes(root):
     return files
 
 
-def test_groups_split_the_compositions_and_each_holds_every_shape():
-    groups = [set(toy_world.classes(g)) for g in toy_world.GROUPS]
-    assert sum(map(len, groups)) == len(set.union(*groups)) == len(toy_world.SHAPES) * len(toy_world.TEXTURES)
-    for group in groups:
-        assert {shape for _, shape in group} == set(range(len(toy_world.SHAPES)))
+@pytest.mark.parametrize("world", [0, 1, 9])
+def test_groups_split_the_compositions_and_each_holds_every_shape_and_texture(world):
+    groups = {g: toy_world.classes(g, world) for g in toy_world.GROUPS}
+    assert sum(map(len, groups.values())) == len(set().union(*groups.values())) == 64
+    for group in groups.values():
+        for k in (0, 1):  # texture, shape
+            counts = collections.Counter(comp[k] for comp in group)
+            assert len(counts) == 8 and len(set(counts.values())) == 1  # each word equally often
+
+
+def test_the_regime_is_the_papers():
+    """At least 24 stream classes in 4 Si-Blurry tasks (N 50, M 10) and 8 held-out ones; a training
+    batch of 64 holds several classes (measured 8.6 on seeds 1-10), so SIT's loss is rarely over a
+    single class."""
+    assert len(toy_world.classes("stream")) >= 24 and len(toy_world.classes("heldout")) >= 8
+    n_classes = len(toy_world.classes("stream"))
+    targets = [c for c in range(n_classes) for _ in range(100)]  # the folders' label order
+    assert toy_study.classes_per_batch(targets, range(1, 11)) >= 6
 
 
 def test_the_world_is_deterministic_for_a_seed(tmp_path):
@@ -32,24 +48,25 @@ def test_the_world_is_deterministic_for_a_seed(tmp_path):
     b = folder_bytes(toy_world.write_folders(str(tmp_path / "b"), seed=3, n_train=2, n_test=1))
     c = folder_bytes(toy_world.write_folders(str(tmp_path / "c"), seed=4, n_train=2, n_test=1))
     assert a == b
-    assert a.keys() == c.keys() and a != c
+    assert a != c
     names = {path.split(os.sep)[2] for path in a if path.startswith("heldout")}
-    assert names == {toy_world.class_name(*comp).replace(" ", "_") for comp in toy_world.classes("heldout")}
+    heldout = toy_world.classes("heldout", 3)
+    assert names == {toy_world.class_name(*comp).replace(" ", "_") for comp in heldout}
     image = Image.open(tmp_path / "a" / next(p for p in a if p.endswith(".png")))
     assert image.size == (toy_world.SIZE, toy_world.SIZE) and image.mode == "RGB"
 
 
-# A short pretraining, a tenth of the study's. Held-out zero-shot top-1 (chance 1/6 = 16.7%) measured on seeds 0, 1,
-# 2: 78.3%, 90.0%, 67.7%. The bound, 3x chance (50%), leaves 28 and 18 points to the two seeds run here.
+# A short pretraining, a tenth of the study's. Held-out zero-shot top-1 (chance 1/8 = 12.5%)
+# measured on worlds 0, 1: 57.2%, 69.0%. The bound, 3x chance (37.5%), leaves 20 and 31 points.
 SHORT = toy_world.PretrainConfig(steps=150, per_class=60, batch_size=64)
 
 
-@pytest.mark.parametrize("seed", [0, 2])
-def test_short_pretraining_transfers_zero_shot_to_held_out_compositions(seed):
+@pytest.mark.parametrize("world", [0, 1])
+def test_short_pretraining_transfers_zero_shot_to_held_out_compositions(world):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the float sums of the measured runs
     try:
-        model = toy_world.pretrain(replace(SHORT, seed=seed), log=None)
+        model = toy_world.pretrain(replace(SHORT, seed=world), log=None)
     finally:
         torch.set_num_threads(threads)
-    assert toy_world.zero_shot(model, "heldout", shifted=False) >= 0.5
+    assert toy_world.zero_shot(model, "heldout", shifted=False, world=world) >= 0.375
