@@ -593,8 +593,8 @@ PROMPT = "a bad photo of a {}."
 
 
 def trim_padding(tokens):
-    """Drop the padding after the last end-of-text token: under the causal mask it never reaches
-    it, so prompts run on ~10 positions instead of 77 with the same features."""
+    """Drop the padding after the last end-of-text token, which the causal mask keeps from it:
+    prompts run on ~10 positions instead of 77, with the same features."""
     return tokens[:, :int(tokens.argmax(dim=-1).max()) + 1]
 
 

@@ -716,7 +716,7 @@ def cmd_plot_grad(args):
 
 
 class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows the defaults, but None (--recipe sets those) and False."""
+    """--help shows the defaults, but None (set later) and False."""
 
     def _get_help_string(self, action):
         if action.default is None or action.default is False:
