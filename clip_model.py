@@ -1,9 +1,8 @@
 """
 OpenAI's CLIP (Radford et al., "Learning Transferable Visual Models From Natural Language
-Supervision"): the ViT image tower and the text transformer, with parameter names equal to the keys
-of OpenAI's state dicts, so their weights load strictly without renaming. Then `build_model` (every
-size read off the tensors), checkpoints (OpenAI's, downloaded and SHA256-verified; plain or
-open_clip state dicts), the byte-level BPE tokenizer, and the zero-shot helpers.
+Supervision"): ViT image tower and text transformer named as OpenAI's state-dict keys, so their
+weights load strictly; `build_model`, checkpoints (OpenAI's, SHA256-verified; plain or open_clip),
+the BPE tokenizer, zero-shot helpers.
 """
 
 import contextlib
@@ -234,9 +233,8 @@ class CheckpointError(RuntimeError):
 
 
 def build_model(state_dict, act="quickgelu", **settings) -> CLIP:
-    """Build a CLIP whose every size is read off OpenAI-layout tensors, then load them strictly
-    (fp32). What the tensors cannot tell comes from `act` and `settings` (CLIPConfig fields: head
-    counts, image_mean, image_std)."""
+    """A CLIP sized by OpenAI-layout tensors, which it loads strictly (fp32); what they cannot tell
+    comes from `act` and `settings` (CLIPConfig fields)."""
     # OpenAI's TorchScript archives also hold these three sizes as tensors
     sizes_as_tensors = ("input_resolution", "context_length", "vocab_size")
     sd = {k: v for k, v in state_dict.items() if k not in sizes_as_tensors}
@@ -325,8 +323,8 @@ def undo_new_folders(folder):
 
 
 def download(url, root, sha256, what=None):
-    """The path of `url`'s file in `root`: a verified copy there (no connection opened), or
-    downloaded and verified (a failed download leaves no file, no new folder)."""
+    """The path of `url`'s file in `root`, downloaded unless a verified copy is there (a failed
+    download leaves no file, no new folder)."""
     path = os.path.join(root, os.path.basename(url))
     if os.path.isfile(path) and sha256sum(path) == sha256:
         return path
@@ -351,8 +349,7 @@ def download(url, root, sha256, what=None):
 
 
 def checkpoint_path(name_or_path, download_root=None):
-    """The local file of an OpenAI model name (downloaded once, SHA256-verified) or of a checkpoint
-    path."""
+    """The local file of an OpenAI model name (downloaded once) or of a checkpoint path."""
     if name_or_path in _MODELS:
         url = _MODELS[name_or_path]
         sha256 = url.split("/")[-2]
@@ -372,8 +369,7 @@ def is_torchscript(path):
 
 
 def read_state_dict(path):
-    """Tensors of a TorchScript archive, a state dict, or a training checkpoint (open_clip's
-    epoch_N.pt)."""
+    """Tensors of a TorchScript archive, a state dict, or open_clip's epoch_N.pt."""
     try:
         if is_torchscript(path):
             with warnings.catch_warnings():
@@ -407,9 +403,8 @@ _OPEN_CLIP_DEFAULTS = {
 
 
 def open_clip_settings(path):
-    """build_model settings from an open_clip_config.json (act: its quick_gelu, false when absent;
-    the head counts; the preprocess_cfg mean/std), and the sizes it gives, to compare with the
-    weights'."""
+    """build_model settings from an open_clip_config.json (act: quick_gelu, false when absent; head
+    counts; mean/std), and its sizes, to compare with the weights'."""
     try:
         with open(path) as f:
             cfg = json.load(f)
@@ -445,10 +440,8 @@ def open_clip_settings(path):
 
 
 def load(name_or_path, device="cpu", download_root=None, act=None) -> CLIP:
-    """Load a ViT CLIP by OpenAI name (downloaded, SHA256-verified) or from a checkpoint path; fp32,
-    eval mode. `act`: "quickgelu" (OpenAI's models), "gelu" (most open_clip models), or None: an
-    open_clip_config.json beside the checkpoint decides it (and the head counts, mean/std), else
-    QuickGELU is assumed (said unless OpenAI's)."""
+    """A ViT CLIP by OpenAI name or checkpoint path; fp32, eval mode. `act` None: an
+    open_clip_config.json beside the checkpoint decides it, else QuickGELU (said unless OpenAI's)."""
     path = checkpoint_path(name_or_path, download_root)
     state_dict = read_state_dict(path)
     config_path = os.path.join(os.path.dirname(os.path.abspath(path)), OPEN_CLIP_CONFIG)
@@ -485,7 +478,7 @@ BYTE_VOCAB_SIZE = 2 * 256 + 2
 
 
 def bpe_vocab_path(path=None):
-    """The BPE vocabulary: argument, $CLIP_BPE_PATH, ~/.cache/clip, open_clip or clip, download."""
+    """The BPE file: argument, $CLIP_BPE_PATH, ~/.cache/clip, open_clip or clip, download."""
     path = path or os.environ.get("CLIP_BPE_PATH")
     if path and not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: BPE vocabulary file not found")
@@ -506,8 +499,7 @@ def is_openai_vocabulary(path):
 
 
 def bytes_to_unicode():
-    """Map every byte to a printable unicode character, so BPE works on strings without spaces and
-    controls."""
+    """Every byte as a printable character, so BPE works on strings without spaces and controls."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
                  *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in printable]  # spaces, controls: to 256, 257, ...
@@ -521,8 +513,7 @@ def clean_text(text):
 
 
 class Tokenizer:
-    """Byte-level BPE with the given merges (OpenAI's 48,894, or none) and <|startoftext|>,
-    <|endoftext|>."""
+    """Byte-level BPE with the given merges (OpenAI's 48,894, or none)."""
 
     pattern = re.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
                          r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", re.IGNORECASE)
@@ -580,8 +571,7 @@ def get_tokenizer(vocab_size=OPENAI_VOCAB_SIZE, bpe_path=None):
 
 
 def tokenize(texts, context_length=77, truncate=False, vocab_size=OPENAI_VOCAB_SIZE):
-    """Strings -> (N, context_length) token ids: <sot> text <eot>, zero padded (OpenAI's
-    clip.tokenize)."""
+    """Strings -> (N, context_length) ids: <sot> text <eot>, zero padded (OpenAI's clip.tokenize)."""
     if isinstance(texts, str):
         texts = [texts]
     tokenizer = get_tokenizer(vocab_size)
@@ -603,14 +593,13 @@ PROMPT = "a bad photo of a {}."
 
 
 def trim_padding(tokens):
-    """Drop the padding columns after the last end-of-text token: under the causal mask they never
-    reach it, so the features are unchanged, and prompts run on ~10 positions instead of 77."""
+    """Drop the padding after the last end-of-text token, which the causal mask keeps from it:
+    prompts run on ~10 positions instead of 77, with the same features."""
     return tokens[:, :int(tokens.argmax(dim=-1).max()) + 1]
 
 
 def class_text_features(model, class_names, template=PROMPT):
-    """L2-normalized text features g_c of `template.format(name)` for each class (grad mode: the
-    caller's)."""
+    """L2-normalized text features g_c of `template.format(name)` for each class."""
     tokens = tokenize([template.format(name) for name in class_names], model.config.context_length,
                       vocab_size=model.config.vocab_size)
     tokens = trim_padding(tokens).to(model.positional_embedding.device)

@@ -72,8 +72,7 @@ def f_last(class_acc):
 
 
 def lifelong_metrics(anytime_accs, task_accs, class_acc):
-    """The four numbers the paper reports for a run: A_auc, A_avg, A_last, F_last (fractions, None
-    if undefined)."""
+    """The four numbers the paper reports (fractions, None if undefined)."""
     values = (a_auc(anytime_accs), a_avg(task_accs), a_last(task_accs), f_last(class_acc))
     return dict(zip(METRICS, values))
 
@@ -82,9 +81,8 @@ def lifelong_metrics(anytime_accs, task_accs, class_acc):
 
 
 def top1_on_seen(image_features, labels, text_features, seen_classes):
-    """(top-1 accuracy, {class: accuracy}) on the test images of the seen classes, predicting among
-    the seen classes only. Features are L2-normalized: image (N, D), text (S, D) with row j for
-    class seen_classes[j]."""
+    """(top-1 accuracy, {class: accuracy}) on the test images of the seen classes, among the seen
+    classes only. L2-normalized features: image (N, D), text (S, D), row j for seen_classes[j]."""
     seen = torch.as_tensor(seen_classes, device=image_features.device)  # (S,)
     is_class = labels.to(seen.device)[:, None] == seen[None, :]  # (N, S); all False if unseen
     logits = image_features.float() @ text_features.float().t()  # (N, S)
@@ -107,7 +105,7 @@ def require(ok, path, problem):
 
 
 def read_json(path, what):
-    """Parse a JSON file; `what` says who writes it, for the one error line when it is missing."""
+    """A JSON file; `what` says who writes it, for the error when it is missing."""
     require(os.path.isfile(path), path, f"no such file ({what})")
     try:
         with open(path) as f:
@@ -167,7 +165,6 @@ FLOWERS102_RENAMES = {"globe-flower": "globe flower", "pink-yellow dahlia?": "pi
 
 
 def check_zero_shot_names(datasets, protocol="ours"):
-    """Reject unknown zero-shot dataset names or protocol before any work starts."""
     unknown = [d for d in datasets if d not in ZERO_SHOT_CHOICES]
     if unknown or not datasets:
         raise stream.DataError(f"unknown zero-shot dataset(s) {unknown or datasets}; expected a "
@@ -189,8 +186,7 @@ def caltech101(root):
 
 
 def download_zero_shot(name, data_root, released):
-    """(dataset, class names: the released code's or readable ones) of a torchvision zero-shot set,
-    downloaded where missing (a failed download leaves no new empty folder)."""
+    """(dataset, class names: the released code's or readable) of a torchvision zero-shot set."""
     tv = torchvision.datasets
     url, put_at = ZERO_SHOT_SOURCES[name]
     try:
@@ -222,8 +218,7 @@ def download_zero_shot(name, data_root, released):
 
 def zero_shot_dataset(name, data_root, protocol="ours"):
     """(dataset, indices of its evaluation images, {label: name} of the classes ranked) as
-    `protocol` evaluates it, downloaded where missing (else a DownloadError names the file to put in
-    place)."""
+    `protocol` evaluates it, downloaded where missing."""
     check_zero_shot_names([name], protocol)
     released = protocol == "released"
     coop = None
@@ -258,8 +253,7 @@ def fetch_zero_shot(datasets, data_root, protocol="ours"):
 
 
 def autocast(device, precision):
-    """bf16 autocast on CUDA by default (precision "auto"), plain fp32 elsewhere: a context-manager
-    factory."""
+    """A context-manager factory: bf16 autocast on CUDA for precision "auto", else fp32."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
@@ -267,10 +261,8 @@ def autocast(device, precision):
 @torch.inference_mode()
 def zero_shot_transfer(model, datasets, data_root, prompt, device, batch_size=256, workers=2,
                        mean=None, std=None, resize="centre", protocol="ours", precision="auto"):
-    """Zero-shot transfer check (the paper's): {dataset: top-1 among all its classes}, with the
-    run's prompt and test-image path: protocol "ours" with `resize` and `mean`/`std` (default: the
-    model's), "released" squashed, with ImageNet's statistics. Every dataset is opened (downloaded)
-    before any is evaluated."""
+    """The paper's zero-shot transfer check: {dataset: top-1 among all its classes}. Protocol "ours"
+    uses `resize`, `mean`/`std` (default: the model's). All datasets are opened before any is run."""
     check_zero_shot_names(datasets, protocol)
     loaded = {name: zero_shot_dataset(name, data_root, protocol) for name in datasets}
     clip_model.get_tokenizer(model.config.vocab_size)  # the vocabulary too, before any work
@@ -314,8 +306,7 @@ def zero_shot_markdown(accs):
 
 
 def write_zero_shot(out_dir, accs, model, prompt, peft_weights=None, protocol="ours"):
-    """OUT/zero_shot.json: {model, peft_weights, prompt, protocol, accuracy: {dataset: fraction}};
-    returns its path."""
+    """OUT/zero_shot.json; returns its path."""
     path = os.path.join(out_dir, "zero_shot.json")
     write_json(path, dict(model=model, peft_weights=peft_weights, prompt=prompt, protocol=protocol,
                           accuracy=accs))
@@ -343,8 +334,7 @@ PEFT_LOADERS = {"lora": (lora.apply_lora, lora.load_lora_state_dict),
 
 
 def load_peft_model(path, device="cpu"):
-    """(model, prompt) of a run, rebuilt from OUT/peft.pt: its CLIP, activation, mean/std (in
-    model.config), PEFT."""
+    """(model, prompt) of a run, rebuilt from OUT/peft.pt (mean/std in model.config)."""
     saved = read_peft_file(path)
     model = clip_model.load(saved["model"], act=saved.get("act"))  # its errors name the path
     if "mean" in saved:
@@ -381,8 +371,7 @@ def read_results(run_dir):
 
 
 def read_runs(paths):
-    """{run folder: read_results(run folder)} for the run folders (with a results.json) at or below
-    `paths`."""
+    """{run folder: read_results(run folder)} for the run folders at or below `paths`."""
     runs = {}
     for path in paths:
         found = sorted(root for root, _, files in os.walk(path) if "results.json" in files)
@@ -727,10 +716,10 @@ def cmd_plot_grad(args):
 
 
 class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows the defaults, but None and False."""
+    """--help shows the defaults, but None (set later) and False."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False):
+        if action.default is None or action.default is False:
             return action.help
         return super()._get_help_string(action)
 

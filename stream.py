@@ -35,17 +35,16 @@ SCENARIOS = {
 
 
 class StreamSplit(NamedTuple):
-    """A stream and the class split it was drawn from, all per task."""
+    """A stream and its class split, per task."""
     tasks: list             # dataset indices in stream order
     disjoint_classes: list  # classes whose samples occur in this task only
     blurry_classes: list    # blurry classes owned by this task (its samples may go to any task)
     blurred: list           # dataset indices this task received from the pool of blurred samples
 
 
-def si_blurry_split(targets, num_classes, n_tasks=5, n=50, m=10, seed=1, stochastic=True):
+def si_blurry_split(targets, num_classes, n_tasks=5, n=50, m=10, seed=1, stochastic=True) -> StreamSplit:
     """Si-Blurry stream (stochastic) or i-Blurry-like stream: N% of classes disjoint, M% of blurry
-    samples blurred. Returns a StreamSplit: per task, its dataset indices in stream order, its
-    disjoint and blurry classes, the indices it got from the blur pool.
+    samples blurred.
     As released, class counts are rounded down to multiples of n_tasks and the classes left over are
     dropped with their samples (7 classes in 5 tasks, seed 1: classes 2 and 4, 200 of 700 samples);
     stochastic=False also drops the last len(pool) % n_tasks pooled samples."""
@@ -100,7 +99,7 @@ def si_blurry_tasks(targets, num_classes, n_tasks=5, n=50, m=10, seed=1, stochas
 
 
 def _random_sizes(total: int, n_tasks: int, g: torch.Generator) -> list[int]:
-    """Sizes of n_tasks consecutive parts of `total`, cut at sorted random points (none if total 0)."""
+    """Sizes of n_tasks parts of `total`, cut at sorted random points."""
     if total == 0:
         return [0] * n_tasks
     points = torch.randint(0, total, (n_tasks - 1,), generator=g).sort().values.tolist()
@@ -222,7 +221,7 @@ class SyntheticDataset(Dataset):
 
 
 class ImageFiles(Dataset):
-    """Images on disk: paths and labels, each image read by PIL and converted to RGB when indexed"""
+    """Images on disk, read as PIL RGB when indexed."""
 
     def __init__(self, paths: list[str], targets: list[int], classes: list[str], raw_classes: list):
         self.paths = paths
@@ -242,7 +241,7 @@ class ImageFiles(Dataset):
 
 
 def _class_folders(folder: str) -> list[str]:
-    """The sorted names of a folder's subfolders, one per class."""
+    """A folder's sorted subfolders, one per class."""
     names = []
     if os.path.isdir(folder):
         names = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
@@ -264,8 +263,7 @@ def _image_files(folder: str) -> list[str]:
 
 
 def _labelled_files(folder: str, classes: list[str]) -> tuple[list[str], list[int]]:
-    """The image files under folder/<class>/, classes in sorted (ImageFolder's) order, each file
-    labelled by the position of its class in `classes`."""
+    """The image files under folder/<class>/ in ImageFolder's order, labelled by `classes`."""
     label = {c: k for k, c in enumerate(classes)}
     paths = []
     labels = []
@@ -393,8 +391,7 @@ DATASETS = {"cifar100": _cifar100, "tinyimagenet": _tinyimagenet, "imagenet-r": 
 
 
 def load_dataset(name: str, root: str, train: bool, download: bool = True) -> Dataset:
-    """The train or test split of a dataset by name, with targets, readable class names and (image,
-    label) items."""
+    """The train or test split of a dataset by name."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}")
     return DATASETS[name](os.path.expanduser(root), train, download)
@@ -416,9 +413,8 @@ DATASET_STATS = {
 
 
 def channel_stats(dataset, limit=10_000) -> tuple[tuple, tuple]:
-    """Per-channel mean and std of a dataset's pixels in [0, 1], over its images (at most about
-    `limit` of them, evenly spaced: image folders are sorted by class): the statistics DATASET_STATS
-    does not list."""
+    """Per-channel mean and std of pixels in [0, 1], over at most about `limit` evenly spaced images
+    (folders are sorted by class): what DATASET_STATS does not list."""
     total = torch.zeros(3, dtype=torch.float64)
     total_sq = torch.zeros(3, dtype=torch.float64)
     count = 0
@@ -537,7 +533,7 @@ def _loader(batches, workers: int, collate_fn=None) -> DataLoader:
 
 def stream_batches(dataset, tasks, batch_size=64, online_iter=3, policy="cifar10", workers=2, seed=1,
                    image_size=None, augment_per="sample", image_fit="centre") -> DataLoader:
-    """The online stream as an iterable of StreamBatch (see StreamBatches), read by `workers`."""
+    """StreamBatches, read by `workers`."""
     batches = StreamBatches(dataset, tasks, batch_size, online_iter, policy, seed, image_size,
                             augment_per, image_fit)
     return _loader(batches, workers)
@@ -564,9 +560,9 @@ def normalize(images: torch.Tensor, mean=clip_model.CLIP_MEAN, std=clip_model.CL
 
 
 class BatchAugment:
-    """The training transform after AutoAugment, batched on the device: resize, padded random crop,
-    flip, normalize. per="sample" draws a crop offset and a flip for each image; per="batch" one of
-    each for the whole batch (as the released transform, applied to the batch tensor)."""
+    """The training transform after AutoAugment, batched on the device: squash, random crop of the
+    zero-padded images (as released), h-flip, normalize. Drawn per="sample" or once per "batch"
+    (as the released transform, applied to the batch tensor)."""
 
     def __init__(self, image_size: int, seed: int, padding: int = 4, mean=clip_model.CLIP_MEAN,
                  std=clip_model.CLIP_STD, per="sample"):
@@ -579,9 +575,7 @@ class BatchAugment:
         self.generator = None  # made on the device of the first batch, seeded with the run seed
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H, W) -> float (N, 3, n, n), n = image_size: squashed, then a random crop of
-        the zero-padded images (black border, as the released transform) and a random h-flip,
-        normalized."""
+        """uint8 (N, 3, H, W) -> float (N, 3, n, n), n = image_size."""
         if self.generator is None:
             self.generator = torch.Generator(images.device).manual_seed(self.seed)
         images = fit_image(images, self.image_size, "squash")
@@ -606,9 +600,8 @@ class BatchAugment:
 
 def eval_batches(dataset, indices, batch_size=512, workers=2, image_size=None, resize="centre",
                  image_fit="centre", seed=0):
-    """Test samples in index order as an iterable of (uint8 RGB images (B, 3, H, W), labels (B,)).
-    With an `image_size`, images are fitted when loaded by `resize`, after, with image_fit="random",
-    the released ImageNet-R random crop (drawn once per image from `seed`)."""
+    """Test samples in index order: (uint8 images (B, 3, H, W), labels (B,)), fitted to `image_size`
+    when loaded (see _eval_batch)."""
     indices = [int(i) for i in indices]
     chunks = [indices[b:b + batch_size] for b in range(0, len(indices), batch_size)]
     load = functools.partial(_eval_batch, dataset, image_size, resize, image_fit, seed)
@@ -616,7 +609,7 @@ def eval_batches(dataset, indices, batch_size=512, workers=2, image_size=None, r
 
 
 def _eval_batch(dataset, image_size, resize, image_fit, seed, indices):
-    """(uint8 RGB images (B, 3, H, W), labels (B,)) of dataset[indices], brought to `image_size`."""
+    """A test batch fitted by `resize`, after, with image_fit="random", a crop drawn from `seed`."""
     images = []
     labels = []
     for index in indices:
@@ -631,14 +624,12 @@ def _eval_batch(dataset, image_size, resize, image_fit, seed, indices):
 
 def eval_transform(images: torch.Tensor, image_size: int, resize="centre",
                    mean=clip_model.CLIP_MEAN, std=clip_model.CLIP_STD) -> torch.Tensor:
-    """uint8 test images (N, 3, H, W) -> float (N, 3, n, n), n = image_size, on the device: the
-    geometry `resize` (images already n x n pass unchanged), then normalize."""
+    """uint8 test images (N, 3, H, W) -> float (N, 3, n, n): `resize` (n x n passes), normalize."""
     return normalize(fit_image(images, image_size, resize), mean, std)
 
 
 def seen_test_indices(test_targets, seen_classes) -> torch.Tensor:
-    """The test indices whose labels are among the seen classes, in index order: the
-    anytime-evaluation test set."""
+    """The test indices of the seen classes, in index order."""
     targets = torch.as_tensor(test_targets, dtype=torch.long)
     seen = torch.as_tensor(sorted(seen_classes), dtype=torch.long)
     return torch.isin(targets, seen).nonzero().flatten()

@@ -40,8 +40,7 @@ import stream
 
 
 def visible_classes(labels, seen, softmax_over):
-    """The class ids the softmax runs over: SIT's C_B, the distinct labels of the batch
-    (softmax_over="batch"), or every seen class ("all")."""
+    """The class ids of the softmax: SIT's C_B, the batch's labels ("batch"), or all seen."""
     return torch.unique(labels) if softmax_over == "batch" else seen
 
 
@@ -97,10 +96,8 @@ def make_optimizer(model, lr, weight_decay):
 
 def sit_step(model, optimizer, images, labels, visible, text_features, augment, scale,
              amp=contextlib.nullcontext, double_softmax=False):
-    """One gradient step on one augmented copy of the batch; returns the loss and the features it
-    used. images: uint8 (B, 3, H, W); labels and visible (the class ids of the softmax) on the
-    host; augment: uint8 batch -> model input; text_features: class ids -> (V, D) features (with
-    grad when the text tower trains); scale: s = exp(logit_scale)."""
+    """One gradient step on one augmented copy of the batch; returns the loss, f and g. labels and
+    visible on the host; augment: uint8 (B, 3, H, W) -> model input; text_features: ids -> (V, D)."""
     model.train()
     images = images.to(scale.device, non_blocking=True)
     with amp():
@@ -229,8 +226,7 @@ class Results:
 
 
 def save_peft(path, model, record):
-    """OUT/peft.pt: the trained LoRA/adapter tensors, and in `record` what rebuilds the tuned model
-    and its inputs."""
+    """OUT/peft.pt: the trained LoRA/adapter tensors and `record`."""
     if record["peft"] == "lora":
         state_dict = lora.lora_state_dict(model)
     else:
@@ -277,8 +273,7 @@ class ReservoirMemory:
 
 
 def log_gradient_parts(log, f, g, labels, visible, scale, double_softmax, step, samples, task):
-    """One line of OUT/grad.jsonl: per visible class, the positive and negative gradient on its
-    text feature."""
+    """One line of OUT/grad.jsonl: per visible class, the norms of text_gradient_parts."""
     labels = labels.to(f.device)
     visible = visible.to(f.device)
     positive, negative = text_gradient_parts(f, g, labels, visible, scale, double_softmax)
@@ -296,7 +291,6 @@ class NonFiniteLoss(RuntimeError):
 
 
 def check_finite(running_loss, samples):
-    """Stop the run with a clear message once the (device-side) running loss is NaN or inf."""
     if not torch.isfinite(running_loss):
         raise NonFiniteLoss(f"the loss became non-finite (NaN or inf) before sample {samples}; "
                             "try a lower --lr or --precision fp32")
@@ -433,7 +427,6 @@ def default_out(config):
 
 
 def check_out(out):
-    """--out: a folder that exists or can be made, and that this process can write to."""
     parent = os.path.abspath(out)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
@@ -461,8 +454,8 @@ def load_data(config):
 
 
 def fetch(config):
-    """(model, train_set, test_set, {zero-shot dataset: number of images}), each downloaded and
-    verified where missing (the BPE vocabulary too): nothing after this needs the network."""
+    """(model, train_set, test_set, {zero-shot dataset: number of images}), downloaded where missing
+    (the BPE vocabulary too): nothing after this needs the network."""
     if config.zero_shot_eval:  # a bad name fails before any download
         evaluate.check_zero_shot_names(config.zero_shot_datasets, config.zero_shot_protocol)
     train_set, test_set = load_data(config)  # the data first: bad data fails before a download
@@ -516,9 +509,8 @@ def peft_record(config, record, run):
 
 
 def run_stream(config, run):
-    """Train and evaluate on the stream, writing OUT/results.json, log.jsonl, peft.pt and
-    grad.jsonl as it goes. Returns the results; on any error or Ctrl-C, what was measured stays,
-    with status "failed" or "interrupted"."""
+    """Train and evaluate on the stream, writing the run folder as it goes; returns the results.
+    On any error or Ctrl-C, what was measured stays, with status "failed" or "interrupted"."""
     model = run.model
     image_size = model.visual.image_size
     cache = not config.no_cache
@@ -604,13 +596,8 @@ def in_range(kind, low, high=math.inf, above=False):
     return parse
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows the defaults (not None: --recipe sets those)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
+class HelpFormatter(evaluate.HelpWithDefaults, argparse.RawDescriptionHelpFormatter):
+    """evaluate.py's, keeping the layout of the examples."""
 
 
 def parse_args(argv=None):
@@ -688,8 +675,7 @@ def parse_args(argv=None):
 
 
 def download_only(config):
-    """--download-only: fetch and verify what the run with these flags needs, say where it is,
-    train nothing."""
+    """--download-only: fetch and verify what this run needs, say where it is."""
     if config.smoke:
         print("--smoke needs nothing from the network: its model, vocabulary and images are made here")
         return
@@ -717,9 +703,7 @@ def metrics_line(d, label=None):
 
 
 def zero_shot_eval(config, run):
-    """Zero-shot transfer of the tuned model (the paper's five datasets), written to
-    OUT/zero_shot.json as evaluate.py does, with the run's preprocessing and the recipe's
-    protocol."""
+    """Zero-shot transfer of the tuned model to OUT/zero_shot.json, as evaluate.py does."""
     accs = evaluate.zero_shot_transfer(run.model, config.zero_shot_datasets, config.data_root,
                                        config.prompt, run.device, workers=config.workers,
                                        mean=run.mean, std=run.std, resize=config.test_resize,
