@@ -40,8 +40,7 @@ def _mean(values):
 
 
 def a_auc(anytime_accs):
-    """A_auc: mean of the anytime accuracies (the released code's plain mean over evaluation points,
-    not an area)."""
+    """A_auc: the mean of the anytime accuracies (the released code's plain mean, not an area)."""
     return _mean(anytime_accs)
 
 
@@ -56,9 +55,8 @@ def a_last(task_accs):
 
 
 def f_last(class_acc):
-    """F_last: mean over classes of (best task-end accuracy before the last task - last accuracy),
-    over the classes whose best earlier accuracy is above 0. `class_acc[t][c]` is None while c is
-    unseen."""
+    """F_last: mean of (best task-end accuracy before the last task - last accuracy) over classes
+    whose best earlier accuracy is above 0. `class_acc[t][c]` is None while c is unseen."""
     if len(class_acc) < 2:
         return None  # nothing to forget before the first task end
     *earlier, last = class_acc
@@ -127,8 +125,7 @@ def write_json(path, obj):
 ZERO_SHOT_DATASETS = ("food101", "caltech101", "eurosat", "flowers102", "oxford_pets")
 ZERO_SHOT_CHOICES = ZERO_SHOT_DATASETS + ("imagefolder",)
 ZERO_SHOT_PROTOCOLS = ("ours", "released")
-# Where torchvision downloads from, and where under DATA_ROOT it finds (checks, unpacks) a copy put
-# there by hand.
+# Where torchvision downloads from, and where under DATA_ROOT it finds a copy put there by hand.
 ZERO_SHOT_SOURCES = {
     "food101": ("http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz", "food-101.tar.gz"),
     "caltech101": ("https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip",
@@ -140,8 +137,7 @@ ZERO_SHOT_SOURCES = {
     "oxford_pets": ("https://www.robots.ox.ac.uk/~vgg/data/pets/data/"
                     "{images.tar.gz,annotations.tar.gz}", "oxford-iiit-pet/ (both archives)"),
 }
-# CoOp's split files, which the released protocol reads (torchvision does not fetch them): folder,
-# file, the part read.
+# CoOp's split files (folder, file, part read): the released protocol reads them; torchvision lacks them.
 COOP_SPLITS = {"oxford_pets": ("oxford-iiit-pet", "split_zhou_OxfordPets.json", "val"),
                "flowers102": ("flowers-102", "split_zhou_OxfordFlowers.json", "test")}
 
@@ -394,9 +390,8 @@ def mean_std(values):
 
 
 def seed_table(results):
-    """(Markdown table, warnings): A_auc, A_avg, A_last, F_last as mean ± std over seeds (%), one
-    row per dataset, PEFT, tower, visible classes and scenario; a warning for each row mixing
-    settings or repeating a seed."""
+    """(Markdown table, warnings): the four metrics as mean ± std over seeds (%), a row per dataset,
+    PEFT, tower, visible classes and scenario; a warning per row mixing settings or repeating a seed."""
     groups = {}
     for r in results:
         c = r["config"]
@@ -424,11 +419,9 @@ def seed_table(results):
 
 def grid_runs(dataset, data_root=None, seeds=(1, 2, 3, 4, 5), zero_shot_eval=False, recipe="ours",
               runs_root="runs"):
-    """(out folder, train_online.py command) of each run of the paper's comparison, {LoRA, adapter}
-    x {image, text, both} x {batch (SIT), all} and zero-shot CLIP for every seed, in
-    runs_root/<dataset>[-released]/<config>/seed<k>."""
-    configs = [(p, e, v) for p in ("lora", "adapter") for e in lora.ENCODERS
-               for v in ("batch", "all")]
+    """(out folder, train_online.py command) for every seed of {LoRA, adapter} x {image, text, both}
+    x {batch (SIT), all} and zero-shot CLIP, in runs_root/<dataset>[-released]/<config>/seed<k>."""
+    configs = [(p, e, v) for p in ("lora", "adapter") for e in lora.ENCODERS for v in ("batch", "all")]
     folder = os.path.join(runs_root, dataset)
     common = ["python", "train_online.py", "--dataset", dataset]
     if data_root:
@@ -452,8 +445,7 @@ def grid_runs(dataset, data_root=None, seeds=(1, 2, 3, 4, 5), zero_shot_eval=Fal
 
 
 def is_finished(run_dir):
-    """Whether a run folder (relative to the repository) holds a results.json with status
-    "finished"."""
+    """Whether RUN_DIR (relative to the repository) holds a finished results.json."""
     try:
         with open(os.path.join(REPOSITORY, run_dir, "results.json")) as f:
             return json.load(f).get("status") == "finished"
@@ -462,8 +454,7 @@ def is_finished(run_dir):
 
 
 def slurm_script(commands, job_name, log_dir, time="02:00:00", cpus=8, partition=None):
-    """A SLURM batch script (needing no other file) whose array task k runs commands[k] on one
-    GPU."""
+    """A SLURM batch script, needing no other file: array task k runs commands[k] on one GPU."""
     lines = ["#!/bin/bash",
              f"#SBATCH --job-name={job_name}",
              f"#SBATCH --array=0-{len(commands) - 1}",
@@ -504,9 +495,8 @@ def read_grad(path):
 
 
 def gradient_summary(records):
-    """Figure 2 in numbers: mean norms of the positive and negative gradient parts on the text
-    features of visible classes present in the batch and absent from it (absent ones exist only
-    under --visible-classes all)."""
+    """Figure 2 in numbers: mean norms of the gradient's positive and negative parts on the text
+    features of visible classes in the batch and absent from it (absent: --visible-classes all)."""
     entries = [e for r in records for e in zip(r["in_batch"], r["pos"], r["neg"])]  # (present, pos, neg)
     parts = {"present": [e for e in entries if e[0]], "absent": [e for e in entries if not e[0]]}
     return {key: {"entries": len(part), "pos": _mean([e[1] for e in part]),
@@ -558,10 +548,8 @@ def plot_grad(records, results, out_png):
         for c, p, n in zip(r["classes"], r["pos"], r["neg"]):
             pos[row[c]][j] = p
             neg[row[c]][j] = n
-    kind = {}  # class -> "disjoint" or "blurry"
-    for k in ("disjoint", "blurry"):
-        for task in results.get(f"{k}_classes", []):
-            kind.update(dict.fromkeys(task, k))
+    task_lists = {k: results.get(f"{k}_classes", []) for k in ("disjoint", "blurry")}
+    kind = {c: k for k, tasks in task_lists.items() for task in tasks for c in task}  # class -> k
     class_names = enumerate(results.get("class_names", []))
     names = {c: f"{name} ({kind.get(c, '?')})" for c, name in class_names}
     tasks = [r["task"] for r in records]
@@ -581,8 +569,7 @@ def plot_grad(records, results, out_png):
 
 
 def plot_runs(runs, out_png):
-    """Anytime accuracy of each run (task ends marked) and, per run, the per-class accuracy at each
-    task end."""
+    """Anytime accuracy of each run (task ends marked) and its per-class accuracy at each task end."""
     n_cols = min(len(runs), 4)
     n_rows = math.ceil(len(runs) / n_cols)
     fig = matplotlib_figure()(figsize=(4 * n_cols + 2, 4 + 3.5 * n_rows), layout="constrained")
@@ -607,8 +594,7 @@ def plot_runs(runs, out_png):
         class_ticks(ax, classes, dict(enumerate(r.get("class_names", []))))
         xlabel = "task end" if ends else "no task end yet"
         ax.set(xlabel=xlabel, ylabel="classes, in seen order", title=run_label(r))
-    curves.set(xlabel="samples seen (dotted: task ends)",
-               ylabel="anytime accuracy on seen classes (%)")
+    curves.set(xlabel="samples seen (dotted: task ends)", ylabel="anytime accuracy on seen classes (%)")
     curves.legend(fontsize="small")
     if image is not None:
         fig.colorbar(image, ax=fig.axes[1:], label="per-class accuracy (%)")
@@ -631,29 +617,25 @@ def cmd_zero_shot(args):
     device = resolve_device(args.device)
     if args.peft_weights:
         saved = read_peft_file(args.peft_weights)
-        name = saved["model"]
-        resize = saved.get("test_resize", "centre")
-        resize = {"clip": "centre"}.get(resize, resize)  # "clip": the name before "centre"
-        recipe = saved.get("recipe", {})
         model, prompt = load_peft_model(args.peft_weights, device)  # with the run's mean/std
         out = args.out or os.path.dirname(os.path.abspath(args.peft_weights))
     else:
+        saved = dict(model=args.model)
         model = clip_model.load(args.model, device, act=None if args.act == "auto" else args.act)
-        name = args.model
-        resize = "centre"
-        recipe = {}
         prompt = clip_model.PROMPT
         slug = args.model
         if os.path.isfile(args.model):
             slug = os.path.splitext(os.path.basename(args.model))[0]
-        slug = slug.replace("/", "-").replace("@", "-")
-        out = args.out or os.path.join("runs", "zero-shot", slug)
+        out = args.out or os.path.join("runs", "zero-shot", slug.replace("/", "-").replace("@", "-"))
+    resize = saved.get("test_resize", "centre")
+    resize = {"clip": "centre"}.get(resize, resize)  # "clip": the name before "centre"
+    recipe = saved.get("recipe", {})
     protocol = args.protocol or recipe.get("zero_shot_protocol", "ours")  # the run's, unless told
     precision = args.precision or recipe.get("precision", "auto")
     accs = zero_shot_transfer(model, args.datasets, args.data_root, prompt, device, args.batch_size,
                               args.workers, resize=resize, protocol=protocol, precision=precision)
     print(zero_shot_markdown(accs))
-    print(f"wrote {write_zero_shot(out, accs, name, prompt, args.peft_weights, protocol)}")
+    print(f"wrote {write_zero_shot(out, accs, saved['model'], prompt, args.peft_weights, protocol)}")
 
 
 def cmd_table(args):
@@ -662,8 +644,7 @@ def cmd_table(args):
         if r["status"] == "finished" or args.unfinished:
             results.append(r)
         else:
-            print(f"skipping {run} (status {r['status']}; --unfinished includes it)",
-                  file=sys.stderr)
+            print(f"skipping {run} (status {r['status']}; --unfinished includes it)", file=sys.stderr)
     if not results:
         raise stream.DataError("no finished runs to tabulate (--unfinished includes the others)")
     table, warnings = seed_table(results)
@@ -677,8 +658,7 @@ def cmd_grid(args):
                      recipe=args.recipe, runs_root=args.runs_root)
     if args.skip_finished:
         todo = [(out, command) for out, command in runs if not is_finished(out)]
-        print(f"skipping {len(runs) - len(todo)} finished run(s); {len(todo)} to run",
-              file=sys.stderr)
+        print(f"skipping {len(runs) - len(todo)} finished run(s); {len(todo)} to run", file=sys.stderr)
         runs = todo
     commands = [command for _, command in runs]
     if not args.slurm:
@@ -758,16 +738,13 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("zero-shot", help="top-1 accuracy on other datasets -> zero_shot.json")
     weights = p.add_mutually_exclusive_group(required=True)
-    weights.add_argument("--peft-weights",
-                         help="OUT/peft.pt of a run (rebuilds the tuned model and its prompt)")
-    weights.add_argument("--model",
-                         help=f"plain CLIP: one of {clip_model.available_models()} or a checkpoint")
+    weights.add_argument("--peft-weights", help="a run's OUT/peft.pt (rebuilds its tuned model, prompt)")
+    weights.add_argument("--model", help=f"plain CLIP: {clip_model.available_models()} or a checkpoint")
     p.add_argument("--act", default="auto", choices=("auto",) + clip_model.ACTIVATIONS,
                    help="MLP activation of --model: auto = open_clip_config.json beside it, else QuickGELU")
     p.add_argument("--datasets", type=zero_shot_list, default=",".join(ZERO_SHOT_DATASETS),
                    help=f"from {', '.join(ZERO_SHOT_CHOICES)}")
-    p.add_argument("--data-root", default="data",
-                   help="torchvision download folder; imagefolder reads ROOT/test/")
+    p.add_argument("--data-root", default="data", help="torchvision's downloads; imagefolder: ROOT/test/")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if any")
     p.add_argument("--batch-size", type=int_at_least(1), default=256, help="test images per batch")
     p.add_argument("--workers", type=int_at_least(0), default=2, help="data-loading processes")
@@ -778,28 +755,22 @@ def build_parser():
     p.add_argument("--out", help="folder for zero_shot.json (default: beside --peft-weights, "
                    "runs/zero-shot/<model>)")
     p = commands.add_parser("table", help="Markdown table of A_auc, A_avg, A_last, F_last over seeds")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                   help="run folders, or folders to search for them")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, or folders above them")
     p.add_argument("--unfinished", action="store_true", help="include interrupted or failed runs")
     p = commands.add_parser("grid", help="print the train_online.py commands of the paper's comparison")
     p.add_argument("--dataset", default="cifar100", choices=stream.DATASETS)
     p.add_argument("--data-root", help="passed on to train_online.py")
     p.add_argument("--zero-shot-eval", action="store_true", help="add --zero-shot-eval to every command")
-    p.add_argument("--recipe", default="ours", choices=("ours", "released"),
-                   help="passed on to every command")
+    p.add_argument("--recipe", default="ours", choices=("ours", "released"), help="passed on to each run")
     p.add_argument("--runs-root", default="runs",
                    help="runs go to RUNS_ROOT/<dataset>[-released]/<config>/seed<k>")
-    p.add_argument("--skip-finished", action="store_true",
-                   help="leave out runs with a finished results.json")
-    p.add_argument("--slurm", action="store_true",
-                   help="print a SLURM job-array script instead (one GPU per run)")
+    p.add_argument("--skip-finished", action="store_true", help="leave out runs already finished")
+    p.add_argument("--slurm", action="store_true", help="print a SLURM job-array script (a GPU per run)")
     p.add_argument("--time", default="02:00:00", help="--slurm: the time limit of each run")
-    p.add_argument("--cpus", type=int_at_least(1), default=8,
-                   help="--slurm: CPU cores per run (data-loading workers)")
+    p.add_argument("--cpus", type=int_at_least(1), default=8, help="--slurm: CPU cores per run")
     p.add_argument("--partition", help="--slurm: the SLURM partition to submit to")
     p = commands.add_parser("plot", help="PNG of anytime accuracy and per-class accuracy at task ends")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                   help="run folders, or folders to search for them")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, or folders above them")
     p.add_argument("--out", help="PNG path (default: RUN_DIR/plot.png for one run, else ./plot.png)")
     p = commands.add_parser("plot-grad", help="PNG of the gradient timeline (Figure 2) of a run")
     p.add_argument("run_dir", metavar="OUT", help="run folder with grad.jsonl and results.json")
@@ -808,8 +779,7 @@ def build_parser():
 
 
 def main(argv=None):
-    """Run one command; bad input is one error line, no traceback: exit status 2 for a flag, 1 for
-    a file, data set or download."""
+    """One command; bad input: one error line, exit 2 for a flag, 1 for a file, dataset or download."""
     args = build_parser().parse_args(argv)
     command = {"zero-shot": cmd_zero_shot, "table": cmd_table, "grid": cmd_grid, "plot": cmd_plot,
                "plot-grad": cmd_plot_grad}[args.command]
@@ -822,6 +792,7 @@ def main(argv=None):
         print(f"evaluate.py {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
