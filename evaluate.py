@@ -714,13 +714,18 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def int_at_least(low):
-    """An argparse type: an integer, at least `low`."""
-    def integer(text):
-        if not text.lstrip("-").isdigit() or int(text) < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return int(text)
-    return integer
+def in_range(kind, low, high=math.inf, above=False):
+    """An argparse type: a finite int or float (kind) in low..high, or above low (above=True)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and low <= value <= high) or (above and value == low):
+            bounds = f"> {low}" if above else f"in {low}..{high}"
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__} {bounds}, got {text}")
+        return value
+    return parse
 
 
 def zero_shot_list(text):
@@ -746,8 +751,8 @@ def build_parser():
                    help=f"from {', '.join(ZERO_SHOT_CHOICES)}")
     p.add_argument("--data-root", default="data", help="torchvision's downloads; imagefolder: ROOT/test/")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if any")
-    p.add_argument("--batch-size", type=int_at_least(1), default=256, help="test images per batch")
-    p.add_argument("--workers", type=int_at_least(0), default=2, help="data-loading processes")
+    p.add_argument("--batch-size", type=in_range(int, 1), default=256, help="test images per batch")
+    p.add_argument("--workers", type=in_range(int, 0), default=2, help="data-loading processes")
     p.add_argument("--protocol", choices=ZERO_SHOT_PROTOCOLS, help="released: the released code's images, "
                    "class names and preprocessing (default: the run's, from peft.pt, else ours)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
@@ -767,7 +772,7 @@ def build_parser():
     p.add_argument("--skip-finished", action="store_true", help="leave out runs already finished")
     p.add_argument("--slurm", action="store_true", help="print a SLURM job-array script (a GPU per run)")
     p.add_argument("--time", default="02:00:00", help="--slurm: the time limit of each run")
-    p.add_argument("--cpus", type=int_at_least(1), default=8, help="--slurm: CPU cores per run")
+    p.add_argument("--cpus", type=in_range(int, 1), default=8, help="--slurm: CPU cores per run")
     p.add_argument("--partition", help="--slurm: the SLURM partition to submit to")
     p = commands.add_parser("plot", help="PNG of anytime accuracy and per-class accuracy at task ends")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, or folders above them")

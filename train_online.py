@@ -17,7 +17,6 @@ import contextlib
 import functools
 import itertools
 import json
-import math
 import os
 import signal
 import sys
@@ -582,20 +581,6 @@ def run_stream(config, run):
 # ---- command line: everything checked, and fetched from the network, before any work starts --------
 
 
-def in_range(kind, low, high=math.inf, above=False):
-    """An argparse type: a finite int or float (kind) in low..high, or above low (above=True)."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and low <= value <= high) or (above and value == low):
-            bounds = f"> {low}" if above else f"in {low}..{high}"
-            raise argparse.ArgumentTypeError(f"expected {kind.__name__} {bounds}, got {text}")
-        return value
-    return parse
-
-
 class HelpFormatter(evaluate.HelpWithDefaults, argparse.RawDescriptionHelpFormatter):
     """evaluate.py's, keeping the layout of the examples."""
 
@@ -607,6 +592,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=HelpFormatter,
                                 usage="%(prog)s [--smoke | --dataset NAME] [options] (all: --help)")
     arg = p.add_argument
+    in_range = evaluate.in_range  # an argparse type: a number in bounds
     count = in_range(int, 0)
     positive = in_range(int, 1)
     rate = in_range(float, 0, above=True)

@@ -342,12 +342,6 @@ def seed_list(text):
     return seeds
 
 
-def positive(text):
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
-    return int(text)
-
-
 def describe_world(root, w, seeds):
     """The untuned toy CLIP's held-out zero-shot (measured by evaluate.py), printed with what tells
     the regime: the stream below its clean-image accuracy, and classes per batch."""
@@ -373,7 +367,7 @@ def main():
     p.add_argument("--world-seeds", type=seed_list, help="world seeds (default 0,1; --quick: 0)")
     p.add_argument("--lr", type=float, default=LR, help=f"the stream's learning rate ({LR:g})")
     p.add_argument("--root", default=os.path.join(REPO, "runs", "toy"), help="worlds, models, runs")
-    p.add_argument("--jobs", type=positive, default=2, help="runs side by side, one thread each")
+    p.add_argument("--jobs", type=evaluate.in_range(int, 1), default=2, help="runs side by side, one thread each")
     args = p.parse_args()
     seeds = args.seeds or ([1, 2] if args.quick else list(range(1, 11)))
     worlds = args.world_seeds or ([0] if args.quick else [0, 1])
