@@ -243,9 +243,9 @@ def zero_shot_dataset(name, data_root, protocol="ours"):
 
 
 def fetch_zero_shot(datasets, data_root, protocol="ours"):
-    """Download (where missing) and open each zero-shot dataset: {name: number of test images}."""
+    """{name: zero_shot_dataset(name, ...)}, downloaded where missing, every name checked first."""
     check_zero_shot_names(datasets, protocol)
-    return {name: len(zero_shot_dataset(name, data_root, protocol)[1]) for name in datasets}
+    return {name: zero_shot_dataset(name, data_root, protocol) for name in datasets}
 
 
 def autocast(device, precision):
@@ -259,8 +259,7 @@ def zero_shot_transfer(model, datasets, data_root, prompt, device, batch_size=25
                        mean=None, std=None, resize="centre", protocol="ours", precision="auto"):
     """The paper's zero-shot transfer check: {dataset: top-1 among all its classes}. Protocol "ours"
     uses `resize`, `mean`/`std` (default: the model's). All datasets are opened before any is run."""
-    check_zero_shot_names(datasets, protocol)
-    loaded = {name: zero_shot_dataset(name, data_root, protocol) for name in datasets}
+    loaded = fetch_zero_shot(datasets, data_root, protocol)
     clip_model.get_tokenizer(model.config.vocab_size)  # the vocabulary too, before any work
     if protocol == "released":  # squashed, with ImageNet's statistics
         mean, std = stream.DATASET_STATS["imagenet-r"]

@@ -453,7 +453,7 @@ def load_data(config):
 
 
 def fetch(config):
-    """(model, train_set, test_set, {zero-shot dataset: number of images}), downloaded where missing
+    """(model, train_set, test_set, evaluate.fetch_zero_shot's datasets), downloaded where missing
     (the BPE vocabulary too): nothing after this needs the network."""
     if config.zero_shot_eval:  # a bad name fails before any download
         evaluate.check_zero_shot_names(config.zero_shot_datasets, config.zero_shot_protocol)
@@ -676,8 +676,8 @@ def download_only(config):
         vocab = clip_model.bpe_vocab_path()
         theirs = "" if clip_model.is_openai_vocabulary(vocab) else " (NOT OpenAI's)"
         print(f"BPE vocabulary: {vocab}{theirs}")
-    for name, n in zero_shot.items():
-        print(f"zero-shot {name}: {n} test images under {root}")
+    for name, (_, indices, _) in zero_shot.items():
+        print(f"zero-shot {name}: {len(indices)} test images under {root}")
     print("everything this run needs is local: the same command without --download-only runs offline")
 
 
