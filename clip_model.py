@@ -598,9 +598,13 @@ def trim_padding(tokens):
     return tokens[:, :int(tokens.argmax(dim=-1).max()) + 1]
 
 
-def class_text_features(model, class_names, template=PROMPT):
-    """L2-normalized text features g_c of `template.format(name)` for each class."""
+def prompt_tokens(model, class_names, template=PROMPT):
+    """(C, T) ids of `template.format(name)` per class, padding trimmed, on the model's device."""
     tokens = tokenize([template.format(name) for name in class_names], model.config.context_length,
                       vocab_size=model.config.vocab_size)
-    tokens = trim_padding(tokens).to(model.positional_embedding.device)
-    return F.normalize(model.encode_text(tokens), dim=-1)
+    return trim_padding(tokens).to(model.positional_embedding.device)
+
+
+def class_text_features(model, class_names, template=PROMPT):
+    """L2-normalized text features g_c of `template.format(name)` for each class."""
+    return F.normalize(model.encode_text(prompt_tokens(model, class_names, template)), dim=-1)

@@ -137,15 +137,13 @@ class FeatureCache:
 
 def text_feature_cache(model, class_names, prompt, cache=True):
     """g_c by class id: the text features of `prompt` with each class name."""
-    device = model.positional_embedding.device
-    prompts = [prompt.format(name) for name in class_names]
-    tokens = clip_model.tokenize(prompts, model.config.context_length, vocab_size=model.config.vocab_size)
-    tokens = clip_model.trim_padding(tokens).to(device)
+    tokens = clip_model.prompt_tokens(model, class_names, prompt)  # (C, T), on the model's device
 
     def encode(classes):
-        return F.normalize(model.encode_text(tokens[classes.to(device, non_blocking=True)]), dim=-1)
+        ids = classes.to(tokens.device, non_blocking=True)
+        return F.normalize(model.encode_text(tokens[ids]), dim=-1)
     frozen = cache and not is_tuned(model.transformer)
-    return FeatureCache(encode, len(class_names), model.config.embed_dim, device, frozen)
+    return FeatureCache(encode, len(class_names), model.config.embed_dim, tokens.device, frozen)
 
 
 class TestImages:
