@@ -333,9 +333,7 @@ def load_peft_model(path, device="cpu"):
     saved = read_peft_file(path)
     model = clip_model.load(saved["model"], act=saved.get("act"))  # its errors name the path
     if "mean" in saved:
-        mean = tuple(saved["mean"])
-        std = tuple(saved["std"])
-        model.config = replace(model.config, image_mean=mean, image_std=std)
+        model.config = replace(model.config, image_mean=tuple(saved["mean"]), image_std=tuple(saved["std"]))
     apply, load_weights = PEFT_LOADERS[saved["peft"]]
     try:
         apply(model, encoder=saved["encoder"], **saved["peft_args"])
@@ -507,8 +505,7 @@ def matplotlib_figure():
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise stream.DataError("plotting needs matplotlib, an optional extra: "
-                               "pip install matplotlib") from None
+        raise stream.DataError("plotting needs matplotlib (optional): pip install matplotlib") from None
     return Figure
 
 
@@ -542,7 +539,7 @@ def plot_grad(records, results, out_png):
     fig = matplotlib_figure()(figsize=(12, height), layout="constrained")
     row = {c: i for i, c in enumerate(classes)}
     pos = [[math.nan] * len(records) for _ in classes]  # (classes, steps)
-    neg = [row[:] for row in pos]
+    neg = [[math.nan] * len(records) for _ in classes]
     for j, r in enumerate(records):
         for c, p, n in zip(r["classes"], r["pos"], r["neg"]):
             pos[row[c]][j] = p
