@@ -29,6 +29,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import clip_model  # noqa: E402
+import stream  # noqa: E402
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "dome", "bowl", "hourglass")
 TEXTURES = ("plain", "striped", "barred", "checked", "dotted", "grid", "ringed", "framed")
@@ -183,12 +184,6 @@ def model_config(c: PretrainConfig):
                    transformer_heads=c.width // 64)
 
 
-def normalize(pixels):
-    mean = torch.tensor(clip_model.CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(clip_model.CLIP_STD).view(1, 3, 1, 1)
-    return (pixels.float() / 255 - mean) / std
-
-
 def pretrain(c: PretrainConfig, log=print):
     """A toy CLIP trained from scratch with CLIP's symmetric contrastive loss; captions of the
     same class in a batch count as matches (soft targets): a batch holds a class several times."""
@@ -208,7 +203,7 @@ def pretrain(c: PretrainConfig, log=print):
     model.train()
     for step in range(c.steps):
         batch = torch.randint(0, len(labels), (c.batch_size,), generator=g)
-        x = normalize(pixels[batch])
+        x = stream.normalize(pixels[batch])
         flip = torch.rand(c.batch_size, generator=g) < 0.5
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         y = labels[batch]
@@ -260,5 +255,5 @@ def zero_shot(model, group, shifted, world, per_class=50, seed=999):
     """Top-1 of the prompt "a bad photo of a {class}." among a group's classes, on fresh images."""
     pixels, labels = images(group, per_class, shifted, seed, world)
     g = clip_model.class_text_features(model, [class_name(*comp) for comp in classes(group, world)])
-    f = F.normalize(model.encode_image(normalize(pixels)), dim=-1)
+    f = F.normalize(model.encode_image(stream.normalize(pixels)), dim=-1)
     return (f @ g.t()).argmax(dim=-1).eq(labels).float().mean().item()
