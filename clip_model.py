@@ -1,8 +1,8 @@
 """
-The paper's backbone: OpenAI's CLIP (Radford et al., 2021), a ViT image tower and a text tower whose
-L2-normalized features f_i and g_c give the loss its logits s * <f_i, g_c>; g_c is the text feature
-of the prompt "a bad photo of a {class}." (`class_text_features`). Names are OpenAI's state-dict keys,
-so its weights load strictly (`load`, after the marked line).
+The paper's backbone: OpenAI's CLIP (Radford et al., 2021), a ViT image tower and a text tower
+whose L2-normalized features f_i and g_c give the loss its logits s * <f_i, g_c>; g_c is the text
+feature of the prompt "a bad photo of a {class}." (`class_text_features`). Names are OpenAI's
+state-dict keys, so its weights load strictly (`load`, after the marked line).
 """
 
 import contextlib
@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-# ---- building blocks -----------------------------------------------------------------------------
+# ---- building blocks ----
 
 
 class LayerNorm(nn.LayerNorm):
@@ -99,7 +99,7 @@ class Transformer(nn.Module):
         return x
 
 
-# ---- the two towers and CLIP ---------------------------------------------------------------------
+# ---- the two towers and CLIP ----
 
 # The image normalization OpenAI's CLIP was trained with (open_clip checkpoints may have their own).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -138,7 +138,7 @@ class CLIPConfig:
                 raise ValueError(f"width {width} does not split into {heads} attention heads")
 
 
-# The same layout at toy size (width 64, 2 layers, one head, 32 px): for tests and `--smoke`.
+# The same layout at toy size, for tests and `--smoke`.
 TINY_CONFIG = CLIPConfig(embed_dim=32, image_size=32, vision_layers=2, vision_width=64,
                          vision_patch_size=8, transformer_width=64, transformer_heads=1,
                          transformer_layers=2)
@@ -273,7 +273,7 @@ def build_model(state_dict, act="quickgelu", **settings) -> CLIP:
     return model.eval()
 
 
-# ---- tokenizer: byte-level BPE exactly as OpenAI's clip.tokenize ---------------------------------
+# ---- tokenizer: byte-level BPE exactly as OpenAI's clip.tokenize ----
 
 # A vocabulary is 256 byte tokens, the same 256 ending a word ("</w>"), the first n merges of the
 # BPE file, and <|startoftext|>, <|endoftext|>: OpenAI's has 48,894 merges (49,408 tokens). With no
@@ -371,7 +371,7 @@ def tokenize(texts, context_length=77, truncate=False, vocab_size=OPENAI_VOCAB_S
     return result
 
 
-# ---- prompts: the text features g_c of the classes -----------------------------------------------
+# ---- prompts: the text features g_c of the classes ----
 
 PROMPT = "a bad photo of a {}."
 
@@ -394,7 +394,7 @@ def class_text_features(model, class_names, template=PROMPT):
     return F.normalize(model.encode_text(prompt_tokens(model, class_names, template)), dim=-1)
 
 
-# ---- machinery: checkpoints and downloads (not the method) ---------------------------------------
+# ---- machinery: checkpoints and downloads (not the method) ----
 
 _BASE = "https://openaipublic.azureedge.net/clip/models"
 _MODELS = {  # the folder of each URL is the file's SHA256, verified after download

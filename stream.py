@@ -24,7 +24,7 @@ from torchvision.transforms import AutoAugment, AutoAugmentPolicy, Interpolation
 import clip_model
 
 
-# ---- the Si-Blurry stream ------------------------------------------------------------------------
+# ---- the Si-Blurry stream ----
 
 SCENARIOS = {
     "si-blurry": dict(stochastic=True, n=50, m=10),
@@ -164,7 +164,7 @@ def describe_stream(split: StreamSplit, targets, classes) -> str:
     return "\n".join(lines)
 
 
-# ---- batches and augmentation, train and test ----------------------------------------------------
+# ---- batches and augmentation, train and test ----
 
 POLICIES = {"cifar10": AutoAugmentPolicy.CIFAR10, "imagenet": AutoAugmentPolicy.IMAGENET}
 AUGMENT_PER = ("sample", "batch")  # one random draw per sample (ours) or per batch (released)
@@ -222,7 +222,7 @@ def fit_image(image, image_size, image_fit="centre", seed=0):
 
 
 def _stack(images, dim=0) -> torch.Tensor:
-    """torch.stack, or a DataError when the images differ in size (variable sizes need image_size=)."""
+    """torch.stack, or a DataError when the images differ in size."""
     sizes = sorted({tuple(image.shape[-2:]) for image in images})
     if len(sizes) > 1:
         raise DataError(f"images of different sizes {sizes[:3]} in one batch; "
@@ -240,7 +240,7 @@ def _augment(autoaugment: AutoAugment, image: Image.Image, seed: int) -> Image.I
 class StreamBatches(Dataset):
     """Item b: batch b of the stream (a StreamBatch); batches never cross a task boundary. AutoAugment
     is drawn per sample, or once per batch and online iteration (augment_per="batch", as released),
-    from the seed and the stream position. Images are brought to `image_size` by `image_fit`."""
+    from the seed and the stream position."""
 
     def __init__(self, dataset, tasks, batch_size=64, online_iter=3, policy="cifar10", seed=1,
                  image_size=None, augment_per="sample", image_fit="centre"):
@@ -386,7 +386,7 @@ def seen_test_indices(test_targets, seen_classes) -> torch.Tensor:
     return torch.isin(targets, seen).nonzero().flatten()
 
 
-# ---- machinery: datasets and downloads (not the method) ------------------------------------------
+# ---- machinery: datasets and downloads (not the method) ----
 # A dataset gives `targets`, readable `classes`, `raw_classes` (the released prompt names) and
 # (PIL RGB image, label) items.
 
@@ -492,7 +492,7 @@ def _labelled_files(folder: str, classes: list[str]) -> tuple[list[str], list[in
 
 
 def _read_lines(path: str) -> list[str]:
-    """The non-empty lines of a text file, stripped (a missing file: FileNotFoundError names it)."""
+    """The non-empty lines of a text file, stripped."""
     with open(path) as f:
         return [line.strip() for line in f if line.strip()]
 
@@ -536,20 +536,22 @@ def _cifar100(root: str, train: bool, download: bool) -> Dataset:
     return dataset
 
 
+# Stanford and Berkeley publish no checksum: these MD5s are the ones other loaders check
 TINYIMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
-# Stanford publishes no checksum; this is the one other loaders check
 TINYIMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
+IMAGENET_R_URL = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"
+IMAGENET_R_MD5 = "a61312130a589d0ca1a8fca1f2bd3337"
 
 
 def _tinyimagenet(root: str, train: bool, download: bool) -> Dataset:
     """Tiny-ImageNet-200: train folders; the val folder, labelled by its annotations, is the test set."""
-    url = TINYIMAGENET_URL
-    folder = _fetch(root, "tiny-imagenet-200", url, TINYIMAGENET_MD5, download, "Tiny-ImageNet")
+    folder = _fetch(root, "tiny-imagenet-200", TINYIMAGENET_URL, TINYIMAGENET_MD5, download,
+                    "Tiny-ImageNet")
     wnids = _read_lines(os.path.join(folder, "wnids.txt"))  # labels in this order (as released)
-    words = dict(line.split("\t", 1) for line in _read_lines(os.path.join(folder, "words.txt")))
+    words_path = os.path.join(folder, "words.txt")
+    words = dict(line.split("\t", 1) for line in _read_lines(words_path))
     missing = [w for w in wnids if w not in words]
     if missing:
-        words_path = os.path.join(folder, "words.txt")
         raise DataError(f"{words_path} has no name for {', '.join(missing[:5])}")
     # the first synonym: "Egyptian cat"
     classes = [words[w].split(",")[0].strip().replace("_", " ") for w in wnids]
@@ -566,11 +568,6 @@ def _tinyimagenet(root: str, train: bool, download: bool) -> Dataset:
     if None in targets:
         raise DataError(f"{annotations_path} gives no known class for {paths[targets.index(None)]}")
     return ImageFiles(paths, targets, classes, raw)
-
-
-IMAGENET_R_URL = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"
-# Berkeley publishes no checksum; this is the one other loaders check
-IMAGENET_R_MD5 = "a61312130a589d0ca1a8fca1f2bd3337"
 
 
 def _imagenet_r(root: str, train: bool, download: bool) -> Dataset:
