@@ -1,8 +1,8 @@
 """
-OpenAI's CLIP (Radford et al., "Learning Transferable Visual Models From Natural Language
-Supervision"): ViT image tower and text transformer named as OpenAI's state-dict keys, so their
-weights load strictly; `build_model`, checkpoints (OpenAI's, SHA256-verified; plain or open_clip),
-the BPE tokenizer, zero-shot helpers.
+The paper's backbone: OpenAI's CLIP (Radford et al., 2021), a ViT image tower and a text tower
+whose L2-normalized features f_i and g_c give the loss its logits s * <f_i, g_c>; g_c is the text
+feature of the prompt "a bad photo of a {class}." (`class_text_features`). Names are OpenAI's
+state-dict keys, so its weights load strictly (`load`, after the marked line).
 """
 
 import contextlib
@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-# ---- building blocks -----------------------------------------------------------------------------
+# ---- building blocks ----
 
 
 class LayerNorm(nn.LayerNorm):
@@ -99,7 +99,7 @@ class Transformer(nn.Module):
         return x
 
 
-# ---- the two towers and CLIP ---------------------------------------------------------------------
+# ---- the two towers and CLIP ----
 
 # The image normalization OpenAI's CLIP was trained with (open_clip checkpoints may have their own).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -138,7 +138,7 @@ class CLIPConfig:
                 raise ValueError(f"width {width} does not split into {heads} attention heads")
 
 
-# The same layout at toy size (width 64, 2 layers, one head, 32 px): for tests and `--smoke`.
+# The same layout at toy size, for tests and `--smoke`.
 TINY_CONFIG = CLIPConfig(embed_dim=32, image_size=32, vision_layers=2, vision_width=64,
                          vision_patch_size=8, transformer_width=64, transformer_heads=1,
                          transformer_layers=2)
@@ -273,7 +273,128 @@ def build_model(state_dict, act="quickgelu", **settings) -> CLIP:
     return model.eval()
 
 
-# ---- checkpoints: download with checksum; TorchScript archive, plain state dict, open_clip config ----
+# ---- tokenizer: byte-level BPE exactly as OpenAI's clip.tokenize ----
+
+# A vocabulary is 256 byte tokens, the same 256 ending a word ("</w>"), the first n merges of the
+# BPE file, and <|startoftext|>, <|endoftext|>: OpenAI's has 48,894 merges (49,408 tokens). With no
+# merges (514 tokens) every byte is its own token and no vocabulary file is needed (--smoke, offline).
+OPENAI_VOCAB_SIZE = 49408
+BYTE_VOCAB_SIZE = 2 * 256 + 2
+
+
+def bytes_to_unicode():
+    """Every byte as a printable character, so BPE works on strings without spaces and controls."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]  # spaces, controls: to 256, 257, ...
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def clean_text(text):
+    """OpenAI's cleaning: fix mojibake, unescape HTML (twice), collapse whitespace, lowercase."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+class Tokenizer:
+    """Byte-level BPE with the given merges (OpenAI's 48,894, or none)."""
+
+    pattern = re.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
+                         r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", re.IGNORECASE)
+
+    def __init__(self, merges):
+        self.byte_encoder = bytes_to_unicode()
+        vocab = list(self.byte_encoder.values())
+        vocab += [v + "</w>" for v in vocab]
+        vocab += ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+        self.encoder = {token: i for i, token in enumerate(vocab)}
+        self.bpe_ranks = {m: i for i, m in enumerate(merges)}
+        self.cache = {"<|startoftext|>": "<|startoftext|>", "<|endoftext|>": "<|endoftext|>"}
+        self.sot = self.encoder["<|startoftext|>"]
+        self.eot = self.encoder["<|endoftext|>"]
+
+    def bpe(self, token):
+        """Greedily merge the lowest-ranked adjacent pair until no known merge is left."""
+        if token in self.cache:
+            return self.cache[token]
+        word = tuple(token[:-1]) + (token[-1] + "</w>",)
+        while len(word) > 1:
+            best = min(zip(word, word[1:]), key=lambda p: self.bpe_ranks.get(p, float("inf")))
+            if best not in self.bpe_ranks:
+                break
+            merged = []  # every occurrence of `best`, left to right
+            for symbol in word:
+                if merged and (merged[-1], symbol) == best:
+                    merged[-1] += symbol
+                else:
+                    merged.append(symbol)
+            word = tuple(merged)
+        self.cache[token] = " ".join(word)
+        return self.cache[token]
+
+    def encode(self, text):
+        ids = []
+        for token in re.findall(self.pattern, clean_text(text)):
+            token = "".join(self.byte_encoder[b] for b in token.encode("utf-8"))
+            ids.extend(self.encoder[t] for t in self.bpe(token).split(" "))
+        return ids
+
+
+@lru_cache()
+def get_tokenizer(vocab_size=OPENAI_VOCAB_SIZE, bpe_path=None):
+    """The tokenizer of a text tower with `vocab_size` token embeddings (OpenAI's, or 514: bytes)."""
+    n_merges = vocab_size - BYTE_VOCAB_SIZE
+    if not 0 <= n_merges <= OPENAI_VOCAB_SIZE - BYTE_VOCAB_SIZE:
+        raise CheckpointError(f"no tokenizer for a vocabulary of {vocab_size} tokens: expected "
+                              f"{BYTE_VOCAB_SIZE} (bytes only) to {OPENAI_VOCAB_SIZE} (OpenAI's BPE)")
+    if not n_merges:
+        return Tokenizer([])
+    with gzip.open(bpe_vocab_path(bpe_path), "rt", encoding="utf-8") as f:
+        merges = f.read().split("\n")[1:n_merges + 1]  # after the header line
+    return Tokenizer([tuple(m.split()) for m in merges])
+
+
+def tokenize(texts, context_length=77, truncate=False, vocab_size=OPENAI_VOCAB_SIZE):
+    """Strings -> (N, context_length) ids: <sot> text <eot>, zero padded (OpenAI's clip.tokenize)."""
+    if isinstance(texts, str):
+        texts = [texts]
+    tokenizer = get_tokenizer(vocab_size)
+    result = torch.zeros(len(texts), context_length, dtype=torch.long)
+    for i, text in enumerate(texts):
+        ids = [tokenizer.sot] + tokenizer.encode(text) + [tokenizer.eot]
+        if len(ids) > context_length:
+            if not truncate:
+                raise ValueError(f"input {text!r} is {len(ids)} tokens, "
+                                 f"longer than context length {context_length}")
+            ids = ids[:context_length - 1] + [tokenizer.eot]
+        result[i, :len(ids)] = torch.tensor(ids)
+    return result
+
+
+# ---- prompts: the text features g_c of the classes ----
+
+PROMPT = "a bad photo of a {}."
+
+
+def trim_padding(tokens):
+    """Drop the padding after the last end-of-text token, which the causal mask keeps from it:
+    prompts run on ~10 positions instead of 77, with the same features."""
+    return tokens[:, :int(tokens.argmax(dim=-1).max()) + 1]
+
+
+def prompt_tokens(model, class_names, template=PROMPT):
+    """(C, T) ids of `template.format(name)` per class, padding trimmed, on the model's device."""
+    tokens = tokenize([template.format(name) for name in class_names], model.config.context_length,
+                      vocab_size=model.config.vocab_size)
+    return trim_padding(tokens).to(model.positional_embedding.device)
+
+
+def class_text_features(model, class_names, template=PROMPT):
+    """L2-normalized text features g_c of `template.format(name)` for each class."""
+    return F.normalize(model.encode_text(prompt_tokens(model, class_names, template)), dim=-1)
+
+
+# ---- machinery: checkpoints and downloads (not the method) ----
 
 _BASE = "https://openaipublic.azureedge.net/clip/models"
 _MODELS = {  # the folder of each URL is the file's SHA256, verified after download
@@ -465,16 +586,10 @@ def load(name_or_path, device="cpu", download_root=None, act=None) -> CLIP:
     return model.to(device)
 
 
-# ---- tokenizer: byte-level BPE exactly as OpenAI's clip.tokenize ---------------------------------
-
+# the BPE vocabulary file of `get_tokenizer`
 _BPE_NAME = "bpe_simple_vocab_16e6.txt.gz"
 _BPE_URL = f"https://github.com/openai/CLIP/raw/main/clip/{_BPE_NAME}"
 _BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
-# A vocabulary is 256 byte tokens, the same 256 ending a word ("</w>"), the first n merges of the
-# BPE file, and <|startoftext|>, <|endoftext|>: OpenAI's has 48,894 merges (49,408 tokens). With no
-# merges (514 tokens) every byte is its own token and no vocabulary file is needed (--smoke, offline).
-OPENAI_VOCAB_SIZE = 49408
-BYTE_VOCAB_SIZE = 2 * 256 + 2
 
 
 def bpe_vocab_path(path=None):
@@ -496,115 +611,3 @@ def bpe_vocab_path(path=None):
 def is_openai_vocabulary(path):
     """Whether a BPE vocabulary file is OpenAI's, byte for byte (its SHA256)."""
     return sha256sum(path) == _BPE_SHA256
-
-
-def bytes_to_unicode():
-    """Every byte as a printable character, so BPE works on strings without spaces and controls."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]  # spaces, controls: to 256, 257, ...
-    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
-
-
-def clean_text(text):
-    """OpenAI's cleaning: fix mojibake, unescape HTML (twice), collapse whitespace, lowercase."""
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-    return re.sub(r"\s+", " ", text).strip().lower()
-
-
-class Tokenizer:
-    """Byte-level BPE with the given merges (OpenAI's 48,894, or none)."""
-
-    pattern = re.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
-                         r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", re.IGNORECASE)
-
-    def __init__(self, merges):
-        self.byte_encoder = bytes_to_unicode()
-        vocab = list(self.byte_encoder.values())
-        vocab += [v + "</w>" for v in vocab]
-        vocab += ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-        self.encoder = {token: i for i, token in enumerate(vocab)}
-        self.bpe_ranks = {m: i for i, m in enumerate(merges)}
-        self.cache = {"<|startoftext|>": "<|startoftext|>", "<|endoftext|>": "<|endoftext|>"}
-        self.sot = self.encoder["<|startoftext|>"]
-        self.eot = self.encoder["<|endoftext|>"]
-
-    def bpe(self, token):
-        """Greedily merge the lowest-ranked adjacent pair until no known merge is left."""
-        if token in self.cache:
-            return self.cache[token]
-        word = tuple(token[:-1]) + (token[-1] + "</w>",)
-        while len(word) > 1:
-            best = min(zip(word, word[1:]), key=lambda p: self.bpe_ranks.get(p, float("inf")))
-            if best not in self.bpe_ranks:
-                break
-            merged = []  # every occurrence of `best`, left to right
-            for symbol in word:
-                if merged and (merged[-1], symbol) == best:
-                    merged[-1] += symbol
-                else:
-                    merged.append(symbol)
-            word = tuple(merged)
-        self.cache[token] = " ".join(word)
-        return self.cache[token]
-
-    def encode(self, text):
-        ids = []
-        for token in re.findall(self.pattern, clean_text(text)):
-            token = "".join(self.byte_encoder[b] for b in token.encode("utf-8"))
-            ids.extend(self.encoder[t] for t in self.bpe(token).split(" "))
-        return ids
-
-
-@lru_cache()
-def get_tokenizer(vocab_size=OPENAI_VOCAB_SIZE, bpe_path=None):
-    """The tokenizer of a text tower with `vocab_size` token embeddings (OpenAI's, or 514: bytes)."""
-    n_merges = vocab_size - BYTE_VOCAB_SIZE
-    if not 0 <= n_merges <= OPENAI_VOCAB_SIZE - BYTE_VOCAB_SIZE:
-        raise CheckpointError(f"no tokenizer for a vocabulary of {vocab_size} tokens: expected "
-                              f"{BYTE_VOCAB_SIZE} (bytes only) to {OPENAI_VOCAB_SIZE} (OpenAI's BPE)")
-    if not n_merges:
-        return Tokenizer([])
-    with gzip.open(bpe_vocab_path(bpe_path), "rt", encoding="utf-8") as f:
-        merges = f.read().split("\n")[1:n_merges + 1]  # after the header line
-    return Tokenizer([tuple(m.split()) for m in merges])
-
-
-def tokenize(texts, context_length=77, truncate=False, vocab_size=OPENAI_VOCAB_SIZE):
-    """Strings -> (N, context_length) ids: <sot> text <eot>, zero padded (OpenAI's clip.tokenize)."""
-    if isinstance(texts, str):
-        texts = [texts]
-    tokenizer = get_tokenizer(vocab_size)
-    result = torch.zeros(len(texts), context_length, dtype=torch.long)
-    for i, text in enumerate(texts):
-        ids = [tokenizer.sot] + tokenizer.encode(text) + [tokenizer.eot]
-        if len(ids) > context_length:
-            if not truncate:
-                raise ValueError(f"input {text!r} is {len(ids)} tokens, "
-                                 f"longer than context length {context_length}")
-            ids = ids[:context_length - 1] + [tokenizer.eot]
-        result[i, :len(ids)] = torch.tensor(ids)
-    return result
-
-
-# ---- zero-shot classification helpers ------------------------------------------------------------
-
-PROMPT = "a bad photo of a {}."
-
-
-def trim_padding(tokens):
-    """Drop the padding after the last end-of-text token, which the causal mask keeps from it:
-    prompts run on ~10 positions instead of 77, with the same features."""
-    return tokens[:, :int(tokens.argmax(dim=-1).max()) + 1]
-
-
-def prompt_tokens(model, class_names, template=PROMPT):
-    """(C, T) ids of `template.format(name)` per class, padding trimmed, on the model's device."""
-    tokens = tokenize([template.format(name) for name in class_names], model.config.context_length,
-                      vocab_size=model.config.vocab_size)
-    return trim_padding(tokens).to(model.positional_embedding.device)
-
-
-def class_text_features(model, class_names, template=PROMPT):
-    """L2-normalized text features g_c of `template.format(name)` for each class."""
-    return F.normalize(model.encode_text(prompt_tokens(model, class_names, template)), dim=-1)

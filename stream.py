@@ -1,10 +1,8 @@
-"""The data side of online lifelong learning: the Si-Blurry stream, the datasets, and the batches
-the learner sees.
-
-The sampler is index for index the released one (KHU-AGI/Si-Blurry, Debatrix/LifeLong-CLIP).
-Datasets give `targets`, readable `classes`, `raw_classes` (the released prompt names) and (PIL RGB
-image, label) items. Each image geometry of `fit_image` (centre, random, squash) is the same on PIL
-images when loaded and on uint8 tensors on the device.
+"""
+The paper's setting: a Si-Blurry stream of T tasks, N % of the classes disjoint (in one task only),
+M % of the other classes' samples dealt to any task, read in batches seen once, with AutoAugment,
+crop and flip; the seen classes' test images. The split is index for index the released one
+(KHU-AGI/Si-Blurry, Debatrix/LifeLong-CLIP).
 """
 import collections
 import functools
@@ -25,7 +23,8 @@ from torchvision.transforms import AutoAugment, AutoAugmentPolicy, Interpolation
 
 import clip_model
 
-# ---- 1. The Si-Blurry stream ---------------------------------------------------------------------
+
+# ---- the Si-Blurry stream ----
 
 SCENARIOS = {
     "si-blurry": dict(stochastic=True, n=50, m=10),
@@ -165,16 +164,234 @@ def describe_stream(split: StreamSplit, targets, classes) -> str:
     return "\n".join(lines)
 
 
-# ---- 2. Datasets ---------------------------------------------------------------------------------
+# ---- batches and augmentation, train and test ----
 
-class DataError(ValueError):
-    """A problem with the user's data: a missing, empty or inconsistent folder, an unreadable file."""
+POLICIES = {"cifar10": AutoAugmentPolicy.CIFAR10, "imagenet": AutoAugmentPolicy.IMAGENET}
+AUGMENT_PER = ("sample", "batch")  # one random draw per sample (ours) or per batch (released)
+# Geometries of `fit_image`: variable-size images when loaded (--image-fit), test images
+IMAGE_FITS = ("centre", "random")
+TEST_RESIZES = ("centre", "squash")
 
 
 def _seed_of(*parts) -> int:
     """A 63-bit seed, a fixed function of some integers (Python's hash() promises no such thing)."""
     digest = hashlib.blake2b(repr(tuple(int(p) for p in parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+class StreamBatch(NamedTuple):
+    """One batch of the stream, with online_iter independently augmented copies of its images."""
+    task: int              # the task of every sample in the batch
+    images: torch.Tensor   # (online_iter, B, 3, H, W) uint8, each copy with its own AutoAugment
+    labels: torch.Tensor   # (B,) int64
+    indices: torch.Tensor  # (B,) int64 dataset indices
+
+
+def task_batches(tasks, batch_size) -> list[tuple[int, list[int]]]:
+    """(task, dataset indices) of each batch of the stream; a task's last batch may be short."""
+    batches = []
+    for t, task in enumerate(tasks):
+        batches += [(t, task[b:b + batch_size]) for b in range(0, len(task), batch_size)]
+    return batches
+
+
+def fit_image(image, image_size, image_fit="centre", seed=0):
+    """A PIL image or uint8 tensor (3, H, W) or (B, 3, H, W) brought to S x S, S = image_size (None:
+    unchanged); on tensors torchvision rounds and clamps to within one grey level of PIL.
+    centre: the shorter side resized to S (bicubic), then a centre crop: OpenAI's test geometry.
+    random: the shorter side resized to S * 8/7 (bilinear), then a crop drawn from `seed`: the
+    released ImageNet-R loader's Resize(256) + RandomCrop(224), for train and test images.
+    squash: the whole image resized to S x S (bilinear, aspect ratio not kept): the released test
+    geometry."""
+    if image_size is None:
+        return image
+    if image_fit == "centre":
+        image = TF.resize(image, image_size, InterpolationMode.BICUBIC, antialias=True)
+        return TF.center_crop(image, image_size)
+    if image_fit == "squash":
+        size = [image_size, image_size]
+        return TF.resize(image, size, InterpolationMode.BILINEAR, antialias=True)
+    if image_fit != "random":
+        raise ValueError(f"image_fit must be centre, random or squash; got {image_fit!r}")
+    image = TF.resize(image, image_size * 8 // 7, InterpolationMode.BILINEAR, antialias=True)
+    _, height, width = TF.get_dimensions(image)
+    g = torch.Generator().manual_seed(seed)
+    top = int(torch.randint(0, height - image_size + 1, (1,), generator=g))
+    left = int(torch.randint(0, width - image_size + 1, (1,), generator=g))
+    return TF.crop(image, top, left, image_size, image_size)
+
+
+def _stack(images, dim=0) -> torch.Tensor:
+    """torch.stack, or a DataError when the images differ in size."""
+    sizes = sorted({tuple(image.shape[-2:]) for image in images})
+    if len(sizes) > 1:
+        raise DataError(f"images of different sizes {sizes[:3]} in one batch; "
+                        "pass image_size= to fit them when loaded")
+    return torch.stack(images, dim)
+
+
+def _augment(autoaugment: AutoAugment, image: Image.Image, seed: int) -> Image.Image:
+    """AutoAugment whose draws (sub-policy, probabilities, signs) are a function of the seed."""
+    with torch.random.fork_rng(devices=[]):  # AutoAugment draws from the global RNG: leave it untouched
+        torch.default_generator.manual_seed(seed)
+        return autoaugment(image)
+
+
+class StreamBatches(Dataset):
+    """Item b: batch b of the stream (a StreamBatch); batches never cross a task boundary. AutoAugment
+    is drawn per sample, or once per batch and online iteration (augment_per="batch", as released),
+    from the seed and the stream position."""
+
+    def __init__(self, dataset, tasks, batch_size=64, online_iter=3, policy="cifar10", seed=1,
+                 image_size=None, augment_per="sample", image_fit="centre"):
+        self.dataset = dataset
+        self.batches = task_batches(tasks, batch_size)
+        lengths = (len(indices) for _, indices in self.batches)
+        self.starts = list(itertools.accumulate(lengths, initial=0))  # stream position of each batch
+        self.online_iter = online_iter
+        self.autoaugment = AutoAugment(POLICIES[policy])
+        self.seed = seed
+        self.image_size = image_size
+        self.augment_per = augment_per
+        self.image_fit = image_fit
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, b: int) -> StreamBatch:
+        t, indices = self.batches[b]
+        copies = []
+        labels = []
+        for position, index in enumerate(indices, self.starts[b]):
+            image, label = self.dataset[index]
+            # once per sample, shared by its online iterations (as the released random crop)
+            fit_seed = _seed_of(self.seed, position, -1)
+            image = fit_image(image, self.image_size, self.image_fit, seed=fit_seed)
+            key = position if self.augment_per == "sample" else b
+            seeds = [_seed_of(self.seed, key, it) for it in range(self.online_iter)]
+            augmented = [_augment(self.autoaugment, image, s) for s in seeds]
+            copies.append(torch.stack([TF.pil_to_tensor(a) for a in augmented]))  # (online_iter, 3, H, W)
+            labels.append(label)
+        return StreamBatch(t, _stack(copies, dim=1), torch.tensor(labels), torch.tensor(indices))
+
+
+def _loader(batches, workers: int, collate_fn=None) -> DataLoader:
+    """batches[0], batches[1], ... in turn (through collate_fn), read in DataLoader workers."""
+    return DataLoader(batches, batch_size=None, num_workers=workers, collate_fn=collate_fn,
+                      pin_memory=torch.cuda.is_available(),
+                      generator=torch.Generator())  # seeds the workers; the caller's RNG stays untouched
+
+
+def stream_batches(dataset, tasks, batch_size=64, online_iter=3, policy="cifar10", workers=2, seed=1,
+                   image_size=None, augment_per="sample", image_fit="centre") -> DataLoader:
+    """StreamBatches, read by `workers`."""
+    batches = StreamBatches(dataset, tasks, batch_size, online_iter, policy, seed, image_size,
+                            augment_per, image_fit)
+    return _loader(batches, workers)
+
+
+def stream_labels(dataset, tasks, batch_size=64) -> list[StreamBatch]:
+    """The stream's batches, labels alone (images None): zero-shot CLIP trains nothing."""
+    return [StreamBatch(t, None, torch.tensor([dataset.targets[i] for i in ids]), torch.tensor(ids))
+            for t, ids in task_batches(tasks, batch_size)]
+
+
+@functools.cache
+def _mean_std(device: torch.device, mean: tuple, std: tuple):
+    """The channel mean and std as (1, 3, 1, 1) tensors, made once per device (it waits for the GPU)."""
+    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    return mean, std
+
+
+def normalize(images: torch.Tensor, mean=clip_model.CLIP_MEAN, std=clip_model.CLIP_STD):
+    """uint8 (B, 3, H, W) -> float (x / 255 - mean) / std per channel."""
+    mean, std = _mean_std(images.device, tuple(mean), tuple(std))
+    return (images.float() / 255 - mean) / std
+
+
+class BatchAugment:
+    """The training transform after AutoAugment, batched on the device: squash, random crop of the
+    zero-padded images (as released), h-flip, normalize. Drawn per="sample" or once per "batch"
+    (as the released transform, applied to the batch tensor)."""
+
+    def __init__(self, image_size: int, seed: int, padding: int = 4, mean=clip_model.CLIP_MEAN,
+                 std=clip_model.CLIP_STD, per="sample"):
+        self.image_size = image_size
+        self.seed = seed
+        self.padding = padding
+        self.per = per
+        self.mean = mean
+        self.std = std
+        self.generator = None  # made on the device of the first batch, seeded with the run seed
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, any H, W) -> float (B, 3, S, S), S = image_size."""
+        if self.generator is None:
+            self.generator = torch.Generator(images.device).manual_seed(self.seed)
+        images = fit_image(images, self.image_size, "squash")
+        B, C, H, W = images.shape  # H = W = S
+        p = self.padding
+        device = images.device
+        draws = B if self.per == "sample" else 1  # one draw broadcast to the whole batch
+        padded = F.pad(images, (p, p, p, p))  # (B, 3, H+2p, W+2p)
+        g = self.generator
+        top = torch.randint(0, 2 * p + 1, (draws,), generator=g, device=device).expand(B)
+        left = torch.randint(0, 2 * p + 1, (draws,), generator=g, device=device).expand(B)
+        flip = (torch.rand(draws, generator=g, device=device) < 0.5).expand(B)
+        rows = top[:, None] + torch.arange(H, device=device)  # (B, H) rows of the padded image
+        cols = left[:, None] + torch.arange(W, device=device)  # (B, W)
+        cols = torch.where(flip[:, None], cols.flip(1), cols)  # columns read backwards: the h-flip
+        sample = torch.arange(B, device=device).view(B, 1, 1, 1)
+        channel = torch.arange(C, device=device).view(C, 1, 1)
+        # advanced indexing broadcasts (B,1,1,1), (C,1,1), (B,1,H,1), (B,1,1,W) to (B, C, H, W)
+        crops = padded[sample, channel, rows.view(B, 1, H, 1), cols.view(B, 1, 1, W)]
+        return normalize(crops, self.mean, self.std)
+
+
+def eval_batches(dataset, indices, batch_size=512, workers=2, image_size=None, resize="centre",
+                 image_fit="centre", seed=0):
+    """Test samples in index order: (uint8 images (B, 3, H, W), labels (B,)), fitted to `image_size`
+    when loaded (see _eval_batch)."""
+    indices = [int(i) for i in indices]
+    chunks = [indices[b:b + batch_size] for b in range(0, len(indices), batch_size)]
+    collate = functools.partial(_eval_batch, dataset, image_size, resize, image_fit, seed)
+    return _loader(chunks, workers, collate)
+
+
+def _eval_batch(dataset, image_size, resize, image_fit, seed, indices):
+    """A test batch fitted by `resize`, after, with image_fit="random", a crop drawn from `seed`."""
+    images = []
+    labels = []
+    for index in indices:
+        image, label = dataset[index]
+        if image_fit == "random":  # the released ImageNet-R loader crops test images at random too
+            image = fit_image(image, image_size, "random", seed=_seed_of(seed, index, -2))
+        image = fit_image(image, image_size, resize)
+        images.append(TF.pil_to_tensor(image.convert("RGB")))  # RGB after the geometry, as OpenAI's
+        labels.append(label)
+    return _stack(images), torch.tensor(labels)
+
+
+def eval_transform(images: torch.Tensor, image_size: int, resize="centre",
+                   mean=clip_model.CLIP_MEAN, std=clip_model.CLIP_STD) -> torch.Tensor:
+    """uint8 test images (B, 3, H, W) -> float (B, 3, S, S), S = image_size: `resize`, normalize."""
+    return normalize(fit_image(images, image_size, resize), mean, std)
+
+
+def seen_test_indices(test_targets, seen_classes) -> torch.Tensor:
+    """The test indices of the seen classes, in index order."""
+    targets = torch.as_tensor(test_targets, dtype=torch.long)
+    seen = torch.as_tensor(sorted(seen_classes), dtype=torch.long)
+    return torch.isin(targets, seen).nonzero().flatten()
+
+
+# ---- machinery: datasets and downloads (not the method) ----
+# A dataset gives `targets`, readable `classes`, `raw_classes` (the released prompt names) and
+# (PIL RGB image, label) items.
+
+class DataError(ValueError):
+    """A problem with the user's data: a missing, empty or inconsistent folder, an unreadable file."""
 
 
 class SyntheticDataset(Dataset):
@@ -210,13 +427,13 @@ class SyntheticDataset(Dataset):
         # made on demand: building the dataset is free
         g = torch.Generator().manual_seed(_seed_of(self.seed, self.train, i))
         vertical, stripes = self.pattern(self.targets[i])
-        n = self.image_size
-        position = torch.arange(n, dtype=torch.float32).view((1, n) if vertical else (n, 1))
+        S = self.image_size
+        coord = torch.arange(S, dtype=torch.float32).view((1, S) if vertical else (S, 1))
         phase = 2 * torch.pi * torch.rand((), generator=g)
-        # (n, 1) or (1, n) in [0, 1]
-        wave = 0.5 + 0.5 * torch.sin(2 * torch.pi * stripes * position / n + phase)
-        pixels = 60 + 140 * wave.expand(n, n) + torch.randn(n, n, generator=g) * 8  # (n, n) grey levels
-        image = TF.to_pil_image(pixels.clamp(0, 255).to(torch.uint8).expand(3, n, n))
+        # (S, 1) or (1, S) in [0, 1]
+        wave = 0.5 + 0.5 * torch.sin(2 * torch.pi * stripes * coord / S + phase)
+        pixels = 60 + 140 * wave.expand(S, S) + torch.randn(S, S, generator=g) * 8  # (S, S) grey levels
+        image = TF.to_pil_image(pixels.clamp(0, 255).to(torch.uint8).expand(3, S, S))
         return image, self.targets[i]
 
 
@@ -264,18 +481,18 @@ def _image_files(folder: str) -> list[str]:
 
 def _labelled_files(folder: str, classes: list[str]) -> tuple[list[str], list[int]]:
     """The image files under folder/<class>/ in ImageFolder's order, labelled by `classes`."""
-    label = {c: k for k, c in enumerate(classes)}
+    label_of = {c: k for k, c in enumerate(classes)}
     paths = []
     labels = []
     for c in sorted(classes):
         files = _image_files(os.path.join(folder, c))
         paths += files
-        labels += [label[c]] * len(files)
+        labels += [label_of[c]] * len(files)
     return paths, labels
 
 
 def _read_lines(path: str) -> list[str]:
-    """The non-empty lines of a text file, stripped (a missing file: FileNotFoundError names it)."""
+    """The non-empty lines of a text file, stripped."""
     with open(path) as f:
         return [line.strip() for line in f if line.strip()]
 
@@ -319,20 +536,22 @@ def _cifar100(root: str, train: bool, download: bool) -> Dataset:
     return dataset
 
 
+# Stanford and Berkeley publish no checksum: these MD5s are the ones other loaders check
 TINYIMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
-# Stanford publishes no checksum; this is the one other loaders check
 TINYIMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
+IMAGENET_R_URL = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"
+IMAGENET_R_MD5 = "a61312130a589d0ca1a8fca1f2bd3337"
 
 
 def _tinyimagenet(root: str, train: bool, download: bool) -> Dataset:
     """Tiny-ImageNet-200: train folders; the val folder, labelled by its annotations, is the test set."""
-    url = TINYIMAGENET_URL
-    folder = _fetch(root, "tiny-imagenet-200", url, TINYIMAGENET_MD5, download, "Tiny-ImageNet")
+    folder = _fetch(root, "tiny-imagenet-200", TINYIMAGENET_URL, TINYIMAGENET_MD5, download,
+                    "Tiny-ImageNet")
     wnids = _read_lines(os.path.join(folder, "wnids.txt"))  # labels in this order (as released)
-    words = dict(line.split("\t", 1) for line in _read_lines(os.path.join(folder, "words.txt")))
+    words_path = os.path.join(folder, "words.txt")
+    words = dict(line.split("\t", 1) for line in _read_lines(words_path))
     missing = [w for w in wnids if w not in words]
     if missing:
-        words_path = os.path.join(folder, "words.txt")
         raise DataError(f"{words_path} has no name for {', '.join(missing[:5])}")
     # the first synonym: "Egyptian cat"
     classes = [words[w].split(",")[0].strip().replace("_", " ") for w in wnids]
@@ -343,17 +562,12 @@ def _tinyimagenet(root: str, train: bool, download: bool) -> Dataset:
         return ImageFiles(*_labelled_files(os.path.join(folder, "train"), wnids), classes, raw)
     annotations_path = os.path.join(folder, "val", "val_annotations.txt")
     wnid_of = dict(line.split("\t")[:2] for line in _read_lines(annotations_path))
-    label = {wnid: k for k, wnid in enumerate(wnids)}
+    label_of = {wnid: k for k, wnid in enumerate(wnids)}
     paths = _image_files(os.path.join(folder, "val", "images"))
-    targets = [label.get(wnid_of.get(os.path.basename(path))) for path in paths]
+    targets = [label_of.get(wnid_of.get(os.path.basename(path))) for path in paths]
     if None in targets:
         raise DataError(f"{annotations_path} gives no known class for {paths[targets.index(None)]}")
     return ImageFiles(paths, targets, classes, raw)
-
-
-IMAGENET_R_URL = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"
-# Berkeley publishes no checksum; this is the one other loaders check
-IMAGENET_R_MD5 = "a61312130a589d0ca1a8fca1f2bd3337"
 
 
 def _imagenet_r(root: str, train: bool, download: bool) -> Dataset:
@@ -397,13 +611,6 @@ def load_dataset(name: str, root: str, train: bool, download: bool = True) -> Da
     return DATASETS[name](os.path.expanduser(root), train, download)
 
 
-# ---- 3. Batches ----------------------------------------------------------------------------------
-
-POLICIES = {"cifar10": AutoAugmentPolicy.CIFAR10, "imagenet": AutoAugmentPolicy.IMAGENET}
-AUGMENT_PER = ("sample", "batch")  # one random draw per sample (ours) or per batch (released)
-# Geometries of `fit_image`: variable-size images when loaded (--image-fit), test images
-IMAGE_FITS = ("centre", "random")
-TEST_RESIZES = ("centre", "squash")
 # The released code normalizes with the dataset's channel statistics, training and test images alike.
 DATASET_STATS = {
     "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
@@ -428,214 +635,7 @@ def channel_stats(dataset, limit=10_000) -> tuple[tuple, tuple]:
     return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
 
 
-class StreamBatch(NamedTuple):
-    """One batch of the stream, with online_iter independently augmented copies of its images."""
-    task: int              # the task of every sample in the batch
-    images: torch.Tensor   # (online_iter, B, 3, H, W) uint8, each copy with its own AutoAugment
-    labels: torch.Tensor   # (B,) int64
-    indices: torch.Tensor  # (B,) int64 dataset indices
-
-
-def fit_image(image, image_size, image_fit="centre", seed=0):
-    """A PIL image or uint8 tensor (3, H, W) or (N, 3, H, W) brought to n x n, n = image_size (None:
-    unchanged); on tensors torchvision rounds and clamps to within one grey level of PIL.
-    centre: the shorter side resized to n (bicubic), then a centre crop: OpenAI's test geometry.
-    random: the shorter side resized to n * 8/7 (bilinear), then a crop drawn from `seed`: the
-    released ImageNet-R loader's Resize(256) + RandomCrop(224), for train and test images.
-    squash: the whole image resized to n x n (bilinear, aspect ratio not kept): the released test
-    geometry."""
-    if image_size is None:
-        return image
-    if image_fit == "centre":
-        image = TF.resize(image, image_size, InterpolationMode.BICUBIC, antialias=True)
-        return TF.center_crop(image, image_size)
-    if image_fit == "squash":
-        size = [image_size, image_size]
-        return TF.resize(image, size, InterpolationMode.BILINEAR, antialias=True)
-    if image_fit != "random":
-        raise ValueError(f"image_fit must be centre, random or squash; got {image_fit!r}")
-    image = TF.resize(image, image_size * 8 // 7, InterpolationMode.BILINEAR, antialias=True)
-    _, height, width = TF.get_dimensions(image)
-    g = torch.Generator().manual_seed(seed)
-    top = int(torch.randint(0, height - image_size + 1, (1,), generator=g))
-    left = int(torch.randint(0, width - image_size + 1, (1,), generator=g))
-    return TF.crop(image, top, left, image_size, image_size)
-
-
-def _stack(images, dim=0) -> torch.Tensor:
-    """torch.stack, or a DataError when the images differ in size (variable sizes need image_size=)."""
-    sizes = sorted({tuple(image.shape[-2:]) for image in images})
-    if len(sizes) > 1:
-        raise DataError(f"images of different sizes {sizes[:3]} in one batch; "
-                        "pass image_size= to fit them when loaded")
-    return torch.stack(images, dim)
-
-
-def task_batches(tasks, batch_size) -> list[tuple[int, list[int]]]:
-    """(task, dataset indices) of each batch of the stream; a task's last batch may be short."""
-    batches = []
-    for t, task in enumerate(tasks):
-        batches += [(t, task[b:b + batch_size]) for b in range(0, len(task), batch_size)]
-    return batches
-
-
-def _augment(autoaugment: AutoAugment, image: Image.Image, seed: int) -> Image.Image:
-    """AutoAugment whose draws (sub-policy, probabilities, signs) are a function of the seed."""
-    with torch.random.fork_rng(devices=[]):  # AutoAugment draws from the global RNG: leave it untouched
-        torch.default_generator.manual_seed(seed)
-        return autoaugment(image)
-
-
-class StreamBatches(Dataset):
-    """Item b: batch b of the stream (a StreamBatch); batches never cross a task boundary. AutoAugment
-    is drawn per sample, or once per batch and online iteration (augment_per="batch", as released),
-    from the seed and the stream position. Images are brought to `image_size` by `image_fit`."""
-
-    def __init__(self, dataset, tasks, batch_size=64, online_iter=3, policy="cifar10", seed=1,
-                 image_size=None, augment_per="sample", image_fit="centre"):
-        self.dataset = dataset
-        self.batches = task_batches(tasks, batch_size)
-        sizes = (len(indices) for _, indices in self.batches)
-        self.starts = list(itertools.accumulate(sizes, initial=0))  # stream position of each batch
-        self.online_iter = online_iter
-        self.autoaugment = AutoAugment(POLICIES[policy])
-        self.seed = seed
-        self.image_size = image_size
-        self.augment_per = augment_per
-        self.image_fit = image_fit
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, b: int) -> StreamBatch:
-        task, indices = self.batches[b]
-        copies = []
-        labels = []
-        for position, index in enumerate(indices, self.starts[b]):
-            image, label = self.dataset[index]
-            # once per sample, shared by its online iterations (as the released random crop)
-            fit_seed = _seed_of(self.seed, position, -1)
-            image = fit_image(image, self.image_size, self.image_fit, seed=fit_seed)
-            key = position if self.augment_per == "sample" else b
-            seeds = [_seed_of(self.seed, key, it) for it in range(self.online_iter)]
-            augmented = [_augment(self.autoaugment, image, s) for s in seeds]
-            copies.append(torch.stack([TF.pil_to_tensor(a) for a in augmented]))  # (online_iter, 3, H, W)
-            labels.append(label)
-        return StreamBatch(task, _stack(copies, dim=1), torch.tensor(labels), torch.tensor(indices))
-
-
-def _loader(batches, workers: int, collate_fn=None) -> DataLoader:
-    """batches[0], batches[1], ... in turn (through collate_fn), read in DataLoader workers."""
-    return DataLoader(batches, batch_size=None, num_workers=workers, collate_fn=collate_fn,
-                      pin_memory=torch.cuda.is_available(),
-                      generator=torch.Generator())  # seeds the workers; the caller's RNG stays untouched
-
-
-def stream_batches(dataset, tasks, batch_size=64, online_iter=3, policy="cifar10", workers=2, seed=1,
-                   image_size=None, augment_per="sample", image_fit="centre") -> DataLoader:
-    """StreamBatches, read by `workers`."""
-    batches = StreamBatches(dataset, tasks, batch_size, online_iter, policy, seed, image_size,
-                            augment_per, image_fit)
-    return _loader(batches, workers)
-
-
-def stream_labels(dataset, tasks, batch_size=64) -> list[StreamBatch]:
-    """The stream's batches, labels alone (images None): zero-shot CLIP trains nothing."""
-    return [StreamBatch(t, None, torch.tensor([dataset.targets[i] for i in ids]), torch.tensor(ids))
-            for t, ids in task_batches(tasks, batch_size)]
-
-
-@functools.cache
-def _mean_std(device: torch.device, mean: tuple, std: tuple):
-    """The channel mean and std as (1, 3, 1, 1) tensors, made once per device (it waits for the GPU)."""
-    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    return mean, std
-
-
-def normalize(images: torch.Tensor, mean=clip_model.CLIP_MEAN, std=clip_model.CLIP_STD):
-    """uint8 (N, 3, H, W) -> float (x / 255 - mean) / std per channel."""
-    mean, std = _mean_std(images.device, tuple(mean), tuple(std))
-    return (images.float() / 255 - mean) / std
-
-
-class BatchAugment:
-    """The training transform after AutoAugment, batched on the device: squash, random crop of the
-    zero-padded images (as released), h-flip, normalize. Drawn per="sample" or once per "batch"
-    (as the released transform, applied to the batch tensor)."""
-
-    def __init__(self, image_size: int, seed: int, padding: int = 4, mean=clip_model.CLIP_MEAN,
-                 std=clip_model.CLIP_STD, per="sample"):
-        self.image_size = image_size
-        self.seed = seed
-        self.padding = padding
-        self.per = per
-        self.mean = mean
-        self.std = std
-        self.generator = None  # made on the device of the first batch, seeded with the run seed
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H, W) -> float (N, 3, n, n), n = image_size."""
-        if self.generator is None:
-            self.generator = torch.Generator(images.device).manual_seed(self.seed)
-        images = fit_image(images, self.image_size, "squash")
-        n, c, h, w = images.shape
-        p = self.padding
-        device = images.device
-        draws = n if self.per == "sample" else 1  # one draw broadcast to the whole batch
-        padded = F.pad(images, (p, p, p, p))  # (N, 3, H+2p, W+2p)
-        g = self.generator
-        top = torch.randint(0, 2 * p + 1, (draws,), generator=g, device=device).expand(n)
-        left = torch.randint(0, 2 * p + 1, (draws,), generator=g, device=device).expand(n)
-        flip = (torch.rand(draws, generator=g, device=device) < 0.5).expand(n)
-        rows = top[:, None] + torch.arange(h, device=device)  # (N, H) rows of the padded image
-        cols = left[:, None] + torch.arange(w, device=device)  # (N, W)
-        cols = torch.where(flip[:, None], cols.flip(1), cols)  # columns read backwards: the h-flip
-        sample = torch.arange(n, device=device).view(n, 1, 1, 1)
-        channel = torch.arange(c, device=device).view(c, 1, 1)
-        # advanced indexing broadcasts (N,1,1,1), (C,1,1), (N,1,H,1), (N,1,1,W) to (N, C, H, W)
-        crops = padded[sample, channel, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
-        return normalize(crops, self.mean, self.std)
-
-
-def eval_batches(dataset, indices, batch_size=512, workers=2, image_size=None, resize="centre",
-                 image_fit="centre", seed=0):
-    """Test samples in index order: (uint8 images (B, 3, H, W), labels (B,)), fitted to `image_size`
-    when loaded (see _eval_batch)."""
-    indices = [int(i) for i in indices]
-    chunks = [indices[b:b + batch_size] for b in range(0, len(indices), batch_size)]
-    load = functools.partial(_eval_batch, dataset, image_size, resize, image_fit, seed)
-    return _loader(chunks, workers, load)
-
-
-def _eval_batch(dataset, image_size, resize, image_fit, seed, indices):
-    """A test batch fitted by `resize`, after, with image_fit="random", a crop drawn from `seed`."""
-    images = []
-    labels = []
-    for index in indices:
-        image, label = dataset[index]
-        if image_fit == "random":  # the released ImageNet-R loader crops test images at random too
-            image = fit_image(image, image_size, "random", seed=_seed_of(seed, index, -2))
-        image = fit_image(image, image_size, resize)
-        images.append(TF.pil_to_tensor(image.convert("RGB")))  # RGB after the geometry, as OpenAI's
-        labels.append(label)
-    return _stack(images), torch.tensor(labels)
-
-
-def eval_transform(images: torch.Tensor, image_size: int, resize="centre",
-                   mean=clip_model.CLIP_MEAN, std=clip_model.CLIP_STD) -> torch.Tensor:
-    """uint8 test images (N, 3, H, W) -> float (N, 3, n, n): `resize` (n x n passes), normalize."""
-    return normalize(fit_image(images, image_size, resize), mean, std)
-
-
-def seen_test_indices(test_targets, seen_classes) -> torch.Tensor:
-    """The test indices of the seen classes, in index order."""
-    targets = torch.as_tensor(test_targets, dtype=torch.long)
-    seen = torch.as_tensor(sorted(seen_classes), dtype=torch.long)
-    return torch.isin(targets, seen).nonzero().flatten()
-
-
-# ---- Tables of class names -----------------------------------------------------------------------
+# Tables of class names
 
 # The names the released SIT code puts in its Tiny-ImageNet prompts (CLIP's curated ImageNet names,
 # not words.txt's), in wnids.txt order: what --class-names raw uses for this dataset.
