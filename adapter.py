@@ -10,12 +10,13 @@ Each residual block gets ONE adapter, used twice (after attention and after the 
     m = MLP(LN2(x));   x = x + m + scale * Ad(m)
 
 Since `up` starts at zero, the tuned model starts at zero-shot CLIP. The adapter is `block.adapter`
-(parameters `*.adapter.*`), applied by forward hooks on `block.attn` and `block.mlp`, so any block
-in this layout takes it and no OpenAI state-dict name changes.
+(parameters `*.adapter.*`, fp32 on an fp16/bf16 model, used in the input's dtype), applied by
+forward hooks on `block.attn` and `block.mlp`, so no OpenAI state-dict name changes.
 """
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class Adapter(nn.Module):
@@ -28,24 +29,29 @@ class Adapter(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.up = nn.Linear(bottleneck, width)
         self.scale = scale
-        # The released code's init (AdaptFormer's "lora" option): down kaiming-uniform
-        # (nn.Linear's default), both biases and the up weight zero.
+        # The released code's init (AdaptFormer's "lora" option): down's weight as nn.Linear's
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
     def forward(self, h):
-        return self.up(self.dropout(self.relu(self.down(h))))
+        if torch.is_autocast_enabled(h.device.type):  # autocast casts, once per region (as before)
+            return self.up(self.dropout(self.relu(self.down(h))))
+        down, up = [(m.weight.to(h.dtype), m.bias.to(h.dtype)) for m in (self.down, self.up)]
+        return F.linear(self.dropout(self.relu(F.linear(h, *down))), *up)  # in h's dtype
 
     def add_to_output(self, module, inputs, output):
-        """Forward hook on block.attn and block.mlp: h -> h + scale * Ad(h).
+        """The forward hook on block.attn and block.mlp (twice per block): h -> h + scale * Ad(h).
         nn.MultiheadAttention returns (h, weights): h is replaced."""
         h = output[0] if isinstance(output, tuple) else output
         h = h + self.scale * self(h)
         return (h, *output[1:]) if isinstance(output, tuple) else h
 
+    def extra_repr(self):
+        return f"scale={self.scale}, used twice: after attn and after mlp"
 
-def towers(model, encoder):
+
+def tower_blocks(model, encoder):
     """The residual blocks of the chosen tower(s); a ValueError naming what differs from OpenAI's
     CLIP layout."""
     if encoder not in ("image", "text", "both"):
@@ -59,7 +65,7 @@ def towers(model, encoder):
             children = [n for n, _ in model.named_children()]
             raise ValueError(f"{type(model).__name__} has no {path} (its children: {children}); "
                              "expected a CLIP in OpenAI's layout: clip_model's, OpenAI's `clip`, "
-                             "open_clip's") from None
+                             "open_clip's (for CoCa: encoder='image')") from None
     for block in blocks:
         if not all(isinstance(getattr(block, n, None), nn.Module) for n in ("ln_1", "attn", "mlp")):
             raise ValueError(f"a block is a {type(block).__name__}: expected modules ln_1, attn and "
@@ -68,11 +74,11 @@ def towers(model, encoder):
 
 
 def apply_adapter(model, encoder="both", bottleneck=64, scale=0.1, dropout=0.1):
-    """Give every block of the chosen tower(s) an adapter, freeze everything else (in place; returns
-    model).
+    """Give every block of the chosen tower(s) an adapter, freeze all else but LoRA (in place;
+    returns model).
 
-    model: a CLIP in OpenAI's layout (clip_model's, OpenAI's `clip`, open_clip's:
-        visual.transformer.resblocks, transformer.resblocks); anything else is refused unchanged.
+    model: a CLIP in OpenAI's layout (visual.transformer.resblocks, transformer.resblocks);
+        anything else is refused unchanged.
     encoder: "image", "text" or "both"; bottleneck: the adapter's hidden width.
     scale: the factor on Ad(h); dropout: inside the adapter, in training.
     """
@@ -84,14 +90,14 @@ def apply_adapter(model, encoder="both", bottleneck=64, scale=0.1, dropout=0.1):
         raise ValueError(f"dropout={dropout!r}; expected a probability in [0, 1)")
     if any(isinstance(m, Adapter) for m in model.modules()):
         raise ValueError("model already has adapters; apply_adapter once per model")
-    blocks = towers(model, encoder)  # checked before anything changes
-    model.requires_grad_(False)  # every CLIP weight, logit_scale included, stays frozen
+    blocks = tower_blocks(model, encoder)  # checked before anything changes
+    for name, p in model.named_parameters():  # CLIP frozen, logit_scale too; lora.py's kept
+        p.requires_grad_(p.requires_grad and "lora_" in name)
     for block in blocks:
-        like = block.ln_1.weight  # (width,)
-        block.adapter = Adapter(like.shape[0], bottleneck, scale, dropout)
-        block.adapter.to(like.device, like.dtype)
-        block.attn.register_forward_hook(block.adapter.add_to_output)
-        block.mlp.register_forward_hook(block.adapter.add_to_output)
+        width, device = block.ln_1.weight.shape[0], block.ln_1.weight.device
+        block.adapter = Adapter(width, bottleneck, scale, dropout).to(device).train(block.training)
+        block.attn.register_forward_hook(block.adapter.add_to_output)  # x + h + scale * Ad(h)
+        block.mlp.register_forward_hook(block.adapter.add_to_output)  # x + m + scale * Ad(m)
     return model
 
 

@@ -3,6 +3,8 @@ other CLIPs in OpenAI's layout: open_clip's, and a replica of OpenAI's `clip` pa
 
 from collections import OrderedDict
 
+import copy
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -25,7 +27,8 @@ def clip_loss(model, batch):
     images, tokens, labels = batch  # encode_*, not forward: open_clip's CLIP returns features, not logits
     image_features = F.normalize(model.encode_image(images), dim=-1)
     text_features = F.normalize(model.encode_text(tokens), dim=-1)
-    return F.cross_entropy(model.logit_scale.exp() * image_features @ text_features.t(), labels)
+    logits = model.logit_scale.exp() * image_features @ text_features.t()
+    return F.cross_entropy(logits.float(), labels)  # in fp32 on an fp16/bf16 model
 
 
 def train(model, batch, steps):
@@ -56,6 +59,13 @@ def open_clip_model(seed=0):
     return open_clip.model.CLIP(**OPEN_CLIP_CONFIG).eval()
 
 
+class LayerNorm(nn.LayerNorm):
+    """OpenAI's: computed in fp32, returned in the input's dtype (convert_weights leaves its weights fp32)."""
+
+    def forward(self, x):
+        return super().forward(x.float()).type(x.dtype)
+
+
 class QuickGELU(nn.Module):
     def forward(self, x):
         return x * torch.sigmoid(1.702 * x)
@@ -67,10 +77,10 @@ class OpenAIBlock(nn.Module):
     def __init__(self, d_model, n_head, attn_mask=None):
         super().__init__()
         self.attn = nn.MultiheadAttention(d_model, n_head)
-        self.ln_1 = nn.LayerNorm(d_model)
+        self.ln_1 = LayerNorm(d_model)
         self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(d_model, d_model * 4)), ("gelu", QuickGELU()),
                                               ("c_proj", nn.Linear(d_model * 4, d_model))]))
-        self.ln_2 = nn.LayerNorm(d_model)
+        self.ln_2 = LayerNorm(d_model)
         self.attn_mask = attn_mask
 
     def attention(self, x):
@@ -97,15 +107,15 @@ class OpenAIVisionTransformer(nn.Module):
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         self.class_embedding = nn.Parameter(torch.randn(width))
         self.positional_embedding = nn.Parameter(torch.randn((image_size // patch_size) ** 2 + 1, width))
-        self.ln_pre = nn.LayerNorm(width)
+        self.ln_pre = LayerNorm(width)
         self.transformer = OpenAITransformer(width, layers, heads)
-        self.ln_post = nn.LayerNorm(width)
+        self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(torch.randn(width, output_dim))
 
     def forward(self, x):
         x = self.conv1(x).flatten(2).permute(0, 2, 1)  # (N, grid**2, width)
-        cls = self.class_embedding + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype)
-        x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding)
+        cls = self.class_embedding.to(x.dtype) + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype)
+        x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype))
         x = self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)  # NLD -> LND -> NLD
         return self.ln_post(x[:, 0, :]) @ self.proj
 
@@ -121,15 +131,19 @@ class OpenAICLIP(nn.Module):
         self.transformer = OpenAITransformer(c.transformer_width, c.transformer_layers, c.transformer_width // 64, mask)
         self.token_embedding = nn.Embedding(c.vocab_size, c.transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(c.context_length, c.transformer_width))
-        self.ln_final = nn.LayerNorm(c.transformer_width)
+        self.ln_final = LayerNorm(c.transformer_width)
         self.text_projection = nn.Parameter(torch.empty(c.transformer_width, c.embed_dim))
         self.logit_scale = nn.Parameter(torch.ones([]))
 
+    @property
+    def dtype(self):
+        return self.visual.conv1.weight.dtype
+
     def encode_image(self, image):
-        return self.visual(image)
+        return self.visual(image.type(self.dtype))
 
     def encode_text(self, text):
-        x = self.token_embedding(text) + self.positional_embedding
+        x = self.token_embedding(text).type(self.dtype) + self.positional_embedding.type(self.dtype)
         x = self.ln_final(self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2))
         return x[torch.arange(x.shape[0]), text.argmax(dim=-1)] @ self.text_projection
 
@@ -139,6 +153,35 @@ def openai_clip_model(plain):
     model = OpenAICLIP(plain.config)
     model.load_state_dict(plain.state_dict(), strict=True)
     return model.eval()
+
+
+def convert_weights(model, dtype=torch.float16):
+    """OpenAI's clip.model.convert_weights (what clip.load does on CUDA): linear, conv and attention weights and
+    the projections in `dtype`, LayerNorm and embeddings left fp32."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            module.to(dtype)
+        if isinstance(module, nn.MultiheadAttention):
+            for tensor in (module.in_proj_weight, module.in_proj_bias):
+                tensor.data = tensor.data.to(dtype)
+        for name in ("text_projection", "proj"):
+            if hasattr(module, name):
+                getattr(module, name).data = getattr(module, name).to(dtype)
+    return model
+
+
+def low_precision_model(plain, kind, dtype):
+    """A CLIP of `kind` in `dtype`, in eval mode: "openai" as convert_weights leaves it, "open_clip" as its
+    precision="fp16"/"bf16" leaves it (LayerNorm fp32 in both), "clip_model" all in `dtype` (clip_model's `plain`)."""
+    if kind == "openai":
+        return convert_weights(openai_clip_model(plain), dtype)
+    if kind == "open_clip":
+        import open_clip
+        torch.manual_seed(0)
+        model = open_clip.model.CLIP(**OPEN_CLIP_CONFIG, cast_dtype=dtype).eval()
+        open_clip.model.convert_weights_to_lp(model, dtype)
+        return model
+    return copy.deepcopy(plain).to(dtype)
 
 
 def frozen_state_dict(model):

@@ -11,7 +11,7 @@ import torchvision
 import adapter
 from clip_model import CLIP, TINY_CONFIG as TINY, CLIPConfig
 from lora import count_trainable
-from peft_support import clip_loss, features, reference_and_ours, train
+from peft_support import clip_loss, features, low_precision_model, reference_and_ours, train
 
 
 def tuned(plain, seed=0, **kwargs):
@@ -73,6 +73,7 @@ def test_one_adapter_is_used_after_attention_and_after_the_mlp(plain):
         m = block.mlp.forward(block.ln_2(expected))
         expected = expected + (m + 0.5 * ad(m))
         torch.testing.assert_close(block(x), expected, rtol=0, atol=0)
+    assert "used twice: after attn and after mlp" in repr(block)  # print(model) shows it
 
 
 def test_the_text_tower_stays_causal(plain):
@@ -185,6 +186,22 @@ def test_on_another_clip_adapters_start_at_zero_shot_and_every_tensor_gets_a_gra
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     assert len(trainable) == 2 * 2 * 4 and all(p.grad is not None for _, p in trainable)
     assert all(p.grad.abs().max() > 0 for name, p in trainable if ".up." in name)  # down's is zero while up = 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("kind", ["openai", "open_clip", "clip_model"])
+def test_on_an_fp16_or_bf16_clip_fp32_adapters_start_at_zero_shot_and_train(plain, batch, kind, dtype):
+    images, tokens, labels = batch
+    batch = images.to(dtype), tokens, labels
+    reference = low_precision_model(plain, kind, dtype)
+    zero_shot = features(reference, batch)
+    model = adapter.apply_adapter(copy.deepcopy(reference))
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # AdamW's eps is 0 in fp16
+    for ours, z in zip(features(model, batch), zero_shot):
+        assert ours.dtype == dtype and torch.equal(ours, z)  # h + scale * 0
+    for tuned_feature, z in zip(features(train(model, batch, steps=2), batch), zero_shot):
+        ulp = torch.finfo(dtype).eps * z.abs().max()  # of the largest entry: fp16/bf16 rounding
+        assert tuned_feature.isfinite().all() and (tuned_feature - z).abs().max() > ulp
 
 
 def test_a_deep_copy_has_its_own_adapters(plain, batch):

@@ -14,9 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+import adapter
 import lora
 from clip_model import CLIP, TINY_CONFIG as TINY, CLIPConfig
-from peft_support import clip_loss, features, open_clip_model, reference_and_ours, train
+from peft_support import clip_loss, features, low_precision_model, open_clip_model, reference_and_ours, train
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -287,19 +288,26 @@ def test_a_model_not_in_openai_layout_is_refused_unchanged(model, found):
     assert all(p.requires_grad for p in model.parameters()) and set(model.state_dict()) == before  # unchanged
 
 
-@pytest.mark.parametrize("change", ["dropout", "bias_k", "hook"])
+@pytest.mark.parametrize("change", ["dropout", "bias_k"])
 def test_an_attention_lora_cannot_reproduce_is_refused_unchanged(change):
     model = open_clip_model()
     attn = model.transformer.resblocks[1].attn
     if change == "dropout":
         attn.dropout = 0.1
-    elif change == "bias_k":
-        attn.bias_k = nn.Parameter(torch.zeros(1, 1, 64))
     else:
-        attn.register_forward_hook(lambda module, inputs, output: output)  # e.g. adapter.py's
+        attn.bias_k = nn.Parameter(torch.zeros(1, 1, 64))
     with pytest.raises(ValueError, match=r"a ResidualAttentionBlock with attn MultiheadAttention"):
         lora.apply_lora(model)
     assert all(p.requires_grad for p in model.parameters()) and not lora.lora_modules(model)
+
+
+def test_a_model_with_its_text_tower_elsewhere_is_pointed_to_encoder_image():
+    model = nn.Module()
+    model.visual = open_clip_model().visual  # as open_clip's CoCa, whose text tower is not transformer.resblocks
+    for apply in (lora.apply_lora, adapter.apply_adapter):
+        with pytest.raises(ValueError, match=r"Module has no transformer\.resblocks.*encoder='image'"):
+            apply(model)
+    assert lora.lora_modules(lora.apply_lora(model, encoder="image"))
 
 
 def test_lora_attention_refuses_a_call_other_than_self_attention():
@@ -311,8 +319,58 @@ def test_lora_attention_refuses_a_call_other_than_self_attention():
         attn(x, x, x)  # need_weights=True: nn.MultiheadAttention's default, weights we do not compute
 
 
+# ---- the models copiers hold: fp16/bf16 weights, eval mode, LoRA with adapters ------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("kind", ["openai", "open_clip", "clip_model"])
+def test_on_an_fp16_or_bf16_clip_fp32_lora_starts_at_zero_shot_trains_and_merges(plain, batch, kind, dtype):
+    images, tokens, labels = batch
+    batch = images.to(dtype), tokens, labels
+    reference = low_precision_model(plain, kind, dtype)
+    zero_shot = features(reference, batch)
+    ulp = [torch.finfo(dtype).eps * z.abs().max() for z in zero_shot]  # of the largest entry: fp16/bf16 rounding
+    model = lora.apply_lora(copy.deepcopy(reference), mlp=True)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # AdamW's eps is 0 in fp16
+    for ours, z, atol in zip(features(model, batch), zero_shot, ulp):
+        assert ours.dtype == dtype
+        torch.testing.assert_close(ours, z, rtol=0, atol=4 * atol)  # SDPA, not MultiheadAttention's kernels
+    tuned_features = features(train(model, batch, steps=2), batch)
+    for tuned_feature, z, atol in zip(tuned_features, zero_shot, ulp):
+        assert tuned_feature.isfinite().all() and (tuned_feature - z).abs().max() > atol
+    weight = model.visual.transformer.resblocks[0].attn.in_proj_weight
+    lora.merge_lora(model)
+    assert weight.dtype == dtype and model.visual.transformer.resblocks[0].attn.in_proj_weight is weight
+    for merged, tuned_feature, atol in zip(features(model, batch), tuned_features, ulp):
+        torch.testing.assert_close(merged, tuned_feature, rtol=0, atol=8 * atol)
+
+
+@pytest.mark.parametrize("mode", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("kind", ["openai", "open_clip", "clip_model"])
+def test_new_modules_take_the_models_mode(plain, kind, mode):
+    model = low_precision_model(plain, kind, torch.float32).train(mode)
+    for apply in (lambda m: lora.apply_lora(m, mlp=True, dropout=0.1), adapter.apply_adapter):
+        assert all(m.training == mode for m in apply(copy.deepcopy(model)).modules())
+
+
+@pytest.mark.parametrize("order", [("lora", "adapter"), ("adapter", "lora")], ids=["lora-adapter", "adapter-lora"])
+@pytest.mark.parametrize("kind", ["openai", "open_clip", "clip_model"])
+def test_lora_and_adapters_applied_in_either_order_both_train(plain, batch, kind, order):
+    model = low_precision_model(plain, kind, torch.float32)
+    for name in order:
+        model = lora.apply_lora(model, mlp=True) if name == "lora" else adapter.apply_adapter(model, dropout=0.0)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert len(trainable) == 2 * 2 * 4 * 2 + 2 * 2 * 4  # LoRA's and the adapters', as each alone
+    assert sum("lora_" in name for name in trainable) == 2 * 2 * 4 * 2
+    for name, p in trainable.items():
+        if "lora_B" in name or ".up." in name:
+            torch.nn.init.normal_(p, std=0.1)  # both paths acting, so every tensor gets a gradient
+    clip_loss(model, batch).backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in trainable.values())  # hooks kept
+
+
 STANDALONE = """
-import importlib.util, sys, torch, open_clip
+import copy, importlib.util, sys, torch, open_clip
 import lora, adapter
 assert importlib.util.find_spec("clip_model") is None, "the project is on the path"
 torch.manual_seed(0)
@@ -346,6 +404,25 @@ for apply, save, load in ((lora.apply_lora, lora.lora_state_dict, lora.load_lora
     assert torch.equal(features(fresh.eval()), tuned), "save/load"
     if apply is lora.apply_lora:
         torch.testing.assert_close(features(lora.merge_lora(model)), tuned, rtol=0, atol=1e-5)
+
+half = open_clip.model.CLIP(**config, cast_dtype=torch.float16).eval()
+open_clip.model.convert_weights_to_lp(half)  # as OpenAI's convert_weights (clip.load on CUDA): LayerNorm fp32
+images = images.half()
+zero_shot = features(half)
+for apply in (lora.apply_lora, adapter.apply_adapter):
+    model = apply(copy.deepcopy(half))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert not any(m.training for m in model.modules()), "a new module is in training mode"
+    assert all(p.dtype == torch.float32 for p in trainable), "fp16 trainable tensors"
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    for _ in range(2):
+        f, g = model.encode_image(images), model.encode_text(tokens)
+        assert f.dtype == g.dtype == torch.float16, "not the model's dtype"
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy((f @ g.t()).float(), torch.arange(4)).backward()
+        optimizer.step()
+    tuned = features(model)
+    assert tuned.isfinite().all() and (tuned - zero_shot).abs().max() > 1e-2, "fp16 steps"
 print("tuned")
 """
 
