@@ -11,6 +11,8 @@ code and files, % in printed tables.
 """
 
 import argparse
+import contextlib
+import fcntl
 import json
 import math
 import os
@@ -112,12 +114,23 @@ def read_json(path, what):
         raise stream.DataError(f"{path}: malformed JSON ({e})") from None
 
 
-def write_json(path, obj):
-    """Write JSON atomically (a crash never leaves a half-written file)."""
+def write_file(path, data):
+    """Write bytes atomically: a crash or a full disk leaves PATH as it was, and no PATH.tmp."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+    try:
+        with open(path + ".tmp", "wb") as f:
+            f.write(data)
+        os.replace(path + ".tmp", path)
+    except BaseException as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path + ".tmp")
+        if isinstance(e, OSError):  # a failed write names no file: this error names PATH
+            raise OSError(e.errno, e.strerror, path) from None
+        raise
+
+
+def write_json(path, obj):
+    write_file(path, json.dumps(obj, indent=1).encode())
 
 
 # ---- 4. zero-shot transfer (the paper's check: Food101, Caltech101, EuroSAT, Flowers102, Pets) ---
@@ -363,14 +376,30 @@ def read_results(run_dir):
     return results
 
 
-def read_runs(paths):
-    """{run folder: read_results(run folder)} for the run folders at or below `paths`."""
+def read_runs(paths, skip_malformed=False):
+    """{run folder: read_results(run folder)} for the run folders at or below `paths` (skip_malformed:
+    a results.json that cannot be read is a warning line)."""
     runs = {}
     for path in paths:
         found = sorted(root for root, _, files in os.walk(path) if "results.json" in files)
         for run in found or [path]:  # none: read_results names the missing file
-            runs[run] = read_results(run)
+            try:
+                runs[run] = read_results(run)
+            except stream.DataError as e:
+                if not (skip_malformed and found):
+                    raise
+                print(f"warning: skipping {e}", file=sys.stderr)
     return runs
+
+
+def is_live(run_dir):
+    """Whether a process holds RUN_DIR/run.lock, as train_online.py does while it runs there."""
+    with contextlib.suppress(FileNotFoundError), open(os.path.join(run_dir, "run.lock")) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+    return False
 
 
 def mean_std(values):
@@ -636,11 +665,14 @@ def cmd_zero_shot(args):
 
 def cmd_table(args):
     results = []
-    for run, r in read_runs(args.run_dirs).items():
+    for run, r in read_runs(args.run_dirs, skip_malformed=True).items():
+        status = r["status"]
+        if status == "running":  # or it died without a word: SIGKILL, a dead node, a full disk
+            status += ", live" if is_live(run) else ", but no process holds its run.lock: it died"
         if r["status"] == "finished" or args.unfinished:
             results.append(r)
         else:
-            print(f"skipping {run} (status {r['status']}; --unfinished includes it)", file=sys.stderr)
+            print(f"skipping {run} (status {status}; --unfinished includes it)", file=sys.stderr)
     if not results:
         raise stream.DataError("no finished runs to tabulate (--unfinished includes the others)")
     table, warnings = seed_table(results)
@@ -718,7 +750,7 @@ def in_range(kind, low, high=math.inf, above=False):
         except ValueError:
             value = math.nan
         if not (math.isfinite(value) and low <= value <= high) or (above and value == low):
-            bounds = f"> {low}" if above else f"in {low}..{high}"
+            bounds = f"> {low}, at most {high:.6g}" if above else f"in {low}..{high}"
             raise argparse.ArgumentTypeError(f"expected {kind.__name__} {bounds}, got {text}")
         return value
     return parse

@@ -14,11 +14,15 @@ numbers.
 
 import argparse
 import contextlib
+import fcntl
 import functools
+import io
 import itertools
 import json
 import os
+import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -208,7 +212,7 @@ class Results:
             d["task_end_samples"].append(samples)
             d["task_acc"].append(acc)
             d["class_acc"].append([per_class.get(c) for c in range(len(d["class_names"]))])
-        with open(os.path.join(self.out, "log.jsonl"), "a") as f:
+        with JsonLines(os.path.join(self.out, "log.jsonl"), "a") as f:
             f.write(json.dumps(entry) + "\n")
         d["seen_classes"] = list(seen)
         anytime_accs = [a["acc"] for a in d["anytime"]]
@@ -222,15 +226,34 @@ class Results:
         evaluate.write_json(os.path.join(self.out, "results.json"), self.data)
 
 
+class JsonLines(io.FileIO):
+    """A .jsonl file written a whole line at a time: a line cut short (a full disk) is taken back."""
+
+    def write(self, line):
+        end = self.seek(0, os.SEEK_END)
+        data = memoryview(line.encode())
+        try:
+            while data:  # a write can be short, as when the disk fills
+                data = data[super().write(data):]
+        except OSError as e:
+            self.truncate(end)
+            raise OSError(e.errno, e.strerror, self.name) from None
+
+
+def save_torch(path, obj):
+    """torch.save, written atomically by evaluate.write_file."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    evaluate.write_file(path, buffer.getvalue())
+
+
 def save_peft(path, model, record):
     """OUT/peft.pt: the trained LoRA/adapter tensors and `record`."""
     if record["peft"] == "lora":
         state_dict = lora.lora_state_dict(model)
     else:
         state_dict = adapter.adapter_state_dict(model)
-    tmp = path + ".tmp"
-    torch.save({"state_dict": {k: v.cpu() for k, v in state_dict.items()}, **record}, tmp)
-    os.replace(tmp, path)
+    save_torch(path, {"state_dict": {k: v.cpu() for k, v in state_dict.items()}, **record})
 
 
 # ---- optional parts of the loop: replay and the gradient log -------------------------------------
@@ -431,6 +454,38 @@ def check_out(out):
         raise ValueError(f"--out {out}: {parent} is not a folder this process can write to")
 
 
+def refuse_finished(out, overwrite):
+    if not overwrite and evaluate.is_finished(os.path.abspath(out)):
+        raise ValueError(f"--out {out} holds a finished run: use another --out, or --overwrite to replace "
+                         "it (evaluate.py grid --skip-finished leaves finished runs out)")
+
+
+# What a run writes in its folder (and evaluate.py's plots): an earlier run's go.
+RUN_FILES = [name + tmp for name in ("results.json", "log.jsonl", "grad.jsonl", "peft.pt", "smoke_clip.pt",
+                                     "zero_shot.json", "plot.png", "grad.png") for tmp in ("", ".tmp")]
+
+
+def claim_run_folder(out, overwrite, locks):
+    """OUT, locked by OUT/run.lock until `locks` closes (or the process dies: the kernel frees an
+    flock, on NFS the server does), emptied of an earlier unfinished run's files."""
+    os.makedirs(out, exist_ok=True)
+    lock = locks.enter_context(open(os.path.join(out, "run.lock"), "a+"))
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        raise ValueError(f"--out {out}: {lock.read()} is writing to it; use another --out") from None
+    refuse_finished(out, overwrite)  # again, locked: it may have finished since
+    lock.truncate(0)
+    lock.write(f"a run (pid {os.getpid()} on {socket.gethostname()}, started {time.ctime()})")
+    lock.flush()
+    for name in RUN_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out, name))
+    if os.path.isdir(os.path.join(out, "untrained")):  # --smoke's baseline, a run folder inside
+        shutil.rmtree(os.path.join(out, "untrained"))
+
+
 def load_data(config):
     """The stream's dataset and the evaluation's, checked against the run's flags."""
     if config.smoke:
@@ -469,11 +524,13 @@ def fetch(config):
     return model, train_set, test_set, zero_shot
 
 
-def prepare_run(config):
-    """Model, data and stream, or a clear error before any run folder exists."""
+def prepare_run(config, locks):
+    """Model, data and stream, or a clear error before any run folder exists; then the run folder,
+    locked until `locks` (a contextlib.ExitStack) closes."""
     device = torch.device(evaluate.resolve_device(config.device))  # cuda without a GPU: an error
     out = config.out or default_out(config)
     check_out(out)
+    refuse_finished(out, config.overwrite)
     model, train_set, test_set, _ = fetch(config)
     model_path = config.model
     if config.smoke:
@@ -481,15 +538,16 @@ def prepare_run(config):
     prompt_names = list(train_set.classes)
     if config.class_names == "raw":
         prompt_names = list(train_set.raw_classes)
+    clip_model.prompt_tokens(model, prompt_names, config.prompt)  # a prompt too long for the text context
     mean = model.config.image_mean  # --normalize clip; dataset: the released choice
     std = model.config.image_std
     if config.normalize == "dataset":  # measured for image folders and --smoke
         mean, std = stream.DATASET_STATS.get(config.dataset) or stream.channel_stats(train_set)
     split = stream.si_blurry_split(train_set.targets, len(train_set.classes), config.n_tasks,
                                    config.n, config.m, config.seed, config.stochastic)
-    if config.smoke:  # all checked: the run folder's first file, the model peft.pt rebuilds from
-        os.makedirs(out, exist_ok=True)
-        torch.save(model.state_dict(), model_path)
+    claim_run_folder(out, config.overwrite, locks)  # all checked: the run folder
+    if config.smoke:  # the model peft.pt rebuilds from
+        save_torch(model_path, model.state_dict())
     torch.manual_seed(config.seed)  # LoRA's random A (and adapter dropout) follow the run seed
     model = apply_peft(model, config.peft, config.encoder, **peft_arguments(config)).to(device)
     if config.compile:
@@ -558,7 +616,7 @@ def run_stream(config, run):
 
         grad_log = None
         if config.grad_analysis:
-            grad_log = open(os.path.join(run.out, "grad.jsonl"), "w")
+            grad_log = JsonLines(os.path.join(run.out, "grad.jsonl"), "w")
         start = time.time()
         with bar, grad_log or contextlib.nullcontext():
             train(model, batches, task_sizes=[len(t) for t in run.split.tasks],
@@ -570,8 +628,9 @@ def run_stream(config, run):
                   grad_log=grad_log, progress=progress, at_task_end=save)
         results.data["config"]["wall_time_s"] = round(time.time() - start, 1)
         results.write(status="finished")
-    except BaseException as e:  # Ctrl-C too: what was measured stays, and says how the run ended
-        results.write(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
+    except BaseException as e:  # Ctrl-C and SIGTERM too: what was measured stays, and how it ended
+        with contextlib.suppress(OSError):  # a full disk: the last complete results.json stays
+            results.write(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
         raise
     return results.data
 
@@ -593,7 +652,7 @@ def parse_args(argv=None):
     in_range = evaluate.in_range  # an argparse type: a number in bounds
     count = in_range(int, 0)
     positive = in_range(int, 1)
-    rate = in_range(float, 0, above=True)
+    rate = in_range(float, 0, torch.finfo(torch.float32).max, above=True)  # the tensors' float32
     arg("--dataset", default="cifar100", choices=stream.DATASETS, help="the stream's images")
     arg("--data-root", default="data", help="where datasets are (or get downloaded)")
     arg("--model", default="ViT-B/16",
@@ -615,7 +674,7 @@ def parse_args(argv=None):
     arg("--eval-period", type=positive, default=1000, help="samples between anytime evaluations")
     arg("--eval-batch-size", type=positive, default=256, help="test images per forward pass")
     arg("--memory-size", type=count, default=0, help="reservoir replay (0 = none, as SIT)")
-    arg("--prompt", default=clip_model.PROMPT, help="{} is the class name")
+    arg("--prompt", type=prompt_template, default=clip_model.PROMPT, help="{} is the class name")
     arg("--lora-r", type=positive, default=4, help="LoRA's rank")
     arg("--lora-alpha", type=rate, default=1.0, help="LoRA's scaling is alpha/r")
     arg("--adapter-bottleneck", type=positive, default=64, help="the adapter's hidden width")
@@ -637,6 +696,7 @@ def parse_args(argv=None):
     arg("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if there is one")
     arg("--workers", type=count, default=min(8, os.cpu_count() or 1), help="data-loading processes")
     arg("--out", default=None, help="output folder (default: a readable name under runs/)")
+    arg("--overwrite", action="store_true", help="replace a finished run in --out")
     arg("--log-every", type=positive, default=10, help="batches between progress-bar updates")
     arg("--compile", action="store_true", help="torch.compile the towers that run at every step")
     arg("--grad-analysis", action="store_true", help="record the text-feature gradients (Figure 2)")
@@ -656,6 +716,13 @@ def parse_args(argv=None):
     p.set_defaults(**recipe, **scenario, **(SMOKE_SETTINGS if first.smoke else {}))
     args = p.parse_args(argv)  # again, with these defaults: a flag given explicitly wins over all
     return namedtuple("Config", vars(args))(**vars(args))
+
+
+def prompt_template(text):
+    """An argparse type: a prompt with one {} for the class name and no other brace."""
+    if text.count("{") != 1 or text.count("}") != 1 or "{}" not in text:
+        raise argparse.ArgumentTypeError(f"expected one {{}} for the class name, no other brace; got {text}")
+    return text
 
 
 def download_only(config):
@@ -698,13 +765,13 @@ def zero_shot_eval(config, run):
     print(evaluate.zero_shot_markdown(accs))
 
 
-def run_command(config):
+def run_command(config, locks):
     """Exit status 0; 2: refused, nothing made; 1: failed midway, what was measured kept."""
     try:
         if config.download_only:
             download_only(config)
             return 0
-        run = prepare_run(config)
+        run = prepare_run(config, locks)
     except (clip_model.CheckpointError, OSError, ValueError) as e:  # downloads, files, data, flags
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -725,17 +792,25 @@ def run_command(config):
             print(metrics_line(results, f"{config.peft} on {config.encoder}, softmax over {softmax}"))
             untrained = os.path.join(run.out, "untrained")
             base = config._replace(peft="none", grad_analysis=False, quiet=True, out=untrained)
-            print(metrics_line(run_stream(base, prepare_run(base)), "untrained, same stream"))
+            print(metrics_line(run_stream(base, prepare_run(base, locks)), "untrained, same stream"))
         else:
             print(metrics_line(results))
         if config.zero_shot_eval:
             zero_shot_eval(config, run)
-    except (NonFiniteLoss, stream.DataError) as e:  # e.g. an unreadable image met mid-run
+    except (NonFiniteLoss, stream.DataError, OSError) as e:  # an unreadable image, a full disk
         # the last line: a DataLoader worker puts its traceback before it, and the class name in it
         line = str(e).strip().splitlines()[-1].removeprefix("stream.DataError: ")
         print(f"error: {line}; what was measured is in {run.out}", file=sys.stderr)
         return 1
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a time limit, a preemption): the run ends as on Ctrl-C."""
+
+
+def terminate(signum, frame):
+    raise Terminated
 
 
 def reraise_interrupt(hook, unraisable):
@@ -752,13 +827,16 @@ def main(argv=None):
     config = parse_args(argv)
     unraisablehook = sys.unraisablehook
     sys.unraisablehook = functools.partial(reraise_interrupt, unraisablehook)
+    sigterm = signal.signal(signal.SIGTERM, terminate)
     try:
-        return run_command(config)
-    except KeyboardInterrupt:  # at any point: a run folder, if made, says "interrupted"
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+        with contextlib.ExitStack() as locks:  # the run folders' locks, held until the end
+            return run_command(config, locks)
+    except KeyboardInterrupt as e:  # at any point: a run folder, if made, says "interrupted"
+        print("\ninterrupted" + " (SIGTERM)" * isinstance(e, Terminated), file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     finally:
         sys.unraisablehook = unraisablehook
+        signal.signal(signal.SIGTERM, sigterm)
 
 
 if __name__ == "__main__":
