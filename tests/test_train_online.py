@@ -612,7 +612,7 @@ FULL_DISK = ("import resource, signal, sys, train_online\n"
 
 @pytest.mark.parametrize("fails, limit, code, flags", [
     ("smoke_clip.pt", 100_000, 2, SMOKE), ("results.json", 2000, 1, ("--peft", "none")),
-    ("grad.jsonl", 3000, 1, ("--grad-analysis",)), ("peft.pt", 10_000, 1, ())])
+    ("grad.jsonl", 3000, 1, ("--grad-analysis", "--n-tasks", "1")), ("peft.pt", 10_000, 1, ())])
 def test_a_full_disk_ends_the_run_in_one_line_leaving_only_complete_files(data, tmp_path, fails, limit, code, flags):
     out = tmp_path / "run"
     args = [*flags, "--out", out] if fails == "smoke_clip.pt" else run_args(data, out, *flags)
