@@ -440,8 +440,9 @@ def test_bad_input_exits_cleanly(data, tmp_path, case):
     assert not os.path.exists(tmp_path / "bad")  # nothing started
 
 
-@pytest.mark.parametrize("flag, value", [("--lr", "-1"), ("--lr", "nan"), ("--lr", "inf"), ("--lr", "0"), ("--lr", "1e300"),
-                                         ("--lora-alpha", "1e39"), ("--prompt", "hello"), ("--prompt", "{1}"),
+@pytest.mark.parametrize("flag, value", [("--lr", "-1"), ("--lr", "nan"), ("--lr", "inf"), ("--lr", "0"),
+                                         ("--lr", "1e300"), ("--lora-alpha", "1e39"), ("--prompt", "hello"),
+                                         ("--prompt", "{1}"),
                                          ("--prompt", "{} {}"), ("--prompt", "{!r}"), ("--prompt", "{:>9}"),
                                          ("--weight-decay", "-1e-5"), ("--lora-alpha", "nan"), ("--seed", "-1"),
                                          ("--adapter-dropout", "1.5"), ("--batch-size", "0"), ("--workers", "two")])
@@ -481,8 +482,8 @@ def test_a_refused_run_is_one_line_exit_2_and_leaves_no_folder(data, tmp_path, c
     out = tmp_path / "run"
     args, words = {
         "--out below a file": (run_args(data, tmp_path / "file" / "run"), ["--out", "file"]),
-        "class name too long": (run_args(data, out, "--data-root", long_class_name(data, tmp_path), "--act", "quickgelu"),
-                                ["cat" * 70, "is 78 tokens, longer than context length 77"]),
+        "class name too long": (run_args(data, out, "--data-root", long_class_name(data, tmp_path), "--act",
+                                         "quickgelu"), ["cat" * 70, "is 78 tokens, longer than context length 77"]),
         "one class": (run_args(data, out, "--data-root", one_class(data, tmp_path)), ["--data-root", "1 class"]),
         "more tasks than classes": (run_args(data, out, "--n-tasks", "5"), ["--n-tasks 5", "at most 4"]),
         "smoke tasks": (["--smoke", "--n-tasks", "1000", "--quiet", "--out", str(out)], ["--n-tasks 1000"]),
@@ -605,7 +606,7 @@ def test_a_lock_left_by_a_killed_run_does_not_block_the_next(tmp_path):
 
 
 FULL_DISK = ("import resource, signal, sys, train_online\n"
-             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), as on a full disk\n"
+             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails (EFBIG): a full disk\n"
              "resource.setrlimit(resource.RLIMIT_FSIZE, ({0}, {0}))\n"
              "sys.exit(train_online.main(sys.argv[1:]))")
 
