@@ -11,6 +11,7 @@ code and files, % in printed tables.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -30,7 +31,7 @@ import lora
 import stream
 
 
-# ---- 1. lifelong metrics (released formulas; inputs and outputs are fractions) -------------------
+# ---- 1. lifelong metrics (released formulas; inputs and outputs are fractions) ----
 
 METRICS = ("A_auc", "A_avg", "A_last", "F_last")
 
@@ -75,12 +76,12 @@ def lifelong_metrics(anytime_accs, task_accs, class_acc):
     return dict(zip(METRICS, values))
 
 
-# ---- 2. accuracy on the seen classes (anytime and task-end evaluation) ---------------------------
+# ---- 2. accuracy on the seen classes (anytime and task-end evaluation) ----
 
 
 def top1_on_seen(image_features, labels, text_features, seen_classes):
     """(top-1 accuracy, {class: accuracy}) on the test images of the seen classes, among the seen
-    classes only. L2-normalized features: image (N, D), text (S, D), row j for seen_classes[j]."""
+    classes only. Normalized features: image (N, D), text (S, D), row j for seen_classes[j]."""
     seen = torch.as_tensor(seen_classes, device=image_features.device)  # (S,)
     is_class = labels.to(seen.device)[:, None] == seen[None, :]  # (N, S); all False if unseen
     logits = image_features.float() @ text_features.float().t()  # (N, S)
@@ -93,17 +94,17 @@ def top1_on_seen(image_features, labels, text_features, seen_classes):
     return sum(correct) / sum(total), per_class
 
 
-# ---- 3. files: one error line for each problem ---------------------------------------------------
+# ---- 3. files: one error line for each problem ----
 
 
 def require(ok, path, problem):
-    """The one user-facing check of files and folders: unless ok, DataError 'PATH: PROBLEM'."""
+    """Unless ok, DataError 'PATH: PROBLEM'."""
     if not ok:
         raise stream.DataError(f"{path}: {problem}")
 
 
 def read_json(path, what):
-    """A JSON file; `what` says who writes it, for the error when it is missing."""
+    """A JSON file; `what` says who writes it."""
     require(os.path.isfile(path), path, f"no such file ({what})")
     try:
         with open(path) as f:
@@ -112,15 +113,26 @@ def read_json(path, what):
         raise stream.DataError(f"{path}: malformed JSON ({e})") from None
 
 
-def write_json(path, obj):
-    """Write JSON atomically (a crash never leaves a half-written file)."""
+def write_file(path, data):
+    """Write bytes atomically: a crash or a full disk leaves PATH as it was, no PATH.tmp."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+    try:
+        with open(path + ".tmp", "wb") as f:
+            f.write(data)
+        os.replace(path + ".tmp", path)
+    except BaseException as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path + ".tmp")
+        if isinstance(e, OSError):  # a failed write names no file
+            raise OSError(e.errno, e.strerror, path) from None
+        raise
 
 
-# ---- 4. zero-shot transfer (the paper's check: Food101, Caltech101, EuroSAT, Flowers102, Pets) ---
+def write_json(path, obj):
+    write_file(path, json.dumps(obj, indent=1).encode())
+
+
+# ---- 4. zero-shot transfer (the paper's check on five other datasets) ----
 
 ZERO_SHOT_DATASETS = ("food101", "caltech101", "eurosat", "flowers102", "oxford_pets")
 ZERO_SHOT_CHOICES = ZERO_SHOT_DATASETS + ("imagefolder",)
@@ -214,7 +226,7 @@ def download_zero_shot(name, data_root, released):
 
 def zero_shot_dataset(name, data_root, protocol="ours"):
     """(dataset, indices of its evaluation images, {label: name} of the classes ranked) as
-    `protocol` evaluates it, downloaded where missing."""
+    `protocol` evaluates it."""
     check_zero_shot_names([name], protocol)
     released = protocol == "released"
     coop = None
@@ -243,13 +255,13 @@ def zero_shot_dataset(name, data_root, protocol="ours"):
 
 
 def fetch_zero_shot(datasets, data_root, protocol="ours"):
-    """{name: zero_shot_dataset(name, ...)}, downloaded where missing, every name checked first."""
+    """{name: zero_shot_dataset(name, ...)}, every name checked first."""
     check_zero_shot_names(datasets, protocol)
     return {name: zero_shot_dataset(name, data_root, protocol) for name in datasets}
 
 
 def autocast(device, precision):
-    """A context-manager factory: bf16 autocast on CUDA for precision "auto", else fp32."""
+    """A context-manager factory: bf16 autocast on CUDA for "auto", else fp32."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
@@ -258,7 +270,7 @@ def autocast(device, precision):
 def zero_shot_transfer(model, datasets, data_root, prompt, device, batch_size=256, workers=2,
                        mean=None, std=None, resize="centre", protocol="ours", precision="auto"):
     """The paper's zero-shot transfer check: {dataset: top-1 among all its classes}. Protocol "ours"
-    uses `resize`, `mean`/`std` (default: the model's). All datasets are opened before any is run."""
+    uses `resize`, `mean`/`std` (default: the model's)."""
     loaded = fetch_zero_shot(datasets, data_root, protocol)
     clip_model.get_tokenizer(model.config.vocab_size)  # the vocabulary too, before any work
     if protocol == "released":  # squashed, with ImageNet's statistics
@@ -292,7 +304,7 @@ def zero_shot_transfer(model, datasets, data_root, prompt, device, batch_size=25
 
 
 def zero_shot_markdown(accs):
-    """Markdown table of zero-shot accuracies in percent, with their mean."""
+    """Markdown table of zero-shot accuracies (%) and their mean."""
     lines = ["| dataset | top-1 (%) |", "|---|---:|"]
     lines += [f"| {name} | {100 * a:.2f} |" for name, a in accs.items()]
     if len(accs) > 1:
@@ -309,7 +321,7 @@ def write_zero_shot(out_dir, accs, model, prompt, peft_weights=None, protocol="o
 
 
 def read_peft_file(path):
-    """The dict train_online.py saves in OUT/peft.pt, checked for what rebuilds the model."""
+    """The dict of OUT/peft.pt, checked for what rebuilds the model."""
     keys = ["model", "peft", "encoder", "peft_args", "state_dict", "prompt"]
     require(os.path.isfile(path), path, "no such file (train_online.py writes OUT/peft.pt)")
     try:
@@ -344,7 +356,7 @@ def load_peft_model(path, device="cpu"):
     return model.to(device).eval(), saved["prompt"]
 
 
-# ---- 5. analyses of run folders: seed tables, the grid of runs, the gradient timeline, plots -----
+# ---- 5. analyses of run folders: seed tables, the grid, the gradient timeline, plots ----
 
 # Settings that should agree within a table row; the table warns when they do not.
 MUST_AGREE = ("model", "act", "n_tasks", "n", "m", "batch_size", "online_iter", "lr", "eval_period",
@@ -354,7 +366,7 @@ REPOSITORY = os.path.dirname(os.path.abspath(__file__))  # where `python train_o
 
 
 def read_results(run_dir):
-    """OUT/results.json of one run, checked for the keys the analyses read."""
+    """OUT/results.json of one run, checked."""
     path = os.path.join(run_dir, "results.json")
     results = read_json(path, "train_online.py writes it in every run folder")
     needed = ("config", "status", "seen_classes", "anytime", "task_end_samples", "class_acc", *METRICS)
@@ -363,19 +375,24 @@ def read_results(run_dir):
     return results
 
 
-def read_runs(paths):
+def read_runs(paths, skip_malformed=False):
     """{run folder: read_results(run folder)} for the run folders at or below `paths`."""
     runs = {}
     for path in paths:
         found = sorted(root for root, _, files in os.walk(path) if "results.json" in files)
         for run in found or [path]:  # none: read_results names the missing file
-            runs[run] = read_results(run)
+            try:
+                runs[run] = read_results(run)
+            except stream.DataError as e:
+                if not (skip_malformed and found):
+                    raise
+                print(f"warning: skipping {e}", file=sys.stderr)
     return runs
 
 
 def mean_std(values):
-    """'mean ± std' in percent of the fractions that are not None: the sample std (ddof=1), 0 for a
-    single seed; '(n=k)' marks a metric that only k runs define."""
+    """'mean ± std' (%) of the values that are not None: sample std (ddof=1), 0 for one seed;
+    '(n=k)': only k runs define it."""
     present = [100 * v for v in values if v is not None]
     if not present:
         return "–"
@@ -387,8 +404,8 @@ def mean_std(values):
 
 
 def seed_table(results):
-    """(Markdown table, warnings): the four metrics as mean ± std over seeds (%), a row per dataset,
-    PEFT, tower, visible classes and scenario; a warning per row mixing settings or repeating a seed."""
+    """(Markdown table, warnings): mean ± std over seeds (%) of the four metrics, a row per
+    configuration; warnings for mixed settings or repeated seeds."""
     groups = {}
     for r in results:
         c = r["config"]
@@ -417,7 +434,7 @@ def seed_table(results):
 def grid_runs(dataset, data_root=None, seeds=(1, 2, 3, 4, 5), zero_shot_eval=False, recipe="ours",
               runs_root="runs"):
     """(out folder, train_online.py command) for every seed of {LoRA, adapter} x {image, text, both}
-    x {batch (SIT), all} and zero-shot CLIP, in runs_root/<dataset>[-released]/<config>/seed<k>."""
+    x {batch (SIT), all} and zero-shot CLIP."""
     configs = [(p, e, v) for p in ("lora", "adapter") for e in lora.ENCODERS for v in ("batch", "all")]
     folder = os.path.join(runs_root, dataset)
     common = ["python", "train_online.py", "--dataset", dataset]
@@ -442,7 +459,7 @@ def grid_runs(dataset, data_root=None, seeds=(1, 2, 3, 4, 5), zero_shot_eval=Fal
 
 
 def is_finished(run_dir):
-    """Whether RUN_DIR (relative to the repository) holds a finished results.json."""
+    """Whether RUN_DIR (from the repository) holds a finished results.json."""
     try:
         with open(os.path.join(REPOSITORY, run_dir, "results.json")) as f:
             return json.load(f).get("status") == "finished"
@@ -463,7 +480,7 @@ def slurm_script(commands, job_name, log_dir, time="02:00:00", cpus=8, partition
     if partition:
         lines.append(f"#SBATCH --partition={partition}")
     lines += [f"# {len(commands)} runs of `python evaluate.py grid`. Submit with: sbatch THIS_FILE",
-              "# After failures or a time limit, print the grid again with --skip-finished, submit that.",
+              "# After failures or a time limit: grid --skip-finished prints what is left.",
               "set -euo pipefail", f"cd {shlex.quote(REPOSITORY)}",
               'case "${SLURM_ARRAY_TASK_ID:?run this script with sbatch}" in']
     lines += [f"  {k}) {command} ;;" for k, command in enumerate(commands)]
@@ -472,7 +489,7 @@ def slurm_script(commands, job_name, log_dir, time="02:00:00", cpus=8, partition
 
 
 def read_grad(path):
-    """The records of OUT/grad.jsonl (one per gradient step), checked line by line."""
+    """The records of OUT/grad.jsonl (one per gradient step), checked."""
     require(os.path.isfile(path), path, "no such file (train_online.py --grad-analysis writes it)")
     lists = ("classes", "in_batch", "pos", "neg")
     records = []
@@ -493,7 +510,7 @@ def read_grad(path):
 
 def gradient_summary(records):
     """Figure 2 in numbers: mean norms of the gradient's positive and negative parts on the text
-    features of visible classes in the batch and absent from it (absent: --visible-classes all)."""
+    features of visible classes in the batch and absent from it."""
     entries = [e for r in records for e in zip(r["in_batch"], r["pos"], r["neg"])]  # (present, pos, neg)
     parts = {"present": [e for e in entries if e[0]], "absent": [e for e in entries if not e[0]]}
     return {key: {"entries": len(part), "pos": _mean([e[1] for e in part]),
@@ -501,7 +518,7 @@ def gradient_summary(records):
 
 
 def matplotlib_figure():
-    """matplotlib's Figure class (no pyplot state, no backend switch); only the plots need it."""
+    """matplotlib's Figure class (no pyplot state, no backend switch)."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -516,7 +533,7 @@ def save_png(fig, path):
 
 
 def run_label(results):
-    """Short readable name of a run: 'lora image batch seed 1', 'zero-shot seed 1'."""
+    """'lora image batch seed 1', 'zero-shot seed 1'."""
     c = results["config"]
     name = f"{c.get('peft')} {c.get('encoder')} {c.get('visible_classes')}"
     if c.get("peft") == "none":
@@ -525,14 +542,14 @@ def run_label(results):
 
 
 def class_ticks(ax, classes, names, most=40):
-    """Label the class rows of a heatmap with {class: name}, unless there are too many to read."""
+    """Label the class rows of a heatmap with {class: name}, unless too many."""
     shown = classes if names and len(classes) <= most else []
     ax.set_yticks(range(len(shown)), [names[c] for c in shown], fontsize="small")
 
 
 def plot_grad(records, results, out_png):
-    """Gradient timeline (Figure 2): classes (order of first appearance, named as disjoint or
-    blurry) x gradient steps, the positive and negative parts of dL/dg_c in two panels."""
+    """Gradient timeline (Figure 2): classes x gradient steps, the positive and negative parts of
+    dL/dg_c in two panels."""
     visible = dict.fromkeys(c for r in records for c in r["classes"])  # in the loss, in order
     classes = [c for c in dict.fromkeys([*results["seen_classes"], *visible]) if c in visible]
     height = 2 + 2 * max(2.0, 0.04 * len(classes))
@@ -597,11 +614,11 @@ def plot_runs(runs, out_png):
     save_png(fig, out_png)
 
 
-# ---- 6. command line -----------------------------------------------------------------------------
+# ---- 6. command line ----
 
 
 def resolve_device(name):
-    """auto -> cuda when available, else cpu; a clear error for cuda without a GPU."""
+    """auto -> cuda when available, else cpu."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
@@ -636,7 +653,7 @@ def cmd_zero_shot(args):
 
 def cmd_table(args):
     results = []
-    for run, r in read_runs(args.run_dirs).items():
+    for run, r in read_runs(args.run_dirs, skip_malformed=True).items():
         if r["status"] == "finished" or args.unfinished:
             results.append(r)
         else:
@@ -668,7 +685,7 @@ def cmd_grid(args):
 
 
 def cmd_plot(args):
-    matplotlib_figure()  # fail before reading anything when the optional extra is missing
+    matplotlib_figure()  # fail before reading anything when it is missing
     runs = read_runs(args.run_dirs)
     out = args.out or "plot.png"
     if not args.out and len(runs) == 1:
@@ -677,16 +694,15 @@ def cmd_plot(args):
 
 
 def cmd_plot_grad(args):
-    """Figure 2 in numbers (gradient_summary as a Markdown table), and the timeline PNG."""
+    """gradient_summary as a Markdown table, and the timeline PNG."""
     matplotlib_figure()
     records = read_grad(os.path.join(args.run_dir, "grad.jsonl"))
     print("| visible classes | entries | mean positive part | mean negative part |")
     print("|---|---:|---:|---:|")
     summary = gradient_summary(records).values()
     for label, s in zip(("in the batch", "absent from the batch"), summary):
-        pos = "–" if s["pos"] is None else f"{s['pos']:.4g}"
-        neg = "–" if s["neg"] is None else f"{s['neg']:.4g}"
-        print(f"| {label} | {s['entries']} | {pos} | {neg} |")
+        cells = ["–" if s[k] is None else f"{s[k]:.4g}" for k in ("pos", "neg")]
+        print(f"| {label} | {s['entries']} | {' | '.join(cells)} |")
     out = args.out or os.path.join(args.run_dir, "grad.png")
     plot_grad(records, read_results(args.run_dir), out)
 
@@ -718,7 +734,7 @@ def in_range(kind, low, high=math.inf, above=False):
         except ValueError:
             value = math.nan
         if not (math.isfinite(value) and low <= value <= high) or (above and value == low):
-            bounds = f"> {low}" if above else f"in {low}..{high}"
+            bounds = f"> {low}, at most {high:.6g}" if above else f"in {low}..{high}"
             raise argparse.ArgumentTypeError(f"expected {kind.__name__} {bounds}, got {text}")
         return value
     return parse
@@ -738,49 +754,54 @@ def build_parser():
     parser = ArgumentParser(description="Evaluate SIT-tuned CLIP: zero-shot transfer, tables, plots.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("zero-shot", help="top-1 accuracy on other datasets -> zero_shot.json")
+    arg = p.add_argument
     weights = p.add_mutually_exclusive_group(required=True)
     weights.add_argument("--peft-weights", help="a run's OUT/peft.pt (rebuilds its tuned model, prompt)")
     weights.add_argument("--model", help=f"plain CLIP: {clip_model.available_models()} or a checkpoint")
-    p.add_argument("--act", default="auto", choices=("auto",) + clip_model.ACTIVATIONS,
-                   help="MLP activation of --model: auto = open_clip_config.json beside it, else QuickGELU")
-    p.add_argument("--datasets", type=zero_shot_list, default=",".join(ZERO_SHOT_DATASETS),
-                   help=f"from {', '.join(ZERO_SHOT_CHOICES)}")
-    p.add_argument("--data-root", default="data", help="torchvision's downloads; imagefolder: ROOT/test/")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if any")
-    p.add_argument("--batch-size", type=in_range(int, 1), default=256, help="test images per batch")
-    p.add_argument("--workers", type=in_range(int, 0), default=2, help="data-loading processes")
-    p.add_argument("--protocol", choices=ZERO_SHOT_PROTOCOLS, help="released: the released code's images, "
-                   "class names and preprocessing (default: the run's, from peft.pt, else ours)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
-                   help="auto: bf16 on CUDA (default: the run's)")
-    p.add_argument("--out", help="folder for zero_shot.json (default: beside --peft-weights, "
-                   "runs/zero-shot/<model>)")
+    arg("--act", default="auto", choices=("auto",) + clip_model.ACTIVATIONS,
+        help="MLP activation of --model: auto = open_clip_config.json beside it, else QuickGELU")
+    arg("--datasets", type=zero_shot_list, default=",".join(ZERO_SHOT_DATASETS),
+        help=f"from {', '.join(ZERO_SHOT_CHOICES)}")
+    arg("--data-root", default="data", help="torchvision's downloads; imagefolder: ROOT/test/")
+    arg("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if any")
+    arg("--batch-size", type=in_range(int, 1), default=256, help="test images per batch")
+    arg("--workers", type=in_range(int, 0), default=2, help="data-loading processes")
+    arg("--protocol", choices=ZERO_SHOT_PROTOCOLS, help="released: the released code's images, "
+        "class names and preprocessing (default: the run's, from peft.pt, else ours)")
+    arg("--precision", choices=("auto", "fp32", "bf16"),
+        help="auto: bf16 on CUDA (default: the run's)")
+    arg("--out", help="folder for zero_shot.json (default: beside --peft-weights, "
+        "runs/zero-shot/<model>)")
     p = commands.add_parser("table", help="Markdown table of A_auc, A_avg, A_last, F_last over seeds")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, or folders above them")
-    p.add_argument("--unfinished", action="store_true", help="include interrupted or failed runs")
+    arg = p.add_argument
+    arg("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, or folders above them")
+    arg("--unfinished", action="store_true", help="include interrupted or failed runs")
     p = commands.add_parser("grid", help="print the train_online.py commands of the paper's comparison")
-    p.add_argument("--dataset", default="cifar100", choices=stream.DATASETS)
-    p.add_argument("--data-root", help="passed on to train_online.py")
-    p.add_argument("--zero-shot-eval", action="store_true", help="add --zero-shot-eval to every command")
-    p.add_argument("--recipe", default="ours", choices=("ours", "released"), help="passed on to each run")
-    p.add_argument("--runs-root", default="runs",
-                   help="runs go to RUNS_ROOT/<dataset>[-released]/<config>/seed<k>")
-    p.add_argument("--skip-finished", action="store_true", help="leave out runs already finished")
-    p.add_argument("--slurm", action="store_true", help="print a SLURM job-array script (a GPU per run)")
-    p.add_argument("--time", default="02:00:00", help="--slurm: the time limit of each run")
-    p.add_argument("--cpus", type=in_range(int, 1), default=8, help="--slurm: CPU cores per run")
-    p.add_argument("--partition", help="--slurm: the SLURM partition to submit to")
+    arg = p.add_argument
+    arg("--dataset", default="cifar100", choices=stream.DATASETS)
+    arg("--data-root", help="passed on to train_online.py")
+    arg("--zero-shot-eval", action="store_true", help="add --zero-shot-eval to every command")
+    arg("--recipe", default="ours", choices=("ours", "released"), help="passed on to each run")
+    arg("--runs-root", default="runs",
+        help="runs go to RUNS_ROOT/<dataset>[-released]/<config>/seed<k>")
+    arg("--skip-finished", action="store_true", help="leave out runs already finished")
+    arg("--slurm", action="store_true", help="print a SLURM job-array script (a GPU per run)")
+    arg("--time", default="02:00:00", help="--slurm: the time limit of each run")
+    arg("--cpus", type=in_range(int, 1), default=8, help="--slurm: CPU cores per run")
+    arg("--partition", help="--slurm: the SLURM partition to submit to")
     p = commands.add_parser("plot", help="PNG of anytime accuracy and per-class accuracy at task ends")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, or folders above them")
-    p.add_argument("--out", help="PNG path (default: RUN_DIR/plot.png for one run, else ./plot.png)")
+    arg = p.add_argument
+    arg("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, or folders above them")
+    arg("--out", help="PNG path (default: RUN_DIR/plot.png for one run, else ./plot.png)")
     p = commands.add_parser("plot-grad", help="PNG of the gradient timeline (Figure 2) of a run")
-    p.add_argument("run_dir", metavar="OUT", help="run folder with grad.jsonl and results.json")
-    p.add_argument("--out", help="PNG path (default: OUT/grad.png)")
+    arg = p.add_argument
+    arg("run_dir", metavar="OUT", help="run folder with grad.jsonl and results.json")
+    arg("--out", help="PNG path (default: OUT/grad.png)")
     return parser
 
 
 def main(argv=None):
-    """One command; bad input: one error line, exit 2 for a flag, 1 for a file, dataset or download."""
+    """One command; bad input: one error line, exit 2 for a flag, else 1."""
     args = build_parser().parse_args(argv)
     command = {"zero-shot": cmd_zero_shot, "table": cmd_table, "grid": cmd_grid, "plot": cmd_plot,
                "plot-grad": cmd_plot_grad}[args.command]

@@ -7,17 +7,19 @@ Online lifelong tuning of CLIP with Symmetric Image-Text (SIT) tuning, on a Si-B
     python train_online.py --dataset cifar100 --recipe released       # the released pipeline
     python train_online.py --dataset cifar100 --download-only         # fetch all, run offline
 
-The hyper-parameters default to the released ones (ViT-B/16, batches of 64, 3 steps per batch,
-AdamW 5e-4); `--recipe` (ours by default, or released) sets every released behaviour that changes
-numbers.
+The hyper-parameters default to the released ones; `--recipe released` sets every released
+behaviour that changes numbers.
 """
 
 import argparse
 import contextlib
+import fcntl
 import functools
+import io
 import itertools
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -35,7 +37,7 @@ import evaluate
 import lora
 import stream
 
-# ---- the loss ------------------------------------------------------------------------------------
+# ---- the loss ----
 
 
 def visible_classes(labels, seen, softmax_over):
@@ -46,8 +48,7 @@ def visible_classes(labels, seen, softmax_over):
 def symmetric_loss(image_features, text_features, labels, visible, scale, double_softmax=False):
     """L = mean_i CE(s * <f_i, g_c> over c in `visible`, y_i): SIT when `visible` = C_B, the
     classes in the batch. image_features (B, D) and text_features (len(visible), D) are
-    L2-normalized, row j for class visible[j]; scale is s = exp(logit_scale), not logit_scale.
-    A label not in `visible` is refused (no device sync when labels are on the host)."""
+    L2-normalized, row j for class visible[j]; scale is s = exp(logit_scale), not logit_scale."""
     is_label = labels[:, None] == visible[None, :]  # (B, V)
     if not is_label.any(dim=1).all():
         missing = labels[~is_label.any(dim=1)].unique().tolist()
@@ -60,11 +61,11 @@ def symmetric_loss(image_features, text_features, labels, visible, scale, double
 
 
 def text_gradient_parts(image_features, text_features, labels, visible, scale, double_softmax=False):
-    """The positive and negative parts of dL/dg_c, each (V, D), for the visible classes (the
-    paper's Figure 2): dL/dg_c = (s/|B|) sum_i e_ic f_i, with s = scale and e_i = |B| dL/dz_i for
-    z_i = s <f_i, g>. The positive part sums over the samples of class c, the negative part over
-    all others. On logits e = p - y; under the double softmax, with q = softmax(z) and
-    d = softmax(q) - y, e = q * (d - <q, d>) (the gradient through the first softmax)."""
+    """The positive and negative parts of dL/dg_c, each (V, D), for the visible classes (Figure 2):
+    dL/dg_c = (s/|B|) sum_i e_ic f_i, with e_i = |B| dL/dz_i for z_i = s <f_i, g>. The positive
+    part sums over the samples of class c, the negative part over all others. On logits
+    e = p - y; under the double softmax, with q = softmax(z) and d = softmax(q) - y,
+    e = q * (d - <q, d>) (the gradient through the first softmax)."""
     f = image_features.detach().float()
     z = scale * f @ text_features.detach().float().t()  # (B, V)
     y = (labels[:, None] == visible[None, :]).float()  # (B, V) one-hot over the visible classes
@@ -78,7 +79,7 @@ def text_gradient_parts(image_features, text_features, labels, visible, scale, d
     return per_sample * (y * e).t() @ f, per_sample * ((1 - y) * e).t() @ f
 
 
-# ---- the step ------------------------------------------------------------------------------------
+# ---- the step ----
 
 
 def is_tuned(module):
@@ -87,7 +88,7 @@ def is_tuned(module):
 
 
 def make_optimizer(model, lr, weight_decay):
-    """AdamW over the PEFT parameters, re-created at every task start as in the released code."""
+    """AdamW over the PEFT parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
     fused = params[0].is_cuda  # one kernel for the whole update on the GPU; same arithmetic
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
@@ -96,7 +97,7 @@ def make_optimizer(model, lr, weight_decay):
 def sit_step(model, optimizer, images, labels, visible, text_features, augment, scale,
              amp=contextlib.nullcontext, double_softmax=False):
     """One gradient step on one augmented copy of the batch; returns the loss, f and g. labels and
-    visible on the host; augment: uint8 (B, 3, H, W) -> model input; text_features: ids -> (V, D)."""
+    visible on the host; augment: uint8 images -> model input; text_features: ids -> (V, D)."""
     model.train()
     images = images.to(scale.device, non_blocking=True)
     with amp():
@@ -109,13 +110,12 @@ def sit_step(model, optimizer, images, labels, visible, text_features, augment, 
     return loss.detach(), f.detach(), g.detach()
 
 
-# ---- features, with the caches that frozen towers allow ------------------------------------------
+# ---- features, with the caches that frozen towers allow ----
 
 
 class FeatureCache:
-    """Normalized features by id (a class, or a test image), computed by encode(ids); while the
-    tower that computes them is frozen, each once in the whole run (bookkeeping on the host: no
-    device syncs)."""
+    """Normalized features by id (a class, a test image): encode(ids), once per id while the tower
+    is frozen (bookkeeping on the host: no device syncs)."""
 
     def __init__(self, encode, n, dim, device, frozen):
         self.encode = encode
@@ -124,11 +124,11 @@ class FeatureCache:
         self.cached = torch.zeros(n, dtype=torch.bool)
 
     def __call__(self, ids):
-        """(len(ids), D) features of these ids (a CPU tensor); with grad when the tower trains."""
+        """(len(ids), D) features of these ids (a CPU tensor)."""
         if not self.frozen:
             return self.encode(ids)
         missing = ids[~self.cached[ids]]
-        if len(missing):  # e.g. a class seen for the first time: encoded once, for training and tests
+        if len(missing):
             with torch.no_grad():
                 self.cache[missing.to(self.cache.device)] = self.encode(missing).float()
             self.cached[missing] = True
@@ -147,8 +147,7 @@ def text_feature_cache(model, class_names, prompt, cache=True):
 
 
 class TestImages:
-    """The test split as one uint8 tensor on the device, and `features`, their image features by
-    index."""
+    """The test split as one uint8 tensor on the device; `features`: theirs by index."""
 
     def __init__(self, model, batches, transform, batch_size, cache=True):
         self.model = model
@@ -169,8 +168,7 @@ class TestImages:
 
 @torch.inference_mode()
 def evaluate_seen(test, text_features, seen, amp=contextlib.nullcontext):
-    """Top-1 accuracy on the test images of the seen classes, predicting among the seen classes
-    only; and per class."""
+    """evaluate.top1_on_seen on the test images of the seen classes."""
     test.model.eval()
     indices = stream.seen_test_indices(test.labels, seen)
     with amp():
@@ -179,11 +177,11 @@ def evaluate_seen(test, text_features, seen, amp=contextlib.nullcontext):
     return evaluate.top1_on_seen(f, test.labels[indices], g, seen.tolist())
 
 
-# ---- results that survive: written atomically as they are measured -------------------------------
+# ---- results that survive: written atomically as they are measured ----
 
 
 class Results:
-    """OUT/results.json (rewritten after every evaluation) and OUT/log.jsonl (appended)."""
+    """OUT/results.json (rewritten at every evaluation) and OUT/log.jsonl (appended)."""
 
     def __init__(self, out, config, class_names, split):
         os.makedirs(out, exist_ok=True)
@@ -197,7 +195,7 @@ class Results:
         self.write()
 
     def record(self, event, samples, acc, per_class, seen):
-        """One evaluation ("anytime" or "task_end") and the metrics so far, written at once."""
+        """One evaluation ("anytime" or "task_end") and the metrics so far."""
         d = self.data
         entry = {"event": event, "samples": samples, "acc": acc, "n_seen": len(seen)}
         if event == "anytime":
@@ -208,11 +206,11 @@ class Results:
             d["task_end_samples"].append(samples)
             d["task_acc"].append(acc)
             d["class_acc"].append([per_class.get(c) for c in range(len(d["class_names"]))])
-        with open(os.path.join(self.out, "log.jsonl"), "a") as f:
+        with JsonLines(os.path.join(self.out, "log.jsonl"), "a") as f:
             f.write(json.dumps(entry) + "\n")
         d["seen_classes"] = list(seen)
         anytime_accs = [a["acc"] for a in d["anytime"]]
-        d.update(evaluate.lifelong_metrics(anytime_accs, d["task_acc"], d["class_acc"]))  # A_auc, ...
+        d.update(evaluate.lifelong_metrics(anytime_accs, d["task_acc"], d["class_acc"]))
         self.acc = acc
         self.write()
 
@@ -222,18 +220,36 @@ class Results:
         evaluate.write_json(os.path.join(self.out, "results.json"), self.data)
 
 
+class JsonLines(io.FileIO):
+    """A .jsonl file whose lines are whole: one cut short (a full disk) is taken back."""
+
+    def write(self, line):
+        end = self.seek(0, os.SEEK_END)
+        data = memoryview(line.encode())
+        try:
+            while data:  # a short write: the disk is full
+                data = data[super().write(data):]
+        except OSError as e:
+            self.truncate(end)
+            raise OSError(e.errno, e.strerror, self.name) from None
+
+
+def save_torch(path, obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    evaluate.write_file(path, buffer.getvalue())
+
+
 def save_peft(path, model, record):
-    """OUT/peft.pt: the trained LoRA/adapter tensors and `record`."""
+    """OUT/peft.pt: the LoRA/adapter tensors and `record`."""
     if record["peft"] == "lora":
         state_dict = lora.lora_state_dict(model)
     else:
         state_dict = adapter.adapter_state_dict(model)
-    tmp = path + ".tmp"
-    torch.save({"state_dict": {k: v.cpu() for k, v in state_dict.items()}, **record}, tmp)
-    os.replace(tmp, path)
+    save_torch(path, {"state_dict": {k: v.cpu() for k, v in state_dict.items()}, **record})
 
 
-# ---- optional parts of the loop: replay and the gradient log -------------------------------------
+# ---- optional parts of the loop: replay and the gradient log ----
 
 
 class ReservoirMemory:
@@ -259,8 +275,7 @@ class ReservoirMemory:
                     self.indices[j] = index
 
     def extend(self, images, labels, step):
-        """The stream batch followed by a memory batch, freshly augmented (unchanged while the
-        memory is empty)."""
+        """The stream batch and a freshly augmented memory batch."""
         if not self.indices:
             return images, labels
         picks = torch.randperm(len(self.indices), generator=self.generator)[:self.batch_size]
@@ -280,11 +295,11 @@ def log_gradient_parts(log, f, g, labels, visible, scale, double_softmax, step, 
     log.write(json.dumps(line) + "\n")
 
 
-# ---- the online loop -----------------------------------------------------------------------------
+# ---- the online loop ----
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or inf: the run stops and keeps what it measured before."""
+    """The loss became NaN or inf: the run stops, keeping what it measured."""
 
 
 def check_finite(running_loss, samples):
@@ -297,7 +312,7 @@ def train(model, batches, *, task_sizes, text_features, test, augment, results, 
           lr=5e-4, weight_decay=1e-5, eval_period=1000, softmax_over="batch", double_softmax=False,
           amp=contextlib.nullcontext, memory=None, grad_log=None, progress=None, at_task_end=None):
     """The online protocol on a stream of batches (stream.StreamBatch), each seen once; each
-    evaluation goes to results.record. Zero-shot CLIP (nothing trainable) is only evaluated.
+    evaluation goes to results.record. Zero-shot CLIP is only evaluated.
     Optional: memory (replay), grad_log (Figure 2), progress(samples, running loss, seen) after
     each batch, at_task_end() after each task-end evaluation."""
     trains = is_tuned(model)
@@ -357,7 +372,7 @@ def train(model, batches, *, task_sizes, text_features, test, augment, results, 
     return model
 
 
-# ---- a run: model, data and stream from the configuration, then the loop with its outputs --------
+# ---- a run: model, data and stream from the configuration, the loop and its outputs ----
 
 # Each released behaviour that changes numbers is a switch (README, "Differences from the released
 # code").
@@ -373,8 +388,7 @@ RECIPES = {
 # --smoke: a tiny random CLIP (byte-level vocabulary: no file, no network) and 10 grating classes.
 SMOKE_CONFIG = replace(clip_model.TINY_CONFIG, vocab_size=clip_model.BYTE_VOCAB_SIZE, vision_heads=4,
                        transformer_heads=4)
-# Its defaults (an explicit flag wins): 1,000 images in 2 tasks, batches of 16, lr 20x the
-# released: seconds on a CPU.
+# Its defaults: 2 tasks, batches of 16, lr 20x the released: seconds on a CPU.
 SMOKE_SETTINGS = dict(dataset="smoke", batch_size=16, lr=1e-2, n_tasks=2, eval_period=100)
 
 # What a run derives from its configuration; model_path: the checkpoint peft.pt rebuilds from.
@@ -382,7 +396,7 @@ Run = namedtuple("Run", "model train_set test_set split device out model_path pr
 
 
 def apply_peft(model, peft, encoder, **peft_args):
-    """LoRA or adapters on the chosen tower(s), everything else frozen; "none" freezes everything."""
+    """LoRA or adapters on the chosen tower(s), everything else frozen."""
     if peft == "lora":
         return lora.apply_lora(model, encoder=encoder, **peft_args)
     if peft == "adapter":
@@ -391,7 +405,7 @@ def apply_peft(model, peft, encoder, **peft_args):
 
 
 def peft_arguments(config):
-    """The keyword arguments of apply_lora / apply_adapter from the run's flags (saved in peft.pt)."""
+    """The keyword arguments of apply_lora / apply_adapter (saved in peft.pt)."""
     if config.peft == "lora":
         return dict(r=config.lora_r, alpha=config.lora_alpha, init=config.lora_init)
     if config.peft == "adapter":
@@ -401,8 +415,7 @@ def peft_arguments(config):
 
 
 def compile_towers(model, cache=True):
-    """--compile: torch.compile, in place, the towers that run at every step: a tuned one, and a
-    frozen one without cache (with it, it runs once per class or test image)."""
+    """--compile: torch.compile the towers run at every step (tuned, or frozen without cache)."""
     for tower in (model.visual, model.transformer):
         if not cache or is_tuned(tower):
             tower.compile()
@@ -417,22 +430,47 @@ def default_out(config):
     if config.recipe != "ours":
         parts.append(config.recipe)
     out = base = os.path.join("runs", "-".join(parts + [f"seed{config.seed}"]))
-    for k in itertools.count(2):  # never overwrite an earlier run's results
+    for k in itertools.count(2):
         if not os.path.exists(out):
             return out
         out = f"{base}-{k}"
 
 
-def check_out(out):
+def check_out(out, overwrite):
     parent = os.path.abspath(out)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out}: {parent} is not a folder this process can write to")
+    if not overwrite and evaluate.is_finished(os.path.abspath(out)):
+        raise ValueError(f"--out {out} holds a finished run: --overwrite replaces it; or another --out, "
+                         "or grid --skip-finished")
+
+
+# A run's files and evaluate.py's plots: an earlier run's go.
+RUN_FILES = ("results.json", "log.jsonl", "grad.jsonl", "peft.pt", "smoke_clip.pt", "zero_shot.json",
+             "plot.png", "grad.png")
+
+
+def claim_run_folder(out, overwrite, locks):
+    """OUT, locked by OUT/run.lock (an flock: freed if the process dies) until `locks` closes,
+    emptied of an earlier run's files."""
+    os.makedirs(out, exist_ok=True)
+    lock = locks.enter_context(open(os.path.join(out, "run.lock"), "a"))
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ValueError(f"--out {out}: another run is writing to it; use another --out") from None
+    check_out(out, overwrite)  # again, locked: it may have finished since
+    for name in RUN_FILES + tuple(name + ".tmp" for name in RUN_FILES):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out, name))
+    if os.path.isdir(os.path.join(out, "untrained")):  # --smoke's baseline, a run folder inside
+        shutil.rmtree(os.path.join(out, "untrained"))
 
 
 def load_data(config):
-    """The stream's dataset and the evaluation's, checked against the run's flags."""
+    """The stream's dataset and the evaluation's, checked."""
     if config.smoke:
         train_set = stream.SyntheticDataset(10, per_class=100, image_size=32, seed=0, train=True)
         test_set = stream.SyntheticDataset(10, per_class=20, image_size=32, seed=0, train=False)
@@ -451,8 +489,7 @@ def load_data(config):
 
 
 def fetch(config):
-    """(model, train_set, test_set, evaluate.fetch_zero_shot's datasets), downloaded where missing
-    (the BPE vocabulary too): nothing after this needs the network."""
+    """(model, train_set, test_set, zero-shot datasets), downloaded where missing."""
     if config.zero_shot_eval:  # a bad name fails before any download
         evaluate.check_zero_shot_names(config.zero_shot_datasets, config.zero_shot_protocol)
     train_set, test_set = load_data(config)  # the data first: bad data fails before a download
@@ -469,11 +506,12 @@ def fetch(config):
     return model, train_set, test_set, zero_shot
 
 
-def prepare_run(config):
-    """Model, data and stream, or a clear error before any run folder exists."""
+def prepare_run(config, locks):
+    """Model, data and stream, or a clear error before any run folder; then the run folder,
+    locked until `locks` closes."""
     device = torch.device(evaluate.resolve_device(config.device))  # cuda without a GPU: an error
     out = config.out or default_out(config)
-    check_out(out)
+    check_out(out, config.overwrite)
     model, train_set, test_set, _ = fetch(config)
     model_path = config.model
     if config.smoke:
@@ -481,15 +519,16 @@ def prepare_run(config):
     prompt_names = list(train_set.classes)
     if config.class_names == "raw":
         prompt_names = list(train_set.raw_classes)
+    clip_model.prompt_tokens(model, prompt_names, config.prompt)  # too long a prompt fails here
     mean = model.config.image_mean  # --normalize clip; dataset: the released choice
     std = model.config.image_std
     if config.normalize == "dataset":  # measured for image folders and --smoke
         mean, std = stream.DATASET_STATS.get(config.dataset) or stream.channel_stats(train_set)
     split = stream.si_blurry_split(train_set.targets, len(train_set.classes), config.n_tasks,
                                    config.n, config.m, config.seed, config.stochastic)
-    if config.smoke:  # all checked: the run folder's first file, the model peft.pt rebuilds from
-        os.makedirs(out, exist_ok=True)
-        torch.save(model.state_dict(), model_path)
+    claim_run_folder(out, config.overwrite, locks)  # all checked: the run folder
+    if config.smoke:  # the model peft.pt rebuilds from
+        save_torch(model_path, model.state_dict())
     torch.manual_seed(config.seed)  # LoRA's random A (and adapter dropout) follow the run seed
     model = apply_peft(model, config.peft, config.encoder, **peft_arguments(config)).to(device)
     if config.compile:
@@ -498,7 +537,7 @@ def prepare_run(config):
 
 
 def peft_record(config, record, run):
-    """What peft.pt holds beside the tuned tensors: what rebuilds the model and its inputs."""
+    """peft.pt beside the tensors: what rebuilds the model and its inputs."""
     keys = ("model", "act", "peft", "encoder", "prompt", "dataset", "mean", "std", "test_resize")
     recipe = {k: getattr(config, k) for k in RECIPES[config.recipe]}  # the switches as run
     return {**{k: record[k] for k in keys}, "peft_args": peft_arguments(config),
@@ -506,8 +545,7 @@ def peft_record(config, record, run):
 
 
 def run_stream(config, run):
-    """Train and evaluate on the stream, writing the run folder as it goes; returns the results.
-    On any error or Ctrl-C, what was measured stays, with status "failed" or "interrupted"."""
+    """Train and evaluate on the stream, writing the run folder as it goes; returns the results."""
     model = run.model
     image_size = model.visual.image_size
     cache = not config.no_cache
@@ -558,7 +596,7 @@ def run_stream(config, run):
 
         grad_log = None
         if config.grad_analysis:
-            grad_log = open(os.path.join(run.out, "grad.jsonl"), "w")
+            grad_log = JsonLines(os.path.join(run.out, "grad.jsonl"), "w")
         start = time.time()
         with bar, grad_log or contextlib.nullcontext():
             train(model, batches, task_sizes=[len(t) for t in run.split.tasks],
@@ -570,13 +608,14 @@ def run_stream(config, run):
                   grad_log=grad_log, progress=progress, at_task_end=save)
         results.data["config"]["wall_time_s"] = round(time.time() - start, 1)
         results.write(status="finished")
-    except BaseException as e:  # Ctrl-C too: what was measured stays, and says how the run ended
-        results.write(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
+    except BaseException as e:  # Ctrl-C, SIGTERM: what was measured stays, and how it ended
+        with contextlib.suppress(OSError):  # a full disk: the last results.json stays
+            results.write(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
         raise
     return results.data
 
 
-# ---- command line: everything checked, and fetched from the network, before any work starts --------
+# ---- command line: everything checked, and fetched from the network, before any work starts ----
 
 
 class HelpFormatter(evaluate.HelpWithDefaults, argparse.RawDescriptionHelpFormatter):
@@ -584,16 +623,15 @@ class HelpFormatter(evaluate.HelpWithDefaults, argparse.RawDescriptionHelpFormat
 
 
 def parse_args(argv=None):
-    """The run configuration, checked and frozen (a namedtuple: nothing writes into it afterwards).
-    Flags not given take their value from --scenario (N, M), --recipe (the switches) and --smoke
-    (SMOKE_SETTINGS)."""
+    """The run configuration, checked and frozen; a flag given wins over --scenario, --recipe and
+    --smoke."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=HelpFormatter,
                                 usage="%(prog)s [--smoke | --dataset NAME] [options] (all: --help)")
     arg = p.add_argument
-    in_range = evaluate.in_range  # an argparse type: a number in bounds
+    in_range = evaluate.in_range
     count = in_range(int, 0)
     positive = in_range(int, 1)
-    rate = in_range(float, 0, above=True)
+    rate = in_range(float, 0, torch.finfo(torch.float32).max, above=True)
     arg("--dataset", default="cifar100", choices=stream.DATASETS, help="the stream's images")
     arg("--data-root", default="data", help="where datasets are (or get downloaded)")
     arg("--model", default="ViT-B/16",
@@ -614,8 +652,8 @@ def parse_args(argv=None):
     arg("--weight-decay", type=in_range(float, 0), default=1e-5, help="AdamW's")
     arg("--eval-period", type=positive, default=1000, help="samples between anytime evaluations")
     arg("--eval-batch-size", type=positive, default=256, help="test images per forward pass")
-    arg("--memory-size", type=count, default=0, help="reservoir replay (0 = none, as SIT)")
-    arg("--prompt", default=clip_model.PROMPT, help="{} is the class name")
+    arg("--memory-size", type=count, default=0, help="reservoir replay (SIT: 0, none)")
+    arg("--prompt", type=prompt_template, default=clip_model.PROMPT, help="{} is the class name")
     arg("--lora-r", type=positive, default=4, help="LoRA's rank")
     arg("--lora-alpha", type=rate, default=1.0, help="LoRA's scaling is alpha/r")
     arg("--adapter-bottleneck", type=positive, default=64, help="the adapter's hidden width")
@@ -637,6 +675,7 @@ def parse_args(argv=None):
     arg("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if there is one")
     arg("--workers", type=count, default=min(8, os.cpu_count() or 1), help="data-loading processes")
     arg("--out", default=None, help="output folder (default: a readable name under runs/)")
+    arg("--overwrite", action="store_true", help="replace a finished run in --out")
     arg("--log-every", type=positive, default=10, help="batches between progress-bar updates")
     arg("--compile", action="store_true", help="torch.compile the towers that run at every step")
     arg("--grad-analysis", action="store_true", help="record the text-feature gradients (Figure 2)")
@@ -654,22 +693,28 @@ def parse_args(argv=None):
         recipe["eval_split"] = "test"
     scenario = stream.SCENARIOS[first.scenario]
     p.set_defaults(**recipe, **scenario, **(SMOKE_SETTINGS if first.smoke else {}))
-    args = p.parse_args(argv)  # again, with these defaults: a flag given explicitly wins over all
+    args = p.parse_args(argv)  # again, with these defaults
     return namedtuple("Config", vars(args))(**vars(args))
 
 
+def prompt_template(text):
+    """An argparse type: a prompt with one {} for the class name and no other brace."""
+    if text.count("{") != 1 or text.count("}") != 1 or "{}" not in text:
+        raise argparse.ArgumentTypeError(f"expected one {{}} for the class name, no other brace; got {text}")
+    return text
+
+
 def download_only(config):
-    """--download-only: fetch and verify what this run needs, say where it is."""
+    """--download-only: fetch what this run needs, say where it is."""
     if config.smoke:
-        print("--smoke needs nothing from the network: its model, vocabulary and images are made here")
+        print("--smoke needs nothing from the network")
         return
     model, train_set, test_set, zero_shot = fetch(config)
     root = os.path.abspath(config.data_root)
     print(f"dataset {config.dataset}: {len(train_set)} training and {len(test_set)} test images "
           f"under {root}")
-    path = clip_model.checkpoint_path(config.model)  # local by now: no connection
-    verified = " (SHA256 verified)" if path != config.model else ""
-    print(f"model {config.model}: {os.path.abspath(path)}{verified}")
+    path = clip_model.checkpoint_path(config.model)  # local by now (SHA256-verified): no connection
+    print(f"model {config.model}: {os.path.abspath(path)}")
     if model.config.vocab_size > clip_model.BYTE_VOCAB_SIZE:  # a tokenizer with merges: a BPE file
         vocab = clip_model.bpe_vocab_path()
         theirs = "" if clip_model.is_openai_vocabulary(vocab) else " (NOT OpenAI's)"
@@ -680,14 +725,14 @@ def download_only(config):
 
 
 def metrics_line(d, label=None):
-    """'A_auc  52.10 A_avg ... F_last      -' (percent, aligned), optionally labelled."""
+    """'A_auc  52.10 A_avg ... F_last      -' (%, aligned), optionally labelled."""
     values = [f"{k} {100 * d[k]:6.2f}" if d[k] is not None else f"{k}      -" for k in evaluate.METRICS]
     line = " ".join(values)
     return f"{line}   ({label})" if label else line
 
 
 def zero_shot_eval(config, run):
-    """Zero-shot transfer of the tuned model to OUT/zero_shot.json, as evaluate.py does."""
+    """Zero-shot transfer of the tuned model to OUT/zero_shot.json."""
     accs = evaluate.zero_shot_transfer(run.model, config.zero_shot_datasets, config.data_root,
                                        config.prompt, run.device, workers=config.workers,
                                        mean=run.mean, std=run.std, resize=config.test_resize,
@@ -698,20 +743,19 @@ def zero_shot_eval(config, run):
     print(evaluate.zero_shot_markdown(accs))
 
 
-def run_command(config):
+def run_command(config, locks):
     """Exit status 0; 2: refused, nothing made; 1: failed midway, what was measured kept."""
     try:
         if config.download_only:
             download_only(config)
             return 0
-        run = prepare_run(config)
+        run = prepare_run(config, locks)
     except (clip_model.CheckpointError, OSError, ValueError) as e:  # downloads, files, data, flags
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(stream.describe_stream(run.split, run.train_set.targets, run.prompt_names))
     if config.smoke:
-        print("--smoke: a tiny random CLIP learns a synthetic stream of gratings; its untrained self "
-              "is the baseline")
+        print("--smoke: a tiny random CLIP learns a stream of gratings; its untrained self is the baseline")
     if config.eval_split == "train":
         print("evaluating on CIFAR-100's training split, as the released code did (--eval-split "
               "test: the test split)")
@@ -725,12 +769,12 @@ def run_command(config):
             print(metrics_line(results, f"{config.peft} on {config.encoder}, softmax over {softmax}"))
             untrained = os.path.join(run.out, "untrained")
             base = config._replace(peft="none", grad_analysis=False, quiet=True, out=untrained)
-            print(metrics_line(run_stream(base, prepare_run(base)), "untrained, same stream"))
+            print(metrics_line(run_stream(base, prepare_run(base, locks)), "untrained, same stream"))
         else:
             print(metrics_line(results))
         if config.zero_shot_eval:
             zero_shot_eval(config, run)
-    except (NonFiniteLoss, stream.DataError) as e:  # e.g. an unreadable image met mid-run
+    except (NonFiniteLoss, stream.DataError, OSError) as e:  # an unreadable image, a full disk
         # the last line: a DataLoader worker puts its traceback before it, and the class name in it
         line = str(e).strip().splitlines()[-1].removeprefix("stream.DataError: ")
         print(f"error: {line}; what was measured is in {run.out}", file=sys.stderr)
@@ -738,9 +782,17 @@ def run_command(config):
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a time limit, a preemption): as Ctrl-C."""
+
+
+def terminate(signum, frame):
+    raise Terminated
+
+
 def reraise_interrupt(hook, unraisable):
-    """sys.unraisablehook: Python drops a Ctrl-C that lands in an after-fork handler as DataLoader
-    workers start ("Exception ignored in: ... _releaseLock"); it is sent again, from a thread."""
+    """sys.unraisablehook: a Ctrl-C that Python drops in an after-fork handler as DataLoader
+    workers start is sent again, from a thread."""
     if issubclass(unraisable.exc_type, KeyboardInterrupt):
         main_thread = threading.main_thread().ident
         threading.Timer(0.01, signal.pthread_kill, (main_thread, signal.SIGINT)).start()
@@ -752,13 +804,16 @@ def main(argv=None):
     config = parse_args(argv)
     unraisablehook = sys.unraisablehook
     sys.unraisablehook = functools.partial(reraise_interrupt, unraisablehook)
+    sigterm = signal.signal(signal.SIGTERM, terminate)
     try:
-        return run_command(config)
-    except KeyboardInterrupt:  # at any point: a run folder, if made, says "interrupted"
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+        with contextlib.ExitStack() as locks:  # the run folders' locks
+            return run_command(config, locks)
+    except KeyboardInterrupt as e:  # at any point: a run folder, if made, says "interrupted"
+        print("\ninterrupted" + " (SIGTERM)" * isinstance(e, Terminated), file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     finally:
         sys.unraisablehook = unraisablehook
+        signal.signal(signal.SIGTERM, sigterm)
 
 
 if __name__ == "__main__":

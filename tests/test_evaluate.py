@@ -192,17 +192,25 @@ def test_table_skips_unfinished_runs(tmp_path, capsys):
     assert table_row(out, "| cifar100").split(" | ")[5] == "1" and "stopped" in err
 
 
-@pytest.mark.parametrize("case", ["missing folder", "no results.json", "malformed JSON", "missing keys"])
+@pytest.mark.parametrize("case", ["missing folder", "no results.json"])
 def test_table_bad_input_is_one_clear_line(tmp_path, capsys, case):
     run = tmp_path / "run"
     if case != "missing folder":
         run.mkdir()
-    if case == "malformed JSON":
-        (run / "results.json").write_text('{"config": ')
-    if case == "missing keys":
-        (run / "results.json").write_text('{"config": {}}')
     code, out, err = run_cli(capsys, "table", run)
     assert (code, out, len(err.splitlines())) == (1, "", 1) and str(run) in err
+
+
+def test_table_skips_a_malformed_results_json_with_one_warning_naming_it(tmp_path, capsys):
+    write_run(tmp_path / "good", seed=1)
+    for name, text in (("malformed", '{"config": '), ("missing keys", '{"config": {}}'), ("a list", "[1]")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(text)
+    code, out, err = run_cli(capsys, "table", tmp_path)
+    assert code == 0 and table_row(out, "| cifar100").split(" | ")[5] == "1"
+    warnings = err.strip().splitlines()
+    assert len(warnings) == 3 and all(w.startswith("warning: skipping ") for w in warnings)
+    assert all(str(tmp_path / name / "results.json") in err for name in ("malformed", "missing keys", "a list"))
 
 
 # -----------------------------------------------------------------------------

@@ -4,8 +4,10 @@ import copy
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -415,7 +417,8 @@ def cli(*args):
 
 
 @pytest.mark.parametrize("case", ["unknown dataset", "missing checkpoint", "corrupt checkpoint", "n > 100",
-                                  "m < 0", "zero tasks", "empty data root", "cuda without gpu"])
+                                  "m < 0", "zero tasks", "empty data root", "cuda without gpu", "prompt without {}",
+                                  "lr beyond float32"])
 def test_bad_input_exits_cleanly(data, tmp_path, case):
     args = run_args(data, tmp_path / "bad")
     (tmp_path / "bad.pt").write_bytes(os.urandom(1000))
@@ -424,7 +427,8 @@ def test_bad_input_exits_cleanly(data, tmp_path, case):
              "corrupt checkpoint": ("--model", str(tmp_path / "bad.pt")), "n > 100": ("--n", "150"),
              "m < 0": ("--m", "-1"),
              "zero tasks": ("--n-tasks", "0"), "empty data root": ("--data-root", str(tmp_path / "empty")),
-             "cuda without gpu": ("--device", "cuda")}
+             "cuda without gpu": ("--device", "cuda"), "prompt without {}": ("--prompt", "hello"),
+             "lr beyond float32": ("--lr", "1e300")}
     if case == "cuda without gpu" and torch.cuda.is_available():
         pytest.skip("a GPU is present")
     flag, value = edits[case]
@@ -437,9 +441,12 @@ def test_bad_input_exits_cleanly(data, tmp_path, case):
 
 
 @pytest.mark.parametrize("flag, value", [("--lr", "-1"), ("--lr", "nan"), ("--lr", "inf"), ("--lr", "0"),
+                                         ("--lr", "1e300"), ("--lora-alpha", "1e39"), ("--prompt", "hello"),
+                                         ("--prompt", "{1}"),
+                                         ("--prompt", "{} {}"), ("--prompt", "{!r}"), ("--prompt", "{:>9}"),
                                          ("--weight-decay", "-1e-5"), ("--lora-alpha", "nan"), ("--seed", "-1"),
                                          ("--adapter-dropout", "1.5"), ("--batch-size", "0"), ("--workers", "two")])
-def test_a_bad_number_is_refused_by_the_usage_line_and_one_error_line(flag, value, capsys):
+def test_a_bad_number_or_prompt_is_refused_by_the_usage_line_and_one_error_line(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_:
         train_online.parse_args(["--smoke", f"{flag}={value}"])
     assert exit_.value.code == 2
@@ -461,12 +468,22 @@ def one_class(data, tmp_path):
     return str(tmp_path / "one")
 
 
-@pytest.mark.parametrize("case", ["--out below a file", "one class", "more tasks than classes", "smoke tasks"])
+def long_class_name(data, tmp_path):
+    shutil.copytree(data / "images", tmp_path / "long")
+    for split in ("train", "test"):
+        os.rename(tmp_path / "long" / split / "cat", tmp_path / "long" / split / ("cat" * 70))
+    return str(tmp_path / "long")
+
+
+@pytest.mark.parametrize("case", ["--out below a file", "one class", "more tasks than classes", "smoke tasks",
+                                  "class name too long"])
 def test_a_refused_run_is_one_line_exit_2_and_leaves_no_folder(data, tmp_path, capsys, case):
     (tmp_path / "file").write_text("")
     out = tmp_path / "run"
     args, words = {
         "--out below a file": (run_args(data, tmp_path / "file" / "run"), ["--out", "file"]),
+        "class name too long": (run_args(data, out, "--data-root", long_class_name(data, tmp_path), "--act",
+                                         "quickgelu"), ["cat" * 70, "is 78 tokens, longer than context length 77"]),
         "one class": (run_args(data, out, "--data-root", one_class(data, tmp_path)), ["--data-root", "1 class"]),
         "more tasks than classes": (run_args(data, out, "--n-tasks", "5"), ["--n-tasks 5", "at most 4"]),
         "smoke tasks": (["--smoke", "--n-tasks", "1000", "--quiet", "--out", str(out)], ["--n-tasks 1000"]),
@@ -474,10 +491,156 @@ def test_a_refused_run_is_one_line_exit_2_and_leaves_no_folder(data, tmp_path, c
     assert train_online.main(args) == 2
     line, = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: ") and all(word in line for word in words), line
-    assert not os.path.exists(out) and os.listdir(tmp_path) in (["file"], ["file", "one"], ["one", "file"])
+    assert not os.path.exists(out) and sorted(os.listdir(tmp_path)) == ["file", "long", "one"]
 
 
 def test_a_leading_empty_task_gets_no_task_end(data, tmp_path):
     # seed 21 cuts the image folder's stream into tasks of 0 and 96 samples
     assert train_online.main(run_args(data, tmp_path / "empty", "--seed", "21")) == 0
     assert read(tmp_path / "empty")["task_end_samples"] == [96]
+
+
+# -----------------------------------------------------------------------------
+# runs on a cluster: one run per folder, a finished run kept, SIGTERM and a full disk end clean
+
+
+def start(*args, code="import sys, train_online\nsys.exit(train_online.main(sys.argv[1:]))"):
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finished(process):
+    """(exit status, last line of stderr) of a started run."""
+    _, err = process.communicate(timeout=300)
+    assert "Traceback" not in err, err
+    return process.returncode, err.strip().rpartition("\n")[2]
+
+
+def files(out):
+    return sorted(os.path.relpath(os.path.join(root, f), out) for root, _, names in os.walk(out) for f in names)
+
+
+def wait_for_evaluations(out, n=2):
+    """Until log.jsonl holds n evaluations: the run is training."""
+    for _ in range(6000):
+        if os.path.exists(out / "log.jsonl") and len(open(out / "log.jsonl").readlines()) >= n:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(out)
+
+
+SMOKE = ("--smoke", "--quiet", "--workers", "0", "--eval-period", "50")
+
+
+def test_a_finished_run_is_never_overwritten_and_overwrite_replaces_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_online.main([*SMOKE, "--peft", "none", "--out", str(out)]) == 0
+    before = {f: (out / f).read_bytes() for f in files(out)}
+    capsys.readouterr()
+    assert train_online.main([*SMOKE, "--peft", "none", "--seed", "2", "--out", str(out)]) == 2
+    line, = capsys.readouterr().err.strip().splitlines()
+    assert "finished run" in line and "--overwrite" in line and "--skip-finished" in line, line
+    assert {f: (out / f).read_bytes() for f in files(out)} == before  # untouched
+    assert train_online.main([*SMOKE, "--peft", "none", "--seed", "2", "--out", str(out), "--overwrite"]) == 0
+    assert read(out)["config"]["seed"] == 2
+
+
+def test_an_unfinished_runs_folder_is_started_afresh_with_only_the_new_runs_files(tmp_path):
+    out = tmp_path / "run"
+    (out / "untrained").mkdir(parents=True)
+    for name in ("peft.pt", "grad.jsonl", "zero_shot.json", "results.json.tmp", "untrained/results.json"):
+        (out / name).write_text("an earlier run's")
+    (out / "log.jsonl").write_text('{"event": "anytime", "samples": 1}\n' * 7)
+    (out / "results.json").write_text(json.dumps({"status": "failed"}))
+    assert finished(start(*SMOKE, "--peft", "none", "--out", out))[0] == 0
+    assert files(out) == ["log.jsonl", "results.json", "run.lock", "smoke_clip.pt"]
+    results = read(out)
+    assert len(open(out / "log.jsonl").readlines()) == len(results["anytime"]) + len(results["task_acc"])
+
+
+def test_the_grids_slurm_script_ends_a_finished_task_at_once_without_harm(tmp_path, capsys):
+    out, _ = evaluate.grid_runs("cifar100", runs_root=str(tmp_path))[0]
+    os.makedirs(out)
+    results = os.path.join(out, "results.json")
+    evaluate.write_json(results, {"status": "finished", "A_last": 0.5})
+    assert evaluate.main(["grid", "--runs-root", str(tmp_path), "--slurm"]) == 0
+    (tmp_path / "grid.sbatch").write_text(capsys.readouterr().out)
+    result = subprocess.run(["bash", tmp_path / "grid.sbatch"], env={**os.environ, "SLURM_ARRAY_TASK_ID": "0"},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "holds a finished run" in result.stderr.strip().splitlines()[-1]
+    assert os.listdir(out) == ["results.json"] and read(out) == {"status": "finished", "A_last": 0.5}
+
+
+def test_a_second_run_into_a_live_runs_folder_is_refused_and_the_first_is_untouched(tmp_path):
+    out = tmp_path / "run"
+    first = start(*SMOKE, "--out", out)
+    wait_for_evaluations(out, 1)
+    code, line = finished(start(*SMOKE, "--seed", "2", "--out", out))
+    assert code == 2 and line == f"error: --out {out}: another run is writing to it; use another --out"
+    assert finished(first)[0] == 0
+    results = read(out)
+    assert results["status"] == "finished" and results["config"]["seed"] == 1
+    assert len(open(out / "log.jsonl").readlines()) == len(results["anytime"]) + len(results["task_acc"])
+
+
+def test_sigterm_ends_the_run_interrupted_with_exit_143_keeping_what_was_measured(tmp_path):
+    out = tmp_path / "run"
+    run = start(*SMOKE, "--out", out)
+    wait_for_evaluations(out)
+    run.send_signal(signal.SIGTERM)
+    assert finished(run) == (143, "interrupted (SIGTERM)")
+    results = read(out)
+    assert results["status"] == "interrupted" and len(results["anytime"]) >= 2
+    assert not any(f.endswith(".tmp") for f in files(out))
+
+
+def test_a_lock_left_by_a_killed_run_does_not_block_the_next(tmp_path):
+    out = tmp_path / "run"
+    run = start(*SMOKE, "--out", out)
+    wait_for_evaluations(out)
+    run.kill()
+    run.wait()
+    assert read(out)["status"] == "running" and os.path.exists(out / "run.lock")
+    assert finished(start(*SMOKE, "--peft", "none", "--out", out))[0] == 0
+    assert files(out) == ["log.jsonl", "results.json", "run.lock", "smoke_clip.pt"]
+
+
+FULL_DISK = ("import resource, signal, sys, train_online\n"
+             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails (EFBIG): a full disk\n"
+             "resource.setrlimit(resource.RLIMIT_FSIZE, ({0}, {0}))\n"
+             "sys.exit(train_online.main(sys.argv[1:]))")
+
+
+@pytest.mark.parametrize("fails, limit, code, flags", [
+    ("smoke_clip.pt", 100_000, 2, SMOKE), ("results.json", 2000, 1, ("--peft", "none")),
+    ("grad.jsonl", 3000, 1, ("--grad-analysis", "--n-tasks", "1")), ("peft.pt", 10_000, 1, ())])
+def test_a_full_disk_ends_the_run_in_one_line_leaving_only_complete_files(data, tmp_path, fails, limit, code, flags):
+    out = tmp_path / "run"
+    args = [*flags, "--out", out] if fails == "smoke_clip.pt" else run_args(data, out, *flags)
+    result, line = finished(start(*args, code=FULL_DISK.format(limit)))
+    assert result == code and line.startswith("error: [Errno 27] File too large: ") and fails in line, line
+    assert not any(f.endswith(".tmp") for f in files(out))
+    for name in files(out):  # each file whole: JSON that parses, a torch file that loads
+        if name.endswith(".json"):
+            read(out, name)
+        if name.endswith(".jsonl"):
+            [json.loads(line) for line in open(out / name)]
+        if name.endswith(".pt"):
+            torch.load(out / name, weights_only=True)
+
+
+def test_a_line_or_file_that_does_not_fit_is_taken_back_whole(tmp_path):
+    code = FULL_DISK.format(110).split("sys.exit")[0] + (
+        "import evaluate, os\n"
+        "log = train_online.JsonLines(sys.argv[1], 'w')\n"
+        "try:\n    while True: log.write('{\"twenty bytes\": 1}\\n')\n"
+        "except OSError as e: print(e.filename)\n"
+        "evaluate.write_json(sys.argv[2], [1])\n"
+        "try: evaluate.write_json(sys.argv[2], list(range(100)))\n"
+        "except OSError as e: print(e.filename)\n")
+    log, results = tmp_path / "log.jsonl", tmp_path / "results.json"
+    result = subprocess.run([sys.executable, "-c", code, log, results], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.stdout.split() == [str(log), str(results)], result.stderr
+    assert log.read_text() == '{"twenty bytes": 1}\n' * 5 and json.loads(results.read_text()) == [1]
+    assert sorted(os.listdir(tmp_path)) == ["log.jsonl", "results.json"]  # no .tmp
