@@ -102,18 +102,6 @@ def sit_step(model, optimizer, images, labels, visible, text_features_of, augmen
 # ---- the online loop and its anytime evaluation ----
 
 
-@torch.inference_mode()
-def evaluate_seen(test, text_features_of, seen, amp=contextlib.nullcontext):
-    """Top-1 accuracy on the test images of the seen classes, predicting among the seen classes
-    only; and per class."""
-    test.model.eval()
-    indices = stream.seen_test_indices(test.labels, seen)
-    with amp():
-        g = text_features_of(seen)
-        f = test.features_of(indices)
-    return evaluate.top1_on_seen(f, test.labels[indices], g, seen.tolist())
-
-
 def train(model, batches, *, task_sizes, text_features_of, test, augment, log, online_iter=3,
           lr=5e-4, weight_decay=1e-5, eval_period=1000, visible_classes="batch",
           double_softmax=False, amp=contextlib.nullcontext, memory=None):
@@ -159,7 +147,7 @@ def train(model, batches, *, task_sizes, text_features_of, test, augment, log, o
             task_ends.pop(0)
             events.append("task_end")
         if events:
-            acc, per_class = evaluate_seen(test, text_features_of, seen, amp)
+            acc, per_class = evaluate.evaluate_seen(test, text_features_of, seen, amp)
             for event in events:
                 log.evaluation(event, samples, acc, per_class, seen.tolist())
     return model
@@ -242,7 +230,7 @@ class Results:
         self.data = {"config": config, "status": "running", "class_names": list(class_names),
                      "seen_classes": [], "disjoint_classes": split.disjoint_classes,
                      "blurry_classes": split.blurry_classes, "anytime": [], "task_end_samples": [],
-                     "task_acc": [], "class_acc": [], **dict.fromkeys(evaluate.METRICS)}
+                     "task_acc": [], "class_acc": [], **evaluate.lifelong_metrics([], [], [])}
         open(os.path.join(out, "log.jsonl"), "w").close()
         self.write()
 
