@@ -94,7 +94,23 @@ def top1_on_seen(image_features, labels, text_features, seen_classes):
     return sum(correct) / sum(total), per_class
 
 
+<<<<<<< HEAD
 # ---- 3. files: one error line for each problem ----
+=======
+@torch.inference_mode()
+def evaluate_seen(test, text_features_of, seen, amp=contextlib.nullcontext):
+    """The anytime (and task-end) evaluation: top1_on_seen on the test images of the seen classes.
+    test: its `model`, `labels` and `features_of(indices)`; text_features_of(class ids) -> (S, D)."""
+    test.model.eval()
+    indices = stream.seen_test_indices(test.labels, seen)
+    with amp():
+        g = text_features_of(seen)
+        f = test.features_of(indices)
+    return top1_on_seen(f, test.labels[indices], g, seen.tolist())
+
+
+# ---- 3. files: one error line for each problem ---------------------------------------------------
+>>>>>>> method
 
 
 def require(ok, path, problem):

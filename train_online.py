@@ -40,11 +40,6 @@ import stream
 # ---- the loss ----
 
 
-def visible_classes(labels, seen, softmax_over):
-    """The class ids of the softmax: SIT's C_B, the batch's labels ("batch"), or all seen."""
-    return torch.unique(labels) if softmax_over == "batch" else seen
-
-
 def symmetric_loss(image_features, text_features, labels, visible, scale, double_softmax=False):
     """L = mean_i CE(s * <f_i, g_c> over c in `visible`, y_i): SIT when `visible` = C_B, the
     classes in the batch. image_features (B, D) and text_features (len(visible), D) are
@@ -79,12 +74,7 @@ def text_gradient_parts(image_features, text_features, labels, visible, scale, d
     return per_sample * (y * e).t() @ f, per_sample * ((1 - y) * e).t() @ f
 
 
-# ---- the step ----
-
-
-def is_tuned(module):
-    """Whether any parameter of this module (a tower) trains."""
-    return any(p.requires_grad for p in module.parameters())
+# ---- one step ----
 
 
 def make_optimizer(model, lr, weight_decay):
@@ -94,15 +84,15 @@ def make_optimizer(model, lr, weight_decay):
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
-def sit_step(model, optimizer, images, labels, visible, text_features, augment, scale,
+def sit_step(model, optimizer, images, labels, visible, text_features_of, augment, scale,
              amp=contextlib.nullcontext, double_softmax=False):
     """One gradient step on one augmented copy of the batch; returns the loss, f and g. labels and
-    visible on the host; augment: uint8 images -> model input; text_features: ids -> (V, D)."""
+    visible on the host; augment: uint8 (B, 3, H, W) -> model input; text_features_of: ids -> (V, D)."""
     model.train()
     images = images.to(scale.device, non_blocking=True)
     with amp():
         f = F.normalize(model.encode_image(augment(images)), dim=-1)
-        g = text_features(visible)
+        g = text_features_of(visible)
         loss = symmetric_loss(f, g, labels, visible, scale, double_softmax)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -110,44 +100,105 @@ def sit_step(model, optimizer, images, labels, visible, text_features, augment, 
     return loss.detach(), f.detach(), g.detach()
 
 
-# ---- features, with the caches that frozen towers allow ----
+# ---- the online loop and its anytime evaluation ----
+
+
+def train(model, batches, *, task_sizes, text_features_of, test, augment, log, online_iter=3,
+          lr=5e-4, weight_decay=1e-5, eval_period=1000, visible_classes="batch",
+          double_softmax=False, amp=contextlib.nullcontext, memory=None):
+    """The paper's online protocol on a stream of batches (stream.StreamBatch), each seen once;
+    `log` (a RunLog) gets every step, batch and evaluation. memory: optional replay."""
+    trains = is_tuned(model)  # zero-shot CLIP (nothing trainable) is only evaluated
+    scale = model.logit_scale.exp().detach()  # s, frozen
+    # A task ends when the stream reaches its cumulative size. Leading empty tasks (a random cut
+    # can make them) end before the first batch, with no evaluation (released: a crash).
+    task_ends = [end for end in itertools.accumulate(task_sizes) if end > 0]
+    seen = torch.zeros(0, dtype=torch.long)  # class ids in order of first appearance (on the host)
+    samples = 0
+    next_eval = eval_period
+    task = None
+    for batch in batches:
+        # AdamW, re-created at the start of each task (as released)
+        if trains and batch.task != task:
+            optimizer = make_optimizer(model, lr, weight_decay)
+        task = batch.task
+        # a class becomes seen at its first batch, and trains in that same batch
+        in_order = torch.tensor(list(dict.fromkeys(batch.labels.tolist())), dtype=torch.long)
+        seen = torch.cat([seen, in_order[~torch.isin(in_order, seen)]])
+        # online_iter gradient steps, each on its own freshly augmented copy of the batch
+        for it in range(online_iter if trains else 0):
+            images = batch.images[it]
+            labels = batch.labels
+            if memory is not None:  # replay: the batch includes memory samples, C_B their labels
+                images, labels = memory.extend(images, labels)
+            visible = labels.unique() if visible_classes == "batch" else seen  # C_B (SIT) or all
+            loss, f, g = sit_step(model, optimizer, images, labels, visible, text_features_of,
+                                  augment, scale, amp, double_softmax)
+            log.step(loss, f, g, labels, visible, samples, task)
+        if memory is not None:  # after training on the batch, as the released ER
+            memory.add(batch.indices.tolist())
+        samples += len(batch.labels)
+        log.batch(samples, seen)
+        # anytime evaluation past each eval_period samples (as released), and one at each task end
+        events = []
+        if samples > next_eval:
+            next_eval += eval_period
+            events.append("anytime")
+        while task_ends and task_ends[0] <= samples:
+            task_ends.pop(0)
+            events.append("task_end")
+        if events:
+            acc, per_class = evaluate.evaluate_seen(test, text_features_of, seen, amp)
+            for event in events:
+                log.evaluation(event, samples, acc, per_class, seen.tolist())
+    return model
+
+
+# ---- machinery: what `train` is handed (feature caches, the run folder, replay; not the method) ----
+
+
+def is_tuned(module):
+    """Whether any parameter of this module (a tower) trains."""
+    return any(p.requires_grad for p in module.parameters())
 
 
 class FeatureCache:
-    """Normalized features by id (a class, a test image): encode(ids), once per id while the tower
-    is frozen (bookkeeping on the host: no device syncs)."""
+    """Normalized features by id (a class, or a test image), computed by encode(ids); with
+    cache=True each once in the whole run, while the tower that computes them is frozen
+    (bookkeeping on the host: no device syncs)."""
 
-    def __init__(self, encode, n, dim, device, frozen):
+    def __init__(self, encode, n, dim, device, cache):
         self.encode = encode
-        self.frozen = frozen
-        self.cache = torch.zeros(n, dim, device=device)
+        self.cache = cache
+        self.features = torch.zeros(n, dim, device=device)
         self.cached = torch.zeros(n, dtype=torch.bool)
 
     def __call__(self, ids):
-        """(len(ids), D) features of these ids (a CPU tensor)."""
-        if not self.frozen:
+        """(len(ids), D) features of these ids (a CPU tensor); with grad when the tower trains."""
+        if not self.cache:
             return self.encode(ids)
         missing = ids[~self.cached[ids]]
-        if len(missing):
+        if len(missing):  # e.g. a class seen for the first time: encoded once, for training and tests
             with torch.no_grad():
-                self.cache[missing.to(self.cache.device)] = self.encode(missing).float()
+                self.features[missing.to(self.features.device)] = self.encode(missing).float()
             self.cached[missing] = True
-        return self.cache[ids.to(self.cache.device, non_blocking=True)]
+        return self.features[ids.to(self.features.device, non_blocking=True)]
 
 
-def text_feature_cache(model, class_names, prompt, cache=True):
-    """g_c by class id: the text features of `prompt` with each class name."""
+def text_features_of_classes(model, class_names, prompt, cache=True):
+    """g_c by class id (a callable): the text features of `prompt` with each class name."""
     tokens = clip_model.prompt_tokens(model, class_names, prompt)  # (C, T), on the model's device
 
     def encode(classes):
         ids = classes.to(tokens.device, non_blocking=True)
         return F.normalize(model.encode_text(tokens[ids]), dim=-1)
-    frozen = cache and not is_tuned(model.transformer)
-    return FeatureCache(encode, len(class_names), model.config.embed_dim, tokens.device, frozen)
+    cache = cache and not is_tuned(model.transformer)
+    return FeatureCache(encode, len(class_names), model.config.embed_dim, tokens.device, cache)
 
 
 class TestImages:
-    """The test split as one uint8 tensor on the device; `features`: theirs by index."""
+    """The test split as one uint8 tensor on the device, and `features_of`, their image features
+    by index (a callable)."""
 
     def __init__(self, model, batches, transform, batch_size, cache=True):
         self.model = model
@@ -156,9 +207,9 @@ class TestImages:
         images, labels = zip(*batches)
         self.images = torch.cat(images).to(model.positional_embedding.device)  # (N, 3, H, W) uint8
         self.labels = torch.cat(labels)  # on the host: the seen classes' samples need no device sync
-        frozen = cache and not is_tuned(model.visual)
+        cache = cache and not is_tuned(model.visual)
         dim = model.config.embed_dim
-        self.features = FeatureCache(self.encode, len(self.labels), dim, self.images.device, frozen)
+        self.features_of = FeatureCache(self.encode, len(self.labels), dim, self.images.device, cache)
 
     def encode(self, indices):
         indices = indices.to(self.images.device, non_blocking=True)
@@ -166,18 +217,8 @@ class TestImages:
         return torch.cat([F.normalize(self.model.encode_image(x), dim=-1).float() for x in chunks])
 
 
-@torch.inference_mode()
-def evaluate_seen(test, text_features, seen, amp=contextlib.nullcontext):
-    """evaluate.top1_on_seen on the test images of the seen classes."""
-    test.model.eval()
-    indices = stream.seen_test_indices(test.labels, seen)
-    with amp():
-        g = text_features(seen)
-        f = test.features(indices)
-    return evaluate.top1_on_seen(f, test.labels[indices], g, seen.tolist())
-
-
-# ---- results that survive: written atomically as they are measured ----
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf: the run stops and keeps what it measured before."""
 
 
 class Results:
@@ -190,11 +231,11 @@ class Results:
         self.data = {"config": config, "status": "running", "class_names": list(class_names),
                      "seen_classes": [], "disjoint_classes": split.disjoint_classes,
                      "blurry_classes": split.blurry_classes, "anytime": [], "task_end_samples": [],
-                     "task_acc": [], "class_acc": [], **dict.fromkeys(evaluate.METRICS)}
+                     "task_acc": [], "class_acc": [], **evaluate.lifelong_metrics([], [], [])}
         open(os.path.join(out, "log.jsonl"), "w").close()
         self.write()
 
-    def record(self, event, samples, acc, per_class, seen):
+    def add(self, event, samples, acc, per_class, seen):
         """One evaluation ("anytime" or "task_end") and the metrics so far."""
         d = self.data
         entry = {"event": event, "samples": samples, "acc": acc, "n_seen": len(seen)}
@@ -220,6 +261,53 @@ class Results:
         evaluate.write_json(os.path.join(self.out, "results.json"), self.data)
 
 
+class RunLog:
+    """What `train` reports to: results (Results), the progress bar, the running loss (a NaN
+    stops the run at the next check), OUT/grad.jsonl (grad_log, Figure 2) and save() at task ends."""
+
+    def __init__(self, results, bar, log_every, grad_log=None, save=None, scale=None,
+                 double_softmax=False):
+        self.results = results
+        self.bar = bar
+        self.log_every = log_every
+        self.grad_log = grad_log  # with the loss's scale and double_softmax
+        self.save = save
+        self.scale = scale
+        self.double_softmax = double_softmax
+        self.running_loss = torch.zeros(())  # on the device: no host sync per step; a NaN stays
+        self.steps = 0
+        self.batches = 0
+
+    def step(self, loss, f, g, labels, visible, samples, task):
+        """After each gradient step."""
+        self.running_loss = loss if self.steps == 0 else 0.9 * self.running_loss + 0.1 * loss
+        if self.grad_log is not None:
+            log_gradient_parts(self.grad_log, f, g, labels, visible, self.scale,
+                               self.double_softmax, self.steps, samples, task)
+        self.steps += 1
+
+    def batch(self, samples, seen):
+        """After each batch: the bar; every log_every batches, its loss (a host sync)."""
+        self.bar.update(samples - self.bar.n)
+        self.batches += 1
+        if self.batches % self.log_every == 0:
+            self.check_finite(samples)
+            loss = f"{self.running_loss.item():.3f}"
+            self.bar.set_postfix(loss=loss, acc=self.results.acc, seen=len(seen), refresh=False)
+
+    def evaluation(self, event, samples, acc, per_class, seen):
+        """After each evaluation ("anytime" or "task_end"): written at once."""
+        self.check_finite(samples)
+        self.results.add(event, samples, acc, per_class, seen)
+        if event == "task_end" and self.save is not None:
+            self.save()
+
+    def check_finite(self, samples):
+        if not torch.isfinite(self.running_loss):
+            raise NonFiniteLoss(f"the loss became non-finite (NaN or inf) before sample {samples}; "
+                                "try a lower --lr or --precision fp32")
+
+
 class JsonLines(io.FileIO):
     """A .jsonl file whose lines are whole: one cut short (a full disk) is taken back."""
 
@@ -240,16 +328,13 @@ def save_torch(path, obj):
     evaluate.write_file(path, buffer.getvalue())
 
 
-def save_peft(path, model, record):
-    """OUT/peft.pt: the LoRA/adapter tensors and `record`."""
-    if record["peft"] == "lora":
+def save_peft(path, model, info):
+    """OUT/peft.pt: the LoRA/adapter tensors and `info` (what rebuilds the model)."""
+    if info["peft"] == "lora":
         state_dict = lora.lora_state_dict(model)
     else:
         state_dict = adapter.adapter_state_dict(model)
-    save_torch(path, {"state_dict": {k: v.cpu() for k, v in state_dict.items()}, **record})
-
-
-# ---- optional parts of the loop: replay and the gradient log ----
+    save_torch(path, {"state_dict": {k: v.cpu() for k, v in state_dict.items()}, **info})
 
 
 class ReservoirMemory:
@@ -262,6 +347,7 @@ class ReservoirMemory:
         self.load = load  # stream.stream_batches over the training set, one augmented copy
         self.indices = []
         self.n_streamed = 0
+        self.steps = 0  # gradient steps so far: one extend() each
         self.generator = torch.Generator().manual_seed(seed)
 
     def add(self, indices):
@@ -274,13 +360,14 @@ class ReservoirMemory:
                 if j < self.size:
                     self.indices[j] = index
 
-    def extend(self, images, labels, step):
+    def extend(self, images, labels):
         """The stream batch and a freshly augmented memory batch."""
+        self.steps += 1
         if not self.indices:
             return images, labels
         picks = torch.randperm(len(self.indices), generator=self.generator)[:self.batch_size]
         picked = [self.indices[i] for i in picks.tolist()]
-        (mem,) = self.load([picked], len(picks), seed=self.seed * 1_000_003 + step)
+        (mem,) = self.load([picked], len(picks), seed=self.seed * 1_000_003 + self.steps - 1)
         return torch.cat([images, mem.images[0]]), torch.cat([labels, mem.labels])
 
 
@@ -295,94 +382,17 @@ def log_gradient_parts(log, f, g, labels, visible, scale, double_softmax, step, 
     log.write(json.dumps(line) + "\n")
 
 
-# ---- the online loop ----
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or inf: the run stops, keeping what it measured."""
-
-
-def check_finite(running_loss, samples):
-    if not torch.isfinite(running_loss):
-        raise NonFiniteLoss(f"the loss became non-finite (NaN or inf) before sample {samples}; "
-                            "try a lower --lr or --precision fp32")
-
-
-def train(model, batches, *, task_sizes, text_features, test, augment, results, online_iter=3,
-          lr=5e-4, weight_decay=1e-5, eval_period=1000, softmax_over="batch", double_softmax=False,
-          amp=contextlib.nullcontext, memory=None, grad_log=None, progress=None, at_task_end=None):
-    """The online protocol on a stream of batches (stream.StreamBatch), each seen once; each
-    evaluation goes to results.record. Zero-shot CLIP is only evaluated.
-    Optional: memory (replay), grad_log (Figure 2), progress(samples, running loss, seen) after
-    each batch, at_task_end() after each task-end evaluation."""
-    trains = is_tuned(model)
-    scale = model.logit_scale.exp().detach()  # s, frozen
-    # A task ends when the stream reaches its cumulative size. Leading empty tasks (a random cut
-    # can make them) end before the first batch, with no evaluation (released: a crash).
-    task_ends = [end for end in itertools.accumulate(task_sizes) if end > 0]
-    seen = torch.zeros(0, dtype=torch.long)  # class ids in order of first appearance (on the host)
-    samples = 0
-    next_eval = eval_period
-    step = 0
-    task = None
-    running_loss = torch.zeros(())  # on the device: no host sync per step, and a NaN stays in it
-    for batch in batches:
-        # AdamW, re-created at the start of each task (as released)
-        if trains and batch.task != task:
-            optimizer = make_optimizer(model, lr, weight_decay)
-        task = batch.task
-        # a class becomes seen at its first batch, and trains in that same batch
-        known = set(seen.tolist())
-        new = [c for c in dict.fromkeys(batch.labels.tolist()) if c not in known]
-        seen = torch.cat([seen, torch.tensor(new, dtype=torch.long)])
-        # online_iter gradient steps, each on its own freshly augmented copy of the batch
-        for it in range(online_iter if trains else 0):
-            images = batch.images[it]
-            labels = batch.labels
-            visible = visible_classes(labels, seen, softmax_over)
-            if memory is not None:  # optional replay (SIT uses none); as released, all seen visible
-                images, labels = memory.extend(images, labels, step)
-                visible = seen
-            loss, f, g = sit_step(model, optimizer, images, labels, visible, text_features, augment,
-                                  scale, amp, double_softmax)
-            if grad_log is not None:  # optional: the gradient on the text features (Figure 2)
-                log_gradient_parts(grad_log, f, g, labels, visible, scale, double_softmax, step,
-                                   samples, task)
-            running_loss = loss if step == 0 else 0.9 * running_loss + 0.1 * loss
-            step += 1
-        if memory is not None:  # after training on the batch, as the released ER
-            memory.add(batch.indices.tolist())
-        samples += len(batch.labels)
-        if progress is not None:
-            progress(samples, running_loss, seen)
-        # anytime evaluation: when the sample counter passes the next point (as released)
-        if samples > next_eval:
-            next_eval += eval_period
-            check_finite(running_loss, samples)
-            acc, per_class = evaluate_seen(test, text_features, seen, amp)
-            results.record("anytime", samples, acc, per_class, seen.tolist())
-        # the same evaluation at each task end (empty tasks end together)
-        while task_ends and task_ends[0] <= samples:
-            task_ends.pop(0)
-            check_finite(running_loss, samples)
-            acc, per_class = evaluate_seen(test, text_features, seen, amp)
-            results.record("task_end", samples, acc, per_class, seen.tolist())
-            if at_task_end is not None:
-                at_task_end()
-    return model
-
-
-# ---- a run: model, data and stream from the configuration, the loop and its outputs ----
+# ---- a run: model, data and stream from the configuration, then the loop with its outputs ----
 
 # Each released behaviour that changes numbers is a switch (README, "Differences from the released
 # code").
 RECIPES = {
     "ours": dict(lora_init="zero", double_softmax=False, augment_per="sample", normalize="clip",
                  test_resize="centre", class_names="readable", image_fit="centre", precision="auto",
-                 eval_split="test", zero_shot_protocol="ours"),
+                 eval_split="test", zero_shot_protocol="ours", replay_classes="batch"),
     "released": dict(lora_init="released", double_softmax=True, augment_per="batch", normalize="dataset",
                      test_resize="squash", class_names="raw", image_fit="random", precision="fp32",
-                     eval_split="train", zero_shot_protocol="released"),
+                     eval_split="train", zero_shot_protocol="released", replay_classes="seen"),
 }
 
 # --smoke: a tiny random CLIP (byte-level vocabulary: no file, no network) and 10 grating classes.
@@ -536,11 +546,11 @@ def prepare_run(config, locks):
     return Run(model, train_set, test_set, split, device, out, model_path, prompt_names, mean, std)
 
 
-def peft_record(config, record, run):
+def peft_info(config, settings, run):
     """peft.pt beside the tensors: what rebuilds the model and its inputs."""
     keys = ("model", "act", "peft", "encoder", "prompt", "dataset", "mean", "std", "test_resize")
     recipe = {k: getattr(config, k) for k in RECIPES[config.recipe]}  # the switches as run
-    return {**{k: record[k] for k in keys}, "peft_args": peft_arguments(config),
+    return {**{k: settings[k] for k in keys}, "peft_args": peft_arguments(config),
             "class_names": run.prompt_names, "recipe": recipe}
 
 
@@ -553,11 +563,11 @@ def run_stream(config, run):
     if config.dataset in ("cifar100", "tinyimagenet", "smoke"):
         load_size = None
     policy = "cifar10" if config.dataset in ("cifar100", "smoke") else "imagenet"  # AutoAugment's
-    record = {**config._asdict(), "act": model.config.act, "model": run.model_path, "out": run.out,
-              "mean": list(run.mean), "std": list(run.std)}  # the configuration, resolved
-    results = Results(run.out, record, run.prompt_names, run.split)
+    settings = {**config._asdict(), "act": model.config.act, "model": run.model_path, "out": run.out,
+                "mean": list(run.mean), "std": list(run.std)}  # the configuration, resolved
+    results = Results(run.out, settings, run.prompt_names, run.split)
     try:
-        text_features = text_feature_cache(model, run.prompt_names, config.prompt, cache=cache)
+        text_features_of = text_features_of_classes(model, run.prompt_names, config.prompt, cache)
         test_batches = stream.eval_batches(run.test_set, range(len(run.test_set)),
                                            config.eval_batch_size, config.workers,
                                            image_size=load_size, resize=config.test_resize,
@@ -582,30 +592,25 @@ def run_stream(config, run):
         save = None
         if config.peft != "none":
             peft_path = os.path.join(run.out, "peft.pt")
-            save = functools.partial(save_peft, peft_path, model, peft_record(config, record, run))
+            save = functools.partial(save_peft, peft_path, model, peft_info(config, settings, run))
         bar = tqdm(total=sum(map(len, run.split.tasks)), unit="img", dynamic_ncols=True,
                    disable=config.quiet)
-        ticks = itertools.count(1)
-
-        def progress(samples, running_loss, seen):
-            bar.update(samples - bar.n)
-            if next(ticks) % config.log_every == 0:  # the only host syncs besides the evaluations
-                check_finite(running_loss, samples)
-                loss = f"{running_loss.item():.3f}"
-                bar.set_postfix(loss=loss, acc=results.acc, seen=len(seen), refresh=False)
-
         grad_log = None
         if config.grad_analysis:
             grad_log = JsonLines(os.path.join(run.out, "grad.jsonl"), "w")
+        log = RunLog(results, bar, config.log_every, grad_log, save, model.logit_scale.exp().detach(),
+                     config.double_softmax)
+        visible_classes = config.visible_classes
+        if config.memory_size and config.replay_classes == "seen":  # released: replay means "all"
+            visible_classes = "all"
         start = time.time()
         with bar, grad_log or contextlib.nullcontext():
             train(model, batches, task_sizes=[len(t) for t in run.split.tasks],
-                  text_features=text_features, test=test, augment=augment, results=results,
+                  text_features_of=text_features_of, test=test, augment=augment, log=log,
                   online_iter=config.online_iter, lr=config.lr, weight_decay=config.weight_decay,
-                  eval_period=config.eval_period, softmax_over=config.visible_classes,
+                  eval_period=config.eval_period, visible_classes=visible_classes,
                   double_softmax=config.double_softmax,
-                  amp=evaluate.autocast(run.device, config.precision), memory=memory,
-                  grad_log=grad_log, progress=progress, at_task_end=save)
+                  amp=evaluate.autocast(run.device, config.precision), memory=memory)
         results.data["config"]["wall_time_s"] = round(time.time() - start, 1)
         results.write(status="finished")
     except BaseException as e:  # Ctrl-C, SIGTERM: what was measured stays, and how it ended
@@ -671,6 +676,7 @@ def parse_args(argv=None):
     switch("--image-fit", choices=stream.IMAGE_FITS, help="variable-size images: centre | random crop")
     switch("--precision", choices=("auto", "fp32", "bf16"), help="auto = bf16 autocast on CUDA")
     switch("--eval-split", choices=("test", "train"), help="CIFAR-100 evaluated on test | train (a bug)")
+    switch("--replay-classes", choices=("batch", "seen"), help="SIT with --memory-size: C_B | all seen")
     switch("--zero-shot-protocol", choices=("ours", "released"), help="see evaluate.py zero-shot --help")
     arg("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if there is one")
     arg("--workers", type=count, default=min(8, os.cpu_count() or 1), help="data-loading processes")

@@ -22,6 +22,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -78,7 +79,7 @@ def our_step_fn(model, device, compile_model=False, batch=64):
     if compile_model:
         train_online.compile_towers(model)
     optimizer = train_online.make_optimizer(model, config.lr, config.weight_decay)
-    text_features = train_online.text_feature_cache(model, CLASS_NAMES, config.prompt)
+    text_features = train_online.text_features_of_classes(model, CLASS_NAMES, config.prompt)
     augment = stream.BatchAugment(model.visual.image_size, seed=0)
     amp = evaluate.autocast(device, config.precision)
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)  # on the host, as the stream delivers
@@ -173,14 +174,15 @@ def full_run(device, fraction, workers, precision, compile_model=False):
                                     config.workers, config.seed, augment_per=config.augment_per)
     sync(device)
     start = time.perf_counter()
-    text_features = train_online.text_feature_cache(model, train_set.classes, config.prompt)
+    text_features = train_online.text_features_of_classes(model, train_set.classes, config.prompt)
     test_batches = stream.eval_batches(test_set, range(len(test_set)), config.eval_batch_size, config.workers)
     test = TimedTest(model, test_batches, lambda x: stream.eval_transform(x, image_size), config.eval_batch_size)
     augment = stream.BatchAugment(image_size, seed=config.seed, per=config.augment_per)
+    log = train_online.RunLog(results, tqdm(disable=True), config.log_every)
     train_online.train(model, timed_batches(batches, spent), task_sizes=list(map(len, split.tasks)),
-                       text_features=text_features, test=test, augment=augment, results=results,
+                       text_features_of=text_features, test=test, augment=augment, log=log,
                        online_iter=config.online_iter, lr=config.lr, weight_decay=config.weight_decay,
-                       eval_period=config.eval_period, softmax_over=config.visible_classes,
+                       eval_period=config.eval_period, visible_classes=config.visible_classes,
                        double_softmax=config.double_softmax, amp=evaluate.autocast(device, config.precision))
     sync(device)
     total = time.perf_counter() - start

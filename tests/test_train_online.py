@@ -43,7 +43,7 @@ def text_gradient(softmax_over):
     text.requires_grad_(True)
     labels = torch.tensor([0, 2, 2, 3, 0, 3])
     seen = torch.tensor([3, 0, 4, 2, 1])  # order of first appearance
-    visible = train_online.visible_classes(labels, seen, softmax_over)
+    visible = labels.unique() if softmax_over == "batch" else seen  # as train_online.train chooses C_B
     symmetric_loss(f, text[visible], labels, visible, scale=torch.tensor(100.0)).backward()
     return text.grad
 
@@ -300,6 +300,29 @@ def test_grad_analysis_records_only_batch_classes_under_sit(data, tmp_path):
             assert absent == []
         else:
             assert absent and all(p == 0 and n > 0 for p, n in absent)
+
+
+def replay_steps(data, out, monkeypatch, *flags):
+    """(labels, visible) of every gradient step of a run with a replay memory (stream batches of 8)."""
+    steps = []
+    step = train_online.RunLog.step
+    monkeypatch.setattr(train_online.RunLog, "step", lambda log, loss, f, g, labels, visible, *rest: (
+        steps.append((labels.clone(), visible.clone())), step(log, loss, f, g, labels, visible, *rest)))
+    assert train_online.main(run_args(data, out, "--memory-size", "16", *flags)) == 0
+    monkeypatch.undo()
+    return steps
+
+
+def test_with_replay_sits_c_b_holds_the_memory_batch_labels_and_all_every_seen_class(data, tmp_path, monkeypatch):
+    sit = replay_steps(data, tmp_path / "sit", monkeypatch)
+    assert all(torch.equal(visible, labels.unique()) for labels, visible in sit)  # C_B: the batch with its memory
+    assert any(not set(labels[8:].tolist()) <= set(labels[:8].tolist()) for labels, _ in sit)  # memory adds classes
+    every = replay_steps(data, tmp_path / "all", monkeypatch, "--visible-classes", "all")
+    assert [labels.tolist() for labels, _ in every] == [labels.tolist() for labels, _ in sit]  # the same batches
+    assert any(len(a) != len(b) for (_, a), (_, b) in zip(sit, every))  # another softmax: another loss
+    assert read(tmp_path / "sit")["config"]["visible_classes"] == "batch"
+    released = replay_steps(data, tmp_path / "released", monkeypatch, "--replay-classes", "seen")
+    assert [v.tolist() for _, v in released] == [v.tolist() for _, v in every]  # the released replay is "all"
 
 
 # -----------------------------------------------------------------------------
