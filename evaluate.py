@@ -94,9 +94,6 @@ def top1_on_seen(image_features, labels, text_features, seen_classes):
     return sum(correct) / sum(total), per_class
 
 
-<<<<<<< HEAD
-# ---- 3. files: one error line for each problem ----
-=======
 @torch.inference_mode()
 def evaluate_seen(test, text_features_of, seen, amp=contextlib.nullcontext):
     """The anytime (and task-end) evaluation: top1_on_seen on the test images of the seen classes.
@@ -109,8 +106,7 @@ def evaluate_seen(test, text_features_of, seen, amp=contextlib.nullcontext):
     return top1_on_seen(f, test.labels[indices], g, seen.tolist())
 
 
-# ---- 3. files: one error line for each problem ---------------------------------------------------
->>>>>>> method
+# ---- 3. files: one error line for each problem ----
 
 
 def require(ok, path, problem):
