@@ -560,6 +560,21 @@ def open_clip_settings(path):
     return settings, {k: v for k, v in sizes.items() if v is not None}
 
 
+def resolve_device(name):
+    """auto -> cuda when available, else cpu."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA GPU: use --device cpu or auto")
+    return name
+
+
+def autocast(device, precision):
+    """A context-manager factory: bf16 autocast on CUDA for "auto", else fp32."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
 def load(name_or_path, device="cpu", download_root=None, act=None) -> CLIP:
     """A ViT CLIP by OpenAI name or checkpoint path; fp32, eval mode. `act` None: an
     open_clip_config.json beside the checkpoint decides it, else QuickGELU (said unless OpenAI's)."""

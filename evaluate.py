@@ -125,23 +125,8 @@ def read_json(path, what):
         raise stream.DataError(f"{path}: malformed JSON ({e})") from None
 
 
-def write_file(path, data):
-    """Write bytes atomically: a crash or a full disk leaves PATH as it was, no PATH.tmp."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    try:
-        with open(path + ".tmp", "wb") as f:
-            f.write(data)
-        os.replace(path + ".tmp", path)
-    except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path + ".tmp")
-        if isinstance(e, OSError):  # a failed write names no file
-            raise OSError(e.errno, e.strerror, path) from None
-        raise
-
-
 def write_json(path, obj):
-    write_file(path, json.dumps(obj, indent=1).encode())
+    stream.write_file(path, json.dumps(obj, indent=1).encode())
 
 
 # ---- 4. zero-shot transfer (the paper's check on five other datasets) ----
@@ -267,15 +252,10 @@ def zero_shot_dataset(name, data_root, protocol="ours"):
 
 
 def fetch_zero_shot(datasets, data_root, protocol="ours"):
-    """{name: zero_shot_dataset(name, ...)}, every name checked first."""
+    """{name: zero_shot_dataset(name, ...)}, every name checked first (None: the paper's five)."""
+    datasets = datasets or ZERO_SHOT_DATASETS
     check_zero_shot_names(datasets, protocol)
     return {name: zero_shot_dataset(name, data_root, protocol) for name in datasets}
-
-
-def autocast(device, precision):
-    """A context-manager factory: bf16 autocast on CUDA for "auto", else fp32."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
 @torch.inference_mode()
@@ -296,7 +276,7 @@ def zero_shot_transfer(model, datasets, data_root, prompt, device, batch_size=25
     model.eval()
     accs = {}
     try:
-        with autocast(device, precision)():
+        with clip_model.autocast(device, precision)():
             for name, (ds, indices, ranked) in loaded.items():
                 classes = torch.tensor(list(ranked), device=device)  # (C,) the labels ranked
                 text = clip_model.class_text_features(model, list(ranked.values()), prompt)  # (C, D)
@@ -324,10 +304,14 @@ def zero_shot_markdown(accs):
     return "\n".join(lines)
 
 
-def write_zero_shot(out_dir, accs, model, prompt, peft_weights=None, protocol="ours"):
-    """OUT/zero_shot.json; returns its path."""
+def zero_shot_eval(model, datasets, data_root, prompt, device, out_dir, source, peft_weights=None,
+                   protocol="ours", **options):
+    """zero_shot_transfer printed as a table and written to OUT_DIR/zero_shot.json (source: the
+    checkpoint); both command lines run it. Returns the file's path."""
+    accs = zero_shot_transfer(model, datasets, data_root, prompt, device, protocol=protocol, **options)
+    print(zero_shot_markdown(accs))
     path = os.path.join(out_dir, "zero_shot.json")
-    write_json(path, dict(model=model, peft_weights=peft_weights, prompt=prompt, protocol=protocol,
+    write_json(path, dict(model=source, peft_weights=peft_weights, prompt=prompt, protocol=protocol,
                           accuracy=accs))
     return path
 
@@ -629,17 +613,8 @@ def plot_runs(runs, out_png):
 # ---- 6. command line ----
 
 
-def resolve_device(name):
-    """auto -> cuda when available, else cpu."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise stream.DataError("--device cuda, but torch sees no CUDA GPU: use --device cpu, auto")
-    return name
-
-
 def cmd_zero_shot(args):
-    device = resolve_device(args.device)
+    device = clip_model.resolve_device(args.device)
     if args.peft_weights:
         saved = read_peft_file(args.peft_weights)
         model, prompt = load_peft_model(args.peft_weights, device)  # with the run's mean/std
@@ -657,10 +632,10 @@ def cmd_zero_shot(args):
     recipe = saved.get("recipe", {})
     protocol = args.protocol or recipe.get("zero_shot_protocol", "ours")  # the run's, unless told
     precision = args.precision or recipe.get("precision", "auto")
-    accs = zero_shot_transfer(model, args.datasets, args.data_root, prompt, device, args.batch_size,
-                              args.workers, resize=resize, protocol=protocol, precision=precision)
-    print(zero_shot_markdown(accs))
-    print(f"wrote {write_zero_shot(out, accs, saved['model'], prompt, args.peft_weights, protocol)}")
+    path = zero_shot_eval(model, args.datasets, args.data_root, prompt, device, out, saved["model"],
+                          args.peft_weights, protocol, batch_size=args.batch_size, workers=args.workers,
+                          resize=resize, precision=precision)
+    print(f"wrote {path}")
 
 
 def cmd_table(args):
@@ -819,7 +794,7 @@ def main(argv=None):
                "plot-grad": cmd_plot_grad}[args.command]
     try:
         command(args)
-    except (stream.DataError, clip_model.CheckpointError, clip_model.DownloadError) as e:
+    except (ValueError, clip_model.CheckpointError, clip_model.DownloadError) as e:  # DataError too
         print(f"evaluate.py {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

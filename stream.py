@@ -5,6 +5,7 @@ crop and flip; the seen classes' test images. The split is index for index the r
 (KHU-AGI/Si-Blurry, Debatrix/LifeLong-CLIP).
 """
 import collections
+import contextlib
 import functools
 import hashlib
 import itertools
@@ -495,6 +496,21 @@ def _read_lines(path: str) -> list[str]:
     """The non-empty lines of a text file, stripped."""
     with open(path) as f:
         return [line.strip() for line in f if line.strip()]
+
+
+def write_file(path, data):
+    """Write bytes atomically: a crash or a full disk leaves PATH as it was, no PATH.tmp."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    try:
+        with open(path + ".tmp", "wb") as f:
+            f.write(data)
+        os.replace(path + ".tmp", path)
+    except BaseException as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path + ".tmp")
+        if isinstance(e, OSError):  # a failed write names no file
+            raise OSError(e.errno, e.strerror, path) from None
+        raise
 
 
 def download_archive(what: str, url: str, root: str, md5: str, filename: str = None) -> None:

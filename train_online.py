@@ -231,7 +231,9 @@ class Results:
         self.data = {"config": config, "status": "running", "class_names": list(class_names),
                      "seen_classes": [], "disjoint_classes": split.disjoint_classes,
                      "blurry_classes": split.blurry_classes, "anytime": [], "task_end_samples": [],
-                     "task_acc": [], "class_acc": [], **evaluate.lifelong_metrics([], [], [])}
+                     "task_acc": [], "class_acc": []}
+        self.metrics = evaluate.lifelong_metrics([], [], [])  # A_auc, A_avg, A_last, F_last
+        self.data.update(self.metrics)
         open(os.path.join(out, "log.jsonl"), "w").close()
         self.write()
 
@@ -251,14 +253,16 @@ class Results:
             f.write(json.dumps(entry) + "\n")
         d["seen_classes"] = list(seen)
         anytime_accs = [a["acc"] for a in d["anytime"]]
-        d.update(evaluate.lifelong_metrics(anytime_accs, d["task_acc"], d["class_acc"]))
+        self.metrics = evaluate.lifelong_metrics(anytime_accs, d["task_acc"], d["class_acc"])
+        d.update(self.metrics)
         self.acc = acc
         self.write()
 
     def write(self, status=None):
         if status is not None:
             self.data["status"] = status
-        evaluate.write_json(os.path.join(self.out, "results.json"), self.data)
+        data = json.dumps(self.data, indent=1).encode()
+        stream.write_file(os.path.join(self.out, "results.json"), data)
 
 
 class RunLog:
@@ -325,7 +329,7 @@ class JsonLines(io.FileIO):
 def save_torch(path, obj):
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    evaluate.write_file(path, buffer.getvalue())
+    stream.write_file(path, buffer.getvalue())
 
 
 def save_peft(path, model, info):
@@ -500,8 +504,6 @@ def load_data(config):
 
 def fetch(config):
     """(model, train_set, test_set, zero-shot datasets), downloaded where missing."""
-    if config.zero_shot_eval:  # a bad name fails before any download
-        evaluate.check_zero_shot_names(config.zero_shot_datasets, config.zero_shot_protocol)
     train_set, test_set = load_data(config)  # the data first: bad data fails before a download
     if config.smoke:
         torch.manual_seed(0)
@@ -519,7 +521,7 @@ def fetch(config):
 def prepare_run(config, locks):
     """Model, data and stream, or a clear error before any run folder; then the run folder,
     locked until `locks` closes."""
-    device = torch.device(evaluate.resolve_device(config.device))  # cuda without a GPU: an error
+    device = torch.device(clip_model.resolve_device(config.device))  # cuda without a GPU: an error
     out = config.out or default_out(config)
     check_out(out, config.overwrite)
     model, train_set, test_set, _ = fetch(config)
@@ -555,7 +557,7 @@ def peft_info(config, settings, run):
 
 
 def run_stream(config, run):
-    """Train and evaluate on the stream, writing the run folder as it goes; returns the results."""
+    """Train and evaluate on the stream, writing the run folder as it goes; returns the metrics."""
     model = run.model
     image_size = model.visual.image_size
     cache = not config.no_cache
@@ -610,14 +612,14 @@ def run_stream(config, run):
                   online_iter=config.online_iter, lr=config.lr, weight_decay=config.weight_decay,
                   eval_period=config.eval_period, visible_classes=visible_classes,
                   double_softmax=config.double_softmax,
-                  amp=evaluate.autocast(run.device, config.precision), memory=memory)
+                  amp=clip_model.autocast(run.device, config.precision), memory=memory)
         results.data["config"]["wall_time_s"] = round(time.time() - start, 1)
         results.write(status="finished")
     except BaseException as e:  # Ctrl-C, SIGTERM: what was measured stays, and how it ended
         with contextlib.suppress(OSError):  # a full disk: the last results.json stays
             results.write(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
         raise
-    return results.data
+    return results.metrics
 
 
 # ---- command line: everything checked, and fetched from the network, before any work starts ----
@@ -686,8 +688,8 @@ def parse_args(argv=None):
     arg("--compile", action="store_true", help="torch.compile the towers that run at every step")
     arg("--grad-analysis", action="store_true", help="record the text-feature gradients (Figure 2)")
     arg("--zero-shot-eval", action="store_true", help="zero-shot transfer after training")
-    arg("--zero-shot-datasets", type=lambda names: tuple(names.split(",")),
-        default=",".join(evaluate.ZERO_SHOT_DATASETS), help="comma-separated, for --zero-shot-eval")
+    arg("--zero-shot-datasets", type=evaluate.zero_shot_list,
+        help="comma-separated, for --zero-shot-eval (default: the paper's five)")
     arg("--download-only", action="store_true", help="fetch everything this run needs, then exit")
     arg("--smoke", action="store_true", help="offline check: a tiny random CLIP learns a toy stream")
     arg("--quiet", action="store_true", help="no progress bar")
@@ -730,23 +732,20 @@ def download_only(config):
     print("everything this run needs is local: the same command without --download-only runs offline")
 
 
-def metrics_line(d, label=None):
+def metrics_line(metrics, label=None):
     """'A_auc  52.10 A_avg ... F_last      -' (%, aligned), optionally labelled."""
-    values = [f"{k} {100 * d[k]:6.2f}" if d[k] is not None else f"{k}      -" for k in evaluate.METRICS]
+    values = [f"{k} {100 * v:6.2f}" if v is not None else f"{k}      -" for k, v in metrics.items()]
     line = " ".join(values)
     return f"{line}   ({label})" if label else line
 
 
 def zero_shot_eval(config, run):
     """Zero-shot transfer of the tuned model to OUT/zero_shot.json."""
-    accs = evaluate.zero_shot_transfer(run.model, config.zero_shot_datasets, config.data_root,
-                                       config.prompt, run.device, workers=config.workers,
-                                       mean=run.mean, std=run.std, resize=config.test_resize,
-                                       protocol=config.zero_shot_protocol, precision=config.precision)
     peft_weights = os.path.join(run.out, "peft.pt") if config.peft != "none" else None
-    evaluate.write_zero_shot(run.out, accs, run.model_path, config.prompt, peft_weights,
-                             config.zero_shot_protocol)
-    print(evaluate.zero_shot_markdown(accs))
+    evaluate.zero_shot_eval(run.model, config.zero_shot_datasets, config.data_root, config.prompt,
+                            run.device, run.out, run.model_path, peft_weights,
+                            config.zero_shot_protocol, workers=config.workers, mean=run.mean,
+                            std=run.std, resize=config.test_resize, precision=config.precision)
 
 
 def run_command(config, locks):

@@ -81,7 +81,7 @@ def our_step_fn(model, device, compile_model=False, batch=64):
     optimizer = train_online.make_optimizer(model, config.lr, config.weight_decay)
     text_features = train_online.text_features_of_classes(model, CLASS_NAMES, config.prompt)
     augment = stream.BatchAugment(model.visual.image_size, seed=0)
-    amp = evaluate.autocast(device, config.precision)
+    amp = clip_model.autocast(device, config.precision)
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)  # on the host, as the stream delivers
     images = images.pin_memory() if device.type == "cuda" else images
     labels = torch.randint(0, len(CLASS_NAMES), (batch,))
@@ -122,7 +122,7 @@ def released_step_fn(model, device, batch=64):
 def eval_fn(model, device, precision, n, batch_size):
     """The trainer's evaluation pass over n CIFAR-shaped test images, in chunks of batch_size."""
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, device=device)
-    amp = evaluate.autocast(device, precision)
+    amp = clip_model.autocast(device, precision)
 
     @torch.inference_mode()
     def run():
@@ -183,7 +183,7 @@ def full_run(device, fraction, workers, precision, compile_model=False):
                        text_features_of=text_features, test=test, augment=augment, log=log,
                        online_iter=config.online_iter, lr=config.lr, weight_decay=config.weight_decay,
                        eval_period=config.eval_period, visible_classes=config.visible_classes,
-                       double_softmax=config.double_softmax, amp=evaluate.autocast(device, config.precision))
+                       double_softmax=config.double_softmax, amp=clip_model.autocast(device, config.precision))
     sync(device)
     total = time.perf_counter() - start
     n_train = sum(map(len, split.tasks))
@@ -204,7 +204,7 @@ def main():
                    help="also time the step and evaluation compiled (train_online.py --compile); the run is compiled")
     p.add_argument("--json", default=None, help="also write the numbers here")
     args = p.parse_args()
-    device = torch.device(evaluate.resolve_device(args.device))
+    device = torch.device(clip_model.resolve_device(args.device))
     gpu = device.type == "cuda"
     iters = args.iters or (20 if gpu else 2)
     warmup = 5 if gpu else 1

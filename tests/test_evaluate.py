@@ -700,3 +700,9 @@ def test_missing_or_corrupt_peft_file_is_one_clear_line(tmp_path, capsys, conten
         torch.save({"model": "ViT-B/16"}, path)
     code, out, err = run_cli(capsys, "zero-shot", "--peft-weights", path, "--datasets", "imagefolder")
     assert (code, len(err.splitlines())) == (1, 1) and str(path) in err
+
+
+def test_cuda_without_a_gpu_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, out, err = run_cli(capsys, "zero-shot", "--model", "ViT-B/16", "--datasets", "imagefolder", "--device", "cuda")
+    assert (code, len(err.splitlines())) == (1, 1) and "no CUDA GPU" in err and "Traceback" not in err

@@ -232,7 +232,7 @@ def interrupt_at_call(monkeypatch, owner, name, n):
 
 @pytest.mark.parametrize("when, owner, name, n", [
     ("start-up", clip_model, "load", 1), ("loading", stream, "eval_batches", 1), ("training", train_online, "sit_step", 5),
-    ("evaluation", train_online, "evaluate_seen", 3), ("writing", evaluate, "write_json", 2)])
+    ("evaluation", evaluate, "evaluate_seen", 3), ("writing", stream, "write_file", 2)])
 def test_ctrl_c_at_any_point_ends_the_run_interrupted_with_exit_130(data, tmp_path, monkeypatch, capsys, when, owner,
                                                                     name, n):
     interrupt_at_call(monkeypatch, owner, name, n)
