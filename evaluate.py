@@ -1,13 +1,8 @@
 """
-Evaluation of SIT-tuned CLIP: the lifelong metrics, top-1 accuracy on the seen classes, zero-shot
-transfer, and the analyses of the run folders train_online.py writes. Accuracies are fractions in
-code and files, % in printed tables.
-
-    python evaluate.py zero-shot --peft-weights runs/x/peft.pt --datasets food101,eurosat
-    python evaluate.py table runs/cifar100      # mean ± std over seeds of the run folders below
-    python evaluate.py grid --dataset cifar100  # the paper's comparison as commands (--slurm: jobs)
-    python evaluate.py plot runs/x runs/y       # anytime and per-class accuracy (needs matplotlib)
-    python evaluate.py plot-grad runs/x         # gradient timeline (Figure 2), --grad-analysis runs
+The paper's measures: the lifelong metrics A_auc, A_avg, A_last and F_last; the anytime evaluation
+(top-1 on the seen classes' test images, among the seen classes); zero-shot transfer to other
+datasets. Then the analyses of run folders (tables, the grid, plots; `python evaluate.py --help`).
+Accuracies are fractions in code and files, % in printed tables.
 """
 
 import argparse
@@ -96,8 +91,8 @@ def top1_on_seen(image_features, labels, text_features, seen_classes):
 
 @torch.inference_mode()
 def evaluate_seen(test, text_features_of, seen, amp=contextlib.nullcontext):
-    """The anytime (and task-end) evaluation: top1_on_seen on the test images of the seen classes.
-    test: its `model`, `labels` and `features_of(indices)`; text_features_of(class ids) -> (S, D)."""
+    """The anytime (and task-end) evaluation: top1_on_seen on the seen classes' test images.
+    test: `model`, `labels`, features_of(indices); text_features_of(class ids) -> (S, D)."""
     test.model.eval()
     indices = stream.seen_test_indices(test.labels, seen)
     with amp():
@@ -295,21 +290,16 @@ def zero_shot_transfer(model, datasets, data_root, prompt, device, batch_size=25
     return accs
 
 
-def zero_shot_markdown(accs):
-    """Markdown table of zero-shot accuracies (%) and their mean."""
-    lines = ["| dataset | top-1 (%) |", "|---|---:|"]
-    lines += [f"| {name} | {100 * a:.2f} |" for name, a in accs.items()]
-    if len(accs) > 1:
-        lines.append(f"| mean | {100 * _mean(accs.values()):.2f} |")
-    return "\n".join(lines)
-
-
 def zero_shot_eval(model, datasets, data_root, prompt, device, out_dir, source, peft_weights=None,
                    protocol="ours", **options):
-    """zero_shot_transfer printed as a table and written to OUT_DIR/zero_shot.json (source: the
-    checkpoint); both command lines run it. Returns the file's path."""
+    """zero_shot_transfer, printed and written to OUT_DIR/zero_shot.json (source: the checkpoint);
+    returns the file's path."""
     accs = zero_shot_transfer(model, datasets, data_root, prompt, device, protocol=protocol, **options)
-    print(zero_shot_markdown(accs))
+    print("| dataset | top-1 (%) |\n|---|---:|")
+    for name, acc in accs.items():
+        print(f"| {name} | {100 * acc:.2f} |")
+    if len(accs) > 1:
+        print(f"| mean | {100 * _mean(accs.values()):.2f} |")
     path = os.path.join(out_dir, "zero_shot.json")
     write_json(path, dict(model=source, peft_weights=peft_weights, prompt=prompt, protocol=protocol,
                           accuracy=accs))
@@ -747,14 +737,13 @@ def build_parser():
     weights.add_argument("--model", help=f"plain CLIP: {clip_model.available_models()} or a checkpoint")
     arg("--act", default="auto", choices=("auto",) + clip_model.ACTIVATIONS,
         help="MLP activation of --model: auto = open_clip_config.json beside it, else QuickGELU")
-    arg("--datasets", type=zero_shot_list, default=",".join(ZERO_SHOT_DATASETS),
-        help=f"from {', '.join(ZERO_SHOT_CHOICES)}")
+    arg("--datasets", type=zero_shot_list, help=f"from {', '.join(ZERO_SHOT_CHOICES)} (default: the paper's 5)")
     arg("--data-root", default="data", help="torchvision's downloads; imagefolder: ROOT/test/")
     arg("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if any")
     arg("--batch-size", type=in_range(int, 1), default=256, help="test images per batch")
     arg("--workers", type=in_range(int, 0), default=2, help="data-loading processes")
-    arg("--protocol", choices=ZERO_SHOT_PROTOCOLS, help="released: the released code's images, "
-        "class names and preprocessing (default: the run's, from peft.pt, else ours)")
+    arg("--protocol", choices=ZERO_SHOT_PROTOCOLS, help="released: the released code's images, names "
+        "and preprocessing (default: the run's, else ours)")
     arg("--precision", choices=("auto", "fp32", "bf16"),
         help="auto: bf16 on CUDA (default: the run's)")
     arg("--out", help="folder for zero_shot.json (default: beside --peft-weights, "

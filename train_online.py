@@ -1,11 +1,12 @@
 """
-Online lifelong tuning of CLIP with Symmetric Image-Text (SIT) tuning, on a Si-Blurry stream.
+SIT, the paper's method: CLIP tuned online on a Si-Blurry stream, each batch seen once, its loss a
+softmax over C_B, the classes in the batch. The loss, one step and `train` (the Algorithm) come
+first; what `train` is handed, a run and the command line after a marked line.
 
     python train_online.py --smoke                                    # offline: a tiny CLIP learns
     python train_online.py --dataset cifar100                         # SIT-LoRA on both towers
     python train_online.py --dataset cifar100 --visible-classes all   # the asymmetric baseline
     python train_online.py --dataset cifar100 --recipe released       # the released pipeline
-    python train_online.py --dataset cifar100 --download-only         # fetch all, run offline
 
 The hyper-parameters default to the released ones; `--recipe released` sets every released
 behaviour that changes numbers.
@@ -163,9 +164,8 @@ def is_tuned(module):
 
 
 class FeatureCache:
-    """Normalized features by id (a class, or a test image), computed by encode(ids); with
-    cache=True each once in the whole run, while the tower that computes them is frozen
-    (bookkeeping on the host: no device syncs)."""
+    """Normalized features by id (a class, a test image): encode(ids); with cache=True (a frozen
+    tower) once per id in the run (bookkeeping on the host: no device syncs)."""
 
     def __init__(self, encode, n, dim, device, cache):
         self.encode = encode
@@ -197,8 +197,7 @@ def text_features_of_classes(model, class_names, prompt, cache=True):
 
 
 class TestImages:
-    """The test split as one uint8 tensor on the device, and `features_of`, their image features
-    by index (a callable)."""
+    """The test split as one uint8 tensor on the device; features_of(indices): theirs."""
 
     def __init__(self, model, batches, transform, batch_size, cache=True):
         self.model = model
@@ -221,12 +220,22 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or inf: the run stops and keeps what it measured before."""
 
 
-class Results:
-    """OUT/results.json (rewritten at every evaluation) and OUT/log.jsonl (appended)."""
+class RunLog:
+    """What `train` reports to: OUT/results.json, OUT/log.jsonl, the progress bar, the running
+    loss (a NaN stops the run), grad_log (OUT/grad.jsonl, Figure 2) and save() at task ends."""
 
-    def __init__(self, out, config, class_names, split):
-        os.makedirs(out, exist_ok=True)
+    def __init__(self, out, config, class_names, split, bar, log_every=10, grad_log=None, save=None,
+                 scale=None, double_softmax=False):
         self.out = out
+        self.bar = bar
+        self.log_every = log_every
+        self.grad_log = grad_log
+        self.save = save
+        self.scale = scale
+        self.double_softmax = double_softmax
+        self.running_loss = torch.zeros(())  # on the device: no host sync per step; a NaN stays
+        self.steps = 0
+        self.batches = 0
         self.acc = None  # the latest, for the progress bar
         self.data = {"config": config, "status": "running", "class_names": list(class_names),
                      "seen_classes": [], "disjoint_classes": split.disjoint_classes,
@@ -234,11 +243,30 @@ class Results:
                      "task_acc": [], "class_acc": []}
         self.metrics = evaluate.lifelong_metrics([], [], [])  # A_auc, A_avg, A_last, F_last
         self.data.update(self.metrics)
+        os.makedirs(out, exist_ok=True)
         open(os.path.join(out, "log.jsonl"), "w").close()
         self.write()
 
-    def add(self, event, samples, acc, per_class, seen):
-        """One evaluation ("anytime" or "task_end") and the metrics so far."""
+    def step(self, loss, f, g, labels, visible, samples, task):
+        """After each gradient step."""
+        self.running_loss = loss if self.steps == 0 else 0.9 * self.running_loss + 0.1 * loss
+        if self.grad_log is not None:
+            log_gradient_parts(self.grad_log, f, g, labels, visible, self.scale,
+                               self.double_softmax, self.steps, samples, task)
+        self.steps += 1
+
+    def batch(self, samples, seen):
+        """The bar; every log_every batches, the loss (a host sync)."""
+        self.bar.update(samples - self.bar.n)
+        self.batches += 1
+        if self.batches % self.log_every == 0:
+            self.check_finite(samples)
+            loss = f"{self.running_loss.item():.3f}"
+            self.bar.set_postfix(loss=loss, acc=self.acc, seen=len(seen), refresh=False)
+
+    def evaluation(self, event, samples, acc, per_class, seen):
+        """After each evaluation ("anytime" or "task_end"): the metrics so far, written."""
+        self.check_finite(samples)
         d = self.data
         entry = {"event": event, "samples": samples, "acc": acc, "n_seen": len(seen)}
         if event == "anytime":
@@ -257,52 +285,6 @@ class Results:
         d.update(self.metrics)
         self.acc = acc
         self.write()
-
-    def write(self, status=None):
-        if status is not None:
-            self.data["status"] = status
-        data = json.dumps(self.data, indent=1).encode()
-        stream.write_file(os.path.join(self.out, "results.json"), data)
-
-
-class RunLog:
-    """What `train` reports to: results (Results), the progress bar, the running loss (a NaN
-    stops the run at the next check), OUT/grad.jsonl (grad_log, Figure 2) and save() at task ends."""
-
-    def __init__(self, results, bar, log_every, grad_log=None, save=None, scale=None,
-                 double_softmax=False):
-        self.results = results
-        self.bar = bar
-        self.log_every = log_every
-        self.grad_log = grad_log  # with the loss's scale and double_softmax
-        self.save = save
-        self.scale = scale
-        self.double_softmax = double_softmax
-        self.running_loss = torch.zeros(())  # on the device: no host sync per step; a NaN stays
-        self.steps = 0
-        self.batches = 0
-
-    def step(self, loss, f, g, labels, visible, samples, task):
-        """After each gradient step."""
-        self.running_loss = loss if self.steps == 0 else 0.9 * self.running_loss + 0.1 * loss
-        if self.grad_log is not None:
-            log_gradient_parts(self.grad_log, f, g, labels, visible, self.scale,
-                               self.double_softmax, self.steps, samples, task)
-        self.steps += 1
-
-    def batch(self, samples, seen):
-        """After each batch: the bar; every log_every batches, its loss (a host sync)."""
-        self.bar.update(samples - self.bar.n)
-        self.batches += 1
-        if self.batches % self.log_every == 0:
-            self.check_finite(samples)
-            loss = f"{self.running_loss.item():.3f}"
-            self.bar.set_postfix(loss=loss, acc=self.results.acc, seen=len(seen), refresh=False)
-
-    def evaluation(self, event, samples, acc, per_class, seen):
-        """After each evaluation ("anytime" or "task_end"): written at once."""
-        self.check_finite(samples)
-        self.results.add(event, samples, acc, per_class, seen)
         if event == "task_end" and self.save is not None:
             self.save()
 
@@ -310,6 +292,12 @@ class RunLog:
         if not torch.isfinite(self.running_loss):
             raise NonFiniteLoss(f"the loss became non-finite (NaN or inf) before sample {samples}; "
                                 "try a lower --lr or --precision fp32")
+
+    def write(self, status=None):
+        if status is not None:
+            self.data["status"] = status
+        data = json.dumps(self.data, indent=1).encode()
+        stream.write_file(os.path.join(self.out, "results.json"), data)
 
 
 class JsonLines(io.FileIO):
@@ -567,7 +555,17 @@ def run_stream(config, run):
     policy = "cifar10" if config.dataset in ("cifar100", "smoke") else "imagenet"  # AutoAugment's
     settings = {**config._asdict(), "act": model.config.act, "model": run.model_path, "out": run.out,
                 "mean": list(run.mean), "std": list(run.std)}  # the configuration, resolved
-    results = Results(run.out, settings, run.prompt_names, run.split)
+    save = None
+    if config.peft != "none":
+        peft_path = os.path.join(run.out, "peft.pt")
+        save = functools.partial(save_peft, peft_path, model, peft_info(config, settings, run))
+    grad_log = None
+    if config.grad_analysis:
+        grad_log = JsonLines(os.path.join(run.out, "grad.jsonl"), "w")
+    bar = tqdm(total=sum(map(len, run.split.tasks)), unit="img", dynamic_ncols=True,
+               disable=config.quiet)
+    log = RunLog(run.out, settings, run.prompt_names, run.split, bar, config.log_every, grad_log, save,
+                 model.logit_scale.exp().detach(), config.double_softmax)
     try:
         text_features_of = text_features_of_classes(model, run.prompt_names, config.prompt, cache)
         test_batches = stream.eval_batches(run.test_set, range(len(run.test_set)),
@@ -591,17 +589,6 @@ def run_stream(config, run):
         if config.memory_size > 0:  # a memory batch: one freshly augmented copy
             load = functools.partial(batches_of, online_iter=1, workers=0)
             memory = ReservoirMemory(config.memory_size, config.batch_size, config.seed, load)
-        save = None
-        if config.peft != "none":
-            peft_path = os.path.join(run.out, "peft.pt")
-            save = functools.partial(save_peft, peft_path, model, peft_info(config, settings, run))
-        bar = tqdm(total=sum(map(len, run.split.tasks)), unit="img", dynamic_ncols=True,
-                   disable=config.quiet)
-        grad_log = None
-        if config.grad_analysis:
-            grad_log = JsonLines(os.path.join(run.out, "grad.jsonl"), "w")
-        log = RunLog(results, bar, config.log_every, grad_log, save, model.logit_scale.exp().detach(),
-                     config.double_softmax)
         visible_classes = config.visible_classes
         if config.memory_size and config.replay_classes == "seen":  # released: replay means "all"
             visible_classes = "all"
@@ -613,13 +600,13 @@ def run_stream(config, run):
                   eval_period=config.eval_period, visible_classes=visible_classes,
                   double_softmax=config.double_softmax,
                   amp=clip_model.autocast(run.device, config.precision), memory=memory)
-        results.data["config"]["wall_time_s"] = round(time.time() - start, 1)
-        results.write(status="finished")
+        log.data["config"]["wall_time_s"] = round(time.time() - start, 1)
+        log.write(status="finished")
     except BaseException as e:  # Ctrl-C, SIGTERM: what was measured stays, and how it ended
         with contextlib.suppress(OSError):  # a full disk: the last results.json stays
-            results.write(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
+            log.write(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
         raise
-    return results.metrics
+    return log.metrics
 
 
 # ---- command line: everything checked, and fetched from the network, before any work starts ----

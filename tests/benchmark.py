@@ -168,7 +168,8 @@ def full_run(device, fraction, workers, precision, compile_model=False):
     model = vit_b16(device, config.encoder)  # apply_lora's defaults are the trainer's
     if compile_model:
         train_online.compile_towers(model)
-    results = train_online.Results(os.path.join("runs", "benchmark"), config._asdict(), train_set.classes, split)
+    log = train_online.RunLog(os.path.join("runs", "benchmark"), config._asdict(), train_set.classes, split,
+                              tqdm(disable=True), config.log_every)
     image_size, spent = model.visual.image_size, {"data": 0.0}
     batches = stream.stream_batches(train_set, split.tasks, config.batch_size, config.online_iter, "cifar10",
                                     config.workers, config.seed, augment_per=config.augment_per)
@@ -178,7 +179,6 @@ def full_run(device, fraction, workers, precision, compile_model=False):
     test_batches = stream.eval_batches(test_set, range(len(test_set)), config.eval_batch_size, config.workers)
     test = TimedTest(model, test_batches, lambda x: stream.eval_transform(x, image_size), config.eval_batch_size)
     augment = stream.BatchAugment(image_size, seed=config.seed, per=config.augment_per)
-    log = train_online.RunLog(results, tqdm(disable=True), config.log_every)
     train_online.train(model, timed_batches(batches, spent), task_sizes=list(map(len, split.tasks)),
                        text_features_of=text_features, test=test, augment=augment, log=log,
                        online_iter=config.online_iter, lr=config.lr, weight_decay=config.weight_decay,
@@ -188,7 +188,7 @@ def full_run(device, fraction, workers, precision, compile_model=False):
     total = time.perf_counter() - start
     n_train = sum(map(len, split.tasks))
     return {"fraction": fraction, "train_images": n_train, "test_images": len(test_set),
-            "evaluations": len(results.data["anytime"]) + len(results.data["task_acc"]),
+            "evaluations": len(log.data["anytime"]) + len(log.data["task_acc"]),
             "eval_images": test.n_images, "train_image_steps": n_train * config.online_iter,
             "wall_s": total, "data_s": spent["data"], "eval_s": test.seconds,
             "train_s": total - spent["data"] - test.seconds}
