@@ -348,7 +348,7 @@ def test_sit_lifts_accuracy_far_above_the_untrained_model(tmp_path, seed):
 
 RELEASED = dict(lora_init="released", double_softmax=True, augment_per="batch", normalize="dataset",
                 test_resize="squash", class_names="raw", image_fit="random", precision="fp32", eval_split="test",
-                zero_shot_protocol="released")  # eval_split "train" is CIFAR-100's alone
+                zero_shot_protocol="released", replay_classes="seen")  # eval_split "train" is CIFAR-100's alone
 
 
 def test_recipe_released_sets_every_switch_and_an_explicit_flag_wins():
