@@ -401,7 +401,8 @@ def premise_table(runs, figures):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="docs/toy_study.md: method, settings, results")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="docs/toy_study.md: the method, the settings' history, the results")
     p.add_argument("--quick", action="store_true", help="worlds 0-1, stream seeds 1-2 (unless given)")
     p.add_argument("--seeds", type=seed_list, help="stream seeds (default 1-2)")
     p.add_argument("--world-seeds", type=seed_list, help="world seeds (default 0-7; --quick: 0-1)")
