@@ -16,10 +16,10 @@ it, both cached under ROOT. The study then runs only the project's own command l
 The world is the unit of replication: seeds within a world share its pretrained model and images.
 Each paired difference (SIT - all; each configuration - zero-shot CLIP) is averaged over a world's
 stream seeds first; the 95 % t interval is over the world means (df = worlds - 1), "shown" when it
-excludes 0, with the number of worlds whose mean has the overall mean's sign. The study first prints
-the premise per world (held-out zero-shot >= 3x chance; the stream's images >= 10 points below clean
-ones; the tuned runs' mean A_last >= zero-shot CLIP's + 5 points), then the tables, and writes
-ROOT/toy_study.png. A study, not a test: nothing here decides who wins.
+excludes 0, with the number of worlds whose mean has the overall mean's sign. After the runs the
+study prints the premise per world (held-out zero-shot >= 3x chance; the stream's images >= 10 points
+below clean ones; the tuned runs' mean A_last >= zero-shot CLIP's + 5 points), the means, the paired
+tables, and writes ROOT/toy_study.png. A study, not a test: nothing here decides who wins.
 
 Pre-registered: the world's shift (a dark background), the pretraining (400 steps, with the stream's
 crop and flip), the stream's length (100 images a class) and the learning rate (3e-3) were fixed on
@@ -291,7 +291,7 @@ def sit_vs_all_table(runs, tuned):
 
 
 def vs_zero_shot_table(runs, untuned):
-    """Markdown: each configuration minus untuned zero-shot CLIP, paired over (world, seed); and the
+    """Markdown: each configuration minus untuned zero-shot CLIP, paired as paired() does; and the
     runs that ended predicting one class."""
     lines = ["| − zero-shot CLIP (points) | A_auc | A_last | held-out zero-shot | ended predicting "
              "one class |", "|---|---|---|---|---|"]
