@@ -66,9 +66,9 @@ SHORT = toy_world.PretrainConfig(steps=250, per_class=60, batch_size=64)
 @pytest.fixture(scope="module")
 def short_clip():
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the float sums of the measured run
+    torch.set_num_threads(1)  # the float sums of the measured run; and two threads on busy cores crawl
     try:
-        return toy_world.pretrain(replace(SHORT, seed=0), log=None)
+        yield toy_world.pretrain(replace(SHORT, seed=0), log=None)
     finally:
         torch.set_num_threads(threads)
 
