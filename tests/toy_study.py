@@ -321,7 +321,7 @@ def means_table(runs, untuned):
 
 
 def plot(runs, tuned, path):
-    """SIT - all per measure and configuration: each world's mean (dots), and their mean with its
+    """SIT - all per measure and configuration: each world's mean (ticks), and their mean with its
     95 % t interval over the worlds (bar)."""
     import matplotlib
     matplotlib.use("Agg")
