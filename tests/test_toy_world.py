@@ -1,5 +1,6 @@
-"""The premise of tests/toy_study.py: its world is deterministic and in the paper's regime, and a
-CLIP pretrained on it transfers zero-shot. Nothing here asserts who wins."""
+"""The premise of tests/toy_study.py on one world: the world is deterministic and in the paper's
+regime, a CLIP pretrained on it transfers zero-shot, and the stream's images sit below the clean
+ones. Nothing here asserts who wins."""
 
 import collections
 import os
@@ -23,7 +24,7 @@ def folder_bytes(root):
     return files
 
 
-@pytest.mark.parametrize("world", [0, 1, 9])
+@pytest.mark.parametrize("world", [0, 1, 100])
 def test_groups_split_the_compositions_and_each_holds_every_shape_and_texture(world):
     groups = {g: toy_world.classes(g, world) for g in toy_world.GROUPS}
     assert sum(map(len, groups.values())) == len(set().union(*groups.values())) == 64
@@ -35,12 +36,12 @@ def test_groups_split_the_compositions_and_each_holds_every_shape_and_texture(wo
 
 def test_the_regime_is_the_papers():
     """At least 24 stream classes in 4 Si-Blurry tasks (N 50, M 10) and 8 held-out ones; a training
-    batch of 64 holds several classes (measured 8.6 on seeds 1-10), so SIT's loss is rarely over a
-    single class."""
+    batch of 64 holds several classes (measured 7.9 on stream seeds 1-2), so SIT's loss is rarely
+    over a single class."""
     assert len(toy_world.classes("stream")) >= 24 and len(toy_world.classes("heldout")) >= 8
     n_classes = len(toy_world.classes("stream"))
-    targets = [c for c in range(n_classes) for _ in range(100)]  # the folders' label order
-    assert toy_study.classes_per_batch(targets, range(1, 11)) >= 6
+    targets = [c for c in range(n_classes) for _ in range(toy_study.PER_CLASS)]  # the folders' order
+    assert toy_study.classes_per_batch(targets, range(1, 3)) >= 6
 
 
 def test_the_world_is_deterministic_for_a_seed(tmp_path):
@@ -56,17 +57,29 @@ def test_the_world_is_deterministic_for_a_seed(tmp_path):
     assert image.size == (toy_world.SIZE, toy_world.SIZE) and image.mode == "RGB"
 
 
-# A short pretraining, a tenth of the study's. Held-out zero-shot top-1 (chance 1/8 = 12.5%)
-# measured on worlds 0, 1: 57.2%, 69.0%. The bound, 3x chance (37.5%), leaves 20 and 31 points.
-SHORT = toy_world.PretrainConfig(steps=150, per_class=60, batch_size=64)
+# A short pretraining on world 0: 250 steps of 64 images (the study's: 400 of 128). Measured: held-out
+# zero-shot 56.5 % (bound 3x chance, 37.5 %); stream classes 6.4 % on stream images against 27.6 % on
+# clean ones (bound: 10 points apart). 100 steps gave 32.0 % held-out, too close to chance to guard.
+SHORT = toy_world.PretrainConfig(steps=250, per_class=60, batch_size=64)
 
 
-@pytest.mark.parametrize("world", [0, 1])
-def test_short_pretraining_transfers_zero_shot_to_held_out_compositions(world):
+@pytest.fixture(scope="module")
+def short_clip():
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the float sums of the measured runs
+    torch.set_num_threads(1)  # the float sums of the measured run; and two threads on busy cores crawl
     try:
-        model = toy_world.pretrain(replace(SHORT, seed=world), log=None)
+        yield toy_world.pretrain(replace(SHORT, seed=0), log=None)
     finally:
         torch.set_num_threads(threads)
-    assert toy_world.zero_shot(model, "heldout", shifted=False, world=world) >= 0.375
+
+
+def test_short_pretraining_transfers_zero_shot_to_held_out_compositions(short_clip):
+    assert toy_world.zero_shot(short_clip, "heldout", shifted=False, world=0) >= 3 / 8  # 3x chance
+
+
+def test_the_stream_starts_below_its_ceiling(short_clip):
+    """The untuned model is clearly worse on the stream's images than on clean images of the same
+    classes: there is a shift for tuning to undo."""
+    stream = toy_world.zero_shot(short_clip, "stream", shifted=True, world=0)
+    clean = toy_world.zero_shot(short_clip, "stream", shifted=False, world=0)
+    assert clean - stream >= 0.10
