@@ -91,8 +91,8 @@ def top1_on_seen(image_features, labels, text_features, seen_classes):
 
 @torch.inference_mode()
 def evaluate_seen(test, text_features_of, seen, amp=contextlib.nullcontext):
-    """The anytime (and task-end) evaluation: top1_on_seen on the seen classes' test images.
-    test: `model`, `labels`, features_of(indices); text_features_of(class ids) -> (S, D)."""
+    """The anytime (and task-end) evaluation: top1_on_seen on the seen classes' test images
+    (test: train_online.TestImages)."""
     test.model.eval()
     indices = stream.seen_test_indices(test.labels, seen)
     with amp():
@@ -101,30 +101,47 @@ def evaluate_seen(test, text_features_of, seen, amp=contextlib.nullcontext):
     return top1_on_seen(f, test.labels[indices], g, seen.tolist())
 
 
-# ---- 3. files: one error line for each problem ----
+# ---- 3. zero-shot transfer (the paper's check on five other datasets) ----
 
 
-def require(ok, path, problem):
-    """Unless ok, DataError 'PATH: PROBLEM'."""
-    if not ok:
-        raise stream.DataError(f"{path}: {problem}")
-
-
-def read_json(path, what):
-    """A JSON file; `what` says who writes it."""
-    require(os.path.isfile(path), path, f"no such file ({what})")
+@torch.inference_mode()
+def zero_shot_transfer(model, datasets, data_root, prompt, device, batch_size=256, workers=2,
+                       mean=None, std=None, resize="centre", protocol="ours", precision="auto"):
+    """The paper's zero-shot transfer check: {dataset: top-1 among all its classes}. Protocol "ours"
+    uses `resize`, `mean`/`std` (default: the model's)."""
+    loaded = fetch_zero_shot(datasets, data_root, protocol)
+    clip_model.get_tokenizer(model.config.vocab_size)  # the vocabulary too, before any work
+    if protocol == "released":  # squashed, with ImageNet's statistics
+        mean, std = stream.DATASET_STATS["imagenet-r"]
+        resize = "squash"
+    mean = mean or model.config.image_mean
+    std = std or model.config.image_std
+    image_size = model.visual.image_size
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    accs = {}
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise stream.DataError(f"{path}: malformed JSON ({e})") from None
+        with clip_model.autocast(device, precision)():
+            for name, (ds, indices, ranked) in loaded.items():
+                classes = torch.tensor(list(ranked), device=device)  # (C,) the labels ranked
+                text = clip_model.class_text_features(model, list(ranked.values()), prompt)  # (C, D)
+                text = text.float()
+                correct = torch.zeros((), dtype=torch.long, device=device)
+                batches = stream.eval_batches(ds, indices, batch_size, workers, image_size, resize)
+                for images, labels in tqdm(batches, desc=name, leave=False):
+                    images = images.to(device, non_blocking=True)
+                    images = stream.eval_transform(images, image_size, resize, mean, std)
+                    image = F.normalize(model.encode_image(images).float(), dim=-1)  # (B, D)
+                    predicted = classes[(image @ text.t()).argmax(dim=1)]  # (B,) labels
+                    correct += (predicted == labels.to(device)).sum()
+                accs[name] = correct.item() / len(indices)
+    finally:
+        model.train(was_training)
+    return accs
 
 
-def write_json(path, obj):
-    stream.write_file(path, json.dumps(obj, indent=1).encode())
-
-
-# ---- 4. zero-shot transfer (the paper's check on five other datasets) ----
+# ---- machinery: zero-shot datasets, files, analyses, command line (not the method) ----
 
 ZERO_SHOT_DATASETS = ("food101", "caltech101", "eurosat", "flowers102", "oxford_pets")
 ZERO_SHOT_CHOICES = ZERO_SHOT_DATASETS + ("imagefolder",)
@@ -253,43 +270,6 @@ def fetch_zero_shot(datasets, data_root, protocol="ours"):
     return {name: zero_shot_dataset(name, data_root, protocol) for name in datasets}
 
 
-@torch.inference_mode()
-def zero_shot_transfer(model, datasets, data_root, prompt, device, batch_size=256, workers=2,
-                       mean=None, std=None, resize="centre", protocol="ours", precision="auto"):
-    """The paper's zero-shot transfer check: {dataset: top-1 among all its classes}. Protocol "ours"
-    uses `resize`, `mean`/`std` (default: the model's)."""
-    loaded = fetch_zero_shot(datasets, data_root, protocol)
-    clip_model.get_tokenizer(model.config.vocab_size)  # the vocabulary too, before any work
-    if protocol == "released":  # squashed, with ImageNet's statistics
-        mean, std = stream.DATASET_STATS["imagenet-r"]
-        resize = "squash"
-    mean = mean or model.config.image_mean
-    std = std or model.config.image_std
-    image_size = model.visual.image_size
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    accs = {}
-    try:
-        with clip_model.autocast(device, precision)():
-            for name, (ds, indices, ranked) in loaded.items():
-                classes = torch.tensor(list(ranked), device=device)  # (C,) the labels ranked
-                text = clip_model.class_text_features(model, list(ranked.values()), prompt)  # (C, D)
-                text = text.float()
-                correct = torch.zeros((), dtype=torch.long, device=device)
-                batches = stream.eval_batches(ds, indices, batch_size, workers, image_size, resize)
-                for images, labels in tqdm(batches, desc=name, leave=False):
-                    images = images.to(device, non_blocking=True)
-                    images = stream.eval_transform(images, image_size, resize, mean, std)
-                    image = F.normalize(model.encode_image(images).float(), dim=-1)  # (B, D)
-                    predicted = classes[(image @ text.t()).argmax(dim=1)]  # (B,) labels
-                    correct += (predicted == labels.to(device)).sum()
-                accs[name] = correct.item() / len(indices)
-    finally:
-        model.train(was_training)
-    return accs
-
-
 def zero_shot_eval(model, datasets, data_root, prompt, device, out_dir, source, peft_weights=None,
                    protocol="ours", **options):
     """zero_shot_transfer, printed and written to OUT_DIR/zero_shot.json (source: the checkpoint);
@@ -304,6 +284,29 @@ def zero_shot_eval(model, datasets, data_root, prompt, device, out_dir, source, 
     write_json(path, dict(model=source, peft_weights=peft_weights, prompt=prompt, protocol=protocol,
                           accuracy=accs))
     return path
+
+
+# ---- files: one error line for each problem; peft.pt ----
+
+
+def require(ok, path, problem):
+    """Unless ok, DataError 'PATH: PROBLEM'."""
+    if not ok:
+        raise stream.DataError(f"{path}: {problem}")
+
+
+def read_json(path, what):
+    """A JSON file; `what` says who writes it."""
+    require(os.path.isfile(path), path, f"no such file ({what})")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise stream.DataError(f"{path}: malformed JSON ({e})") from None
+
+
+def write_json(path, obj):
+    stream.write_file(path, json.dumps(obj, indent=1).encode())
 
 
 def read_peft_file(path):
@@ -342,7 +345,7 @@ def load_peft_model(path, device="cpu"):
     return model.to(device).eval(), saved["prompt"]
 
 
-# ---- 5. analyses of run folders: seed tables, the grid, the gradient timeline, plots ----
+# ---- analyses of run folders: seed tables, the grid, the gradient timeline, plots ----
 
 # Settings that should agree within a table row; the table warns when they do not.
 MUST_AGREE = ("model", "act", "n_tasks", "n", "m", "batch_size", "online_iter", "lr", "eval_period",
@@ -600,7 +603,7 @@ def plot_runs(runs, out_png):
     save_png(fig, out_png)
 
 
-# ---- 6. command line ----
+# ---- command line ----
 
 
 def cmd_zero_shot(args):
@@ -684,8 +687,11 @@ def cmd_plot_grad(args):
     plot_grad(records, read_results(args.run_dir), out)
 
 
-class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows the defaults, but None (set later) and False."""
+# Shared with train_online.py's command line.
+
+
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows the defaults, but None (set later) and False; descriptions keep their layout."""
 
     def _get_help_string(self, action):
         if action.default is None or action.default is False:

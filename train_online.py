@@ -178,7 +178,7 @@ class FeatureCache:
         if not self.cache:
             return self.encode(ids)
         missing = ids[~self.cached[ids]]
-        if len(missing):  # e.g. a class seen for the first time: encoded once, for training and tests
+        if len(missing):  # e.g. a class seen for the first time
             with torch.no_grad():
                 self.features[missing.to(self.features.device)] = self.encode(missing).float()
             self.cached[missing] = True
@@ -612,14 +612,9 @@ def run_stream(config, run):
 # ---- command line: everything checked, and fetched from the network, before any work starts ----
 
 
-class HelpFormatter(evaluate.HelpWithDefaults, argparse.RawDescriptionHelpFormatter):
-    """evaluate.py's, keeping the layout of the examples."""
-
-
 def parse_args(argv=None):
-    """The run configuration, checked and frozen; a flag given wins over --scenario, --recipe and
-    --smoke."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=HelpFormatter,
+    """The run configuration, checked and frozen; a flag given wins over --scenario, --recipe, --smoke."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=evaluate.HelpWithDefaults,
                                 usage="%(prog)s [--smoke | --dataset NAME] [options] (all: --help)")
     arg = p.add_argument
     in_range = evaluate.in_range
