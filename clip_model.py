@@ -394,7 +394,7 @@ def class_text_features(model, class_names, template=PROMPT):
     return F.normalize(model.encode_text(prompt_tokens(model, class_names, template)), dim=-1)
 
 
-# ---- machinery: checkpoints and downloads (not the method) ----
+# ---- machinery: checkpoints, downloads, the device (not the method) ----
 
 _BASE = "https://openaipublic.azureedge.net/clip/models"
 _MODELS = {  # the folder of each URL is the file's SHA256, verified after download

@@ -24,7 +24,7 @@ ENCODERS = ("image", "text", "both")
 TARGETS = ("q", "k", "v", "out")
 INITS = ("zero", "released")
 
-# ---- LoRA modules --------------------------------------------------------------------------------
+# ---- LoRA modules ----
 
 
 def init_lora_(A, B, init="zero"):
@@ -128,7 +128,7 @@ class LoRAAttention(nn.Module):
         return (y, None) if self.mha else y
 
 
-# ---- applying, merging, saving -------------------------------------------------------------------
+# ---- applying, merging, saving ----
 
 
 def lora_modules(model):
