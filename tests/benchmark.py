@@ -27,7 +27,6 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import clip_model  # noqa: E402
-import evaluate  # noqa: E402
 import lora  # noqa: E402
 import stream  # noqa: E402
 import train_online  # noqa: E402
