@@ -22,11 +22,12 @@ below clean ones; the tuned runs' mean A_last >= zero-shot CLIP's + 5 points), t
 tables, and writes ROOT/toy_study.png. A study, not a test: nothing here decides who wins.
 
 Pre-registered: the world's shift (a dark background), the stream's length (100 images a class) and
-the learning rate (3e-3) were fixed on tuning worlds 100 and 101 (round 1); the pretraining (800
-steps, with the stream's crop and flip) on tuning worlds 102-107 (round 2: 400 steps had left the
-premise failing in 3 of round 1's 8 worlds). No tuning world is reported; worlds 10-17 were first run
-after every setting was fixed. The round-2 confirmation:
-    python tests/toy_study.py --world-seeds 105,107 --seeds 91-92
+the learning rate (3e-3) were fixed on tuning worlds 100 and 101 (round 1). The pretraining (800
+steps, with the stream's crop and flip) by round 2's rule on tuning worlds 102-107, after 400 steps
+left the premise failing in 3 of round 1's 8 worlds: 800 steps passed the untuned screening in all
+six, but neither 800 nor 1200 passed the tuned confirmation on worlds 105 and 107, so the rule's
+fallback chose 800. No tuning world is reported; worlds 10-17 were first run after every setting
+was fixed. The round-2 confirmation: python tests/toy_study.py --world-seeds 105,107 --seeds 91-92
 Everything else is the released recipe, except where the toy's scale forbids it (docs/toy_study.md).
 """
 
