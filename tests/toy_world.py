@@ -10,10 +10,12 @@ rotations and flips keep the class. The 64 compositions fall into eight groups o
 the world seed shuffles the textures' ranks. Four groups are pretrained on, three are the stream
 (24 classes), one is held out (never streamed, only used for zero-shot transfer): stream and
 held-out names are unseen pairings of seen words. Pretraining and held-out images are clean (a light
-background); stream images carry one systematic shift, a dark background, which the pretrained
-model has never seen and the image tower can learn to undo (AutoAugment's operations keep it: an
-inverted stream image has light marks, unlike a clean one). Pretraining crops and flips as the
-stream does, so that tuning on the stream's augmented images teaches the model its classes.
+background, upright); stream images carry one systematic shift that the pretrained model has never
+seen and the image tower can learn to undo: a dark background, and a quarter turn (stripes become
+bars; triangles, domes, bowls and hourglasses lie on their side). AutoAugment's operations keep it:
+an inverted stream image has light marks, and its rotations are at most 30 degrees. Pretraining
+crops and flips as the stream does, so that tuning on the stream's augmented images teaches the
+model its classes.
 Method, settings and results: docs/toy_study.md.
 """
 
@@ -113,6 +115,8 @@ def render(texture, shape, shifted, g):
     image = torch.where(inside, colour, background)
     image = torch.where(marks, 0.05, image)
     image = image + 0.03 * torch.randn(3, SIZE, SIZE, generator=g)
+    if shifted:  # and turned by a quarter: stripes become bars, triangles lie on their side
+        image = image.rot90(1, dims=(1, 2))
     return (image.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
