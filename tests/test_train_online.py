@@ -251,7 +251,9 @@ def test_ctrl_c_at_any_point_ends_the_run_interrupted_with_exit_130(data, tmp_pa
 def test_ctrl_c_that_python_swallows_at_a_fork_still_interrupts(data, tmp_path):
     # A Ctrl-C that lands in an after-fork handler (as DataLoader workers start) is discarded by Python
     # ("Exception ignored in: <function _releaseLock ...>"); here such a handler raises it at the first fork.
-    code = ("import os, sys\nimport train_online\nfired = []\n"
+    # Ctrl-C is made deliverable first: a background job (pytest ... &) starts with SIGINT ignored.
+    code = ("import os, signal, sys\nimport train_online\nfired = []\n"
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
             "def interrupt_once():\n    if not fired:\n        fired.append(1)\n        raise KeyboardInterrupt\n"
             "os.register_at_fork(after_in_parent=interrupt_once)\nsys.exit(train_online.main(sys.argv[1:]))\n")
     result = subprocess.run([sys.executable, "-c", code, *run_args(data, tmp_path / "fork", "--workers", "1")],
