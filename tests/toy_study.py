@@ -61,7 +61,6 @@ TUNED = [("LoRA image", ["--peft", "lora", "--encoder", "image"]),
          ("adapter both", ["--peft", "adapter", "--encoder", "both"])]
 VISIBLE = {"SIT": "batch", "all": "all"}
 LR = 1e-2  # pre-registered on tuning worlds (docs/toy_study.md)
-PRETRAIN_STEPS = 1200  # of 128 images; pre-registered on tuning worlds (docs/toy_study.md)
 PER_CLASS = 200  # stream training images of each class: 4,800 in all (50 test images each)
 N_TASKS = 4  # Si-Blurry's N 50 of 24 classes is 12 disjoint ones: 5 tasks would drop 4 classes
 BATCH_SIZE = 64
@@ -144,20 +143,15 @@ def in_parallel(jobs, n):
 
 def world_paths(root, world):
     """(image folders, the pretrained toy CLIP's path) of a world seed."""
-    model = toy_world.model_path(pretrain_config(world), os.path.join(root, "models"))
+    model = toy_world.model_path(toy_world.PretrainConfig(seed=world), os.path.join(root, "models"))
     return os.path.join(root, f"world{world}"), model
-
-
-def pretrain_config(world):
-    """The settings of a world's toy CLIP: toy_world's, but the pre-registered length."""
-    return toy_world.PretrainConfig(seed=world, steps=PRETRAIN_STEPS)
 
 
 def make_world(root, world):
     """Write a world's image folders and pretrain its toy CLIP, each unless already made."""
     folder, _ = world_paths(root, world)
     toy_world.write_folders(folder, seed=world, n_train=PER_CLASS)
-    toy_world.pretrained(pretrain_config(world), os.path.join(root, "models"),
+    toy_world.pretrained(toy_world.PretrainConfig(seed=world), os.path.join(root, "models"),
                          log=lambda line: print(f"world {world}: {line}", flush=True))
 
 

@@ -169,7 +169,7 @@ def write_folders(root, seed=0, n_train=100, n_test=50):
 @dataclass
 class PretrainConfig:
     seed: int = 0
-    steps: int = 400
+    steps: int = 1200           # pre-registered on tuning worlds (docs/toy_study.md)
     batch_size: int = 128
     lr: float = 2e-3
     per_class: int = 500        # clean images of each pretraining class, drawn once
